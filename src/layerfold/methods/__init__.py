@@ -1,0 +1,1 @@
+"""Compression methods. Each module reads like its paper's algorithm."""

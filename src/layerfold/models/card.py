@@ -1,0 +1,75 @@
+"""The model card written into every output folder."""
+
+from __future__ import annotations
+
+import json
+
+from .. import __version__
+
+
+def model_card(
+    *,
+    base_model: str,
+    command: str,
+    recipe: dict,
+    layer_map: list[int | None],
+    params_before: int,
+    params_after: int,
+    layers_before: int,
+    summary: str = "",
+) -> str:
+    removed = sorted(set(range(layers_before)) - {i for i in layer_map if i is not None})
+    rows = "\n".join(
+        f"| {new} | {'replacement' if old is None else old} |" for new, old in enumerate(layer_map)
+    )
+    hub_base = base_model if "/" in base_model and not base_model.startswith(("/", ".")) else None
+    front = ["---", "library_name: transformers", "tags:", "- layerfold", "- layer-pruning"]
+    if hub_base:
+        front += [f"base_model: {hub_base}"]
+    front += ["---"]
+    pct = 100.0 * (1 - params_after / params_before) if params_before else 0.0
+    return "\n".join(
+        front
+        + [
+            "",
+            f"# {recipe.get('method', 'compressed')} model from {base_model}",
+            "",
+            f"Made by layerfold {__version__} from `{base_model}`.",
+            "",
+            summary,
+            "",
+            "| | before | after |",
+            "|---|---:|---:|",
+            f"| decoder layers | {layers_before} | {len(layer_map)} |",
+            f"| parameters | {params_before:,} | {params_after:,} ({pct:.1f}% fewer) |",
+            "",
+            f"Removed layers (original indices): {', '.join(map(str, removed)) or 'none'}.",
+            "",
+            "## Command",
+            "",
+            "```",
+            command,
+            "```",
+            "",
+            "## Recipe",
+            "",
+            "```json",
+            json.dumps(recipe, indent=2, default=str),
+            "```",
+            "",
+            "## Layer map (new -> original)",
+            "",
+            "| new layer | original layer |",
+            "|---:|---:|",
+            rows,
+            "",
+            "Load it with stock transformers:",
+            "",
+            "```python",
+            "from transformers import AutoModelForCausalLM, AutoTokenizer",
+            "model = AutoModelForCausalLM.from_pretrained('PATH')",
+            "tokenizer = AutoTokenizer.from_pretrained('PATH')",
+            "```",
+            "",
+        ]
+    )

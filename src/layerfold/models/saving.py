@@ -1,0 +1,133 @@
+"""Write a complete Hugging Face model folder, atomically.
+
+The folder is built in a temporary sibling directory and renamed into place at the end, so
+a failure (a full disk, an interrupt) never leaves a half-written model where the user
+expects one. The input model is only ever read.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+from ..errors import LayerfoldError
+from .loading import LoadedModel
+
+INDEX_NAME = "model.safetensors.index.json"
+
+
+def check_output_dir(out: Path, force: bool, protect: Path | None = None) -> None:
+    """Refuse an existing non-empty folder unless ``force``; never overwrite the input."""
+    out = Path(out).expanduser()
+    if protect is not None:
+        p, o = Path(protect).resolve(), out.resolve()
+        if o == p or p.is_relative_to(o) or o.is_relative_to(p):
+            raise LayerfoldError(f"{out}: the output must not be (inside) the input model folder")
+    if out.exists() and not out.is_dir():
+        raise LayerfoldError(f"{out}: exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise LayerfoldError(f"{out}: folder exists and is not empty (use --force to replace it)")
+    parent = out.resolve().parent
+    if not parent.exists():
+        try:
+            parent.mkdir(parents=True)
+        except OSError as e:
+            raise LayerfoldError(f"{out}: cannot create the parent folder ({e.strerror})") from None
+
+
+def write_atomically(out: Path, force: bool, write: Callable[[Path], None]) -> Path:
+    """Call ``write(tmp)`` on a fresh temporary folder beside ``out``, then move it into place."""
+    out = Path(out).expanduser().resolve()
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir(parents=True)
+        write(tmp)
+        _readable(tmp)
+        if out.exists():
+            if not force and any(out.iterdir()):
+                raise LayerfoldError(f"{out}: folder appeared while writing; not replacing it")
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if e.errno == errno.ENOSPC:
+            raise LayerfoldError(f"{out}: no space left on device; nothing was written") from None
+        raise LayerfoldError(f"{out}: cannot write ({e.strerror or e}); nothing was written") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def save_model_folder(
+    loaded: LoadedModel,
+    out: Path,
+    *,
+    card: str,
+    extra_files: dict[str, str | bytes] | None = None,
+    max_shard_size: str = "2GB",
+    force: bool = False,
+) -> Path:
+    """Save weights (sharded safetensors with index), configs, tokenizer and a model card."""
+    check_output_dir(out, force, protect=loaded.local_dir)
+
+    def write(tmp: Path) -> None:
+        model = loaded.model
+        model.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
+        _ensure_index(tmp)
+        loaded.tokenizer.save_pretrained(tmp)
+        if getattr(model, "generation_config", None) is not None and not (
+            tmp / "generation_config.json"
+        ).exists():
+            model.generation_config.save_pretrained(tmp)
+        (tmp / "README.md").write_text(card, encoding="utf-8")
+        for name, content in (extra_files or {}).items():
+            path = tmp / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if isinstance(content, bytes):
+                path.write_bytes(content)
+            else:
+                path.write_text(content, encoding="utf-8")
+
+    return write_atomically(out, force, write)
+
+
+def _readable(folder: Path) -> None:
+    """Some writers create files as 0600; a model folder is meant to be shared."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for p in [folder, *folder.rglob("*")]:
+        p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
+
+
+def _ensure_index(folder: Path) -> None:
+    """Always ship an index, so every output has the same layout (a single shard gets one too)."""
+    if (folder / INDEX_NAME).exists():
+        return
+    single = folder / "model.safetensors"
+    if not single.exists():
+        return
+    from safetensors import safe_open
+
+    shard = "model-00001-of-00001.safetensors"
+    with safe_open(single, framework="pt") as f:
+        names = list(f.keys())
+    single.rename(folder / shard)
+    index = {
+        "metadata": {"total_size": (folder / shard).stat().st_size},
+        "weight_map": {n: shard for n in sorted(names)},
+    }
+    (folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def folder_bytes(folder: Path, pattern: str = "*.safetensors") -> int:
+    return sum(p.stat().st_size for p in Path(folder).glob(pattern))

@@ -1,0 +1,97 @@
+"""Tiny random models of every supported architecture, built on the fly (nothing is downloaded)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("LAYERFOLD_CACHE", os.path.join(os.path.dirname(__file__), ".cache"))
+
+VOCAB = 260  # 3 special tokens + 256 byte symbols (+1 spare)
+
+ARCH_CONFIGS = {
+    "llama": {},
+    "mistral": {"sliding_window": 8},
+    "qwen2": {"sliding_window": 8, "use_sliding_window": True, "max_window_layers": 2},
+    "qwen3": {"head_dim": 16, "sliding_window": 8, "use_sliding_window": True, "max_window_layers": 2},
+    "gemma": {"head_dim": 16},
+    "gemma2": {"head_dim": 16, "sliding_window": 8},
+    "gemma3_text": {"head_dim": 16, "sliding_window": 8, "sliding_window_pattern": 2},
+    "phi3": {},
+    "olmo2": {},
+}
+
+
+def tiny_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{c: i + 3 for i, c in enumerate(alphabet)}}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="</s>"
+    )
+
+
+def tiny_config(model_type: str, layers: int = 6):
+    from transformers import AutoConfig
+
+    return AutoConfig.for_model(
+        model_type,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=VOCAB,
+        max_position_embeddings=256,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+        **ARCH_CONFIGS[model_type],
+    )
+
+
+def build_tiny(model_type: str, layers: int = 6, seed: int = 0):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(model_type, layers))
+    # random init leaves many weights tiny; scale up so layers change the hidden state
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.08)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """Factory: a saved tiny model folder (safetensors + tokenizer) per architecture."""
+    made: dict[str, str] = {}
+
+    def make(model_type: str) -> str:
+        if model_type not in made:
+            path = tmp_path_factory.mktemp(f"tiny-{model_type}")
+            build_tiny(model_type).save_pretrained(path, safe_serialization=True)
+            tiny_tokenizer().save_pretrained(path)
+            made[model_type] = str(path)
+        return made[model_type]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def text_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "calib.txt"
+    paragraphs = [
+        f"Paragraph {i}: the quick brown fox jumps over the lazy dog while number {i * 7} rises."
+        for i in range(40)
+    ]
+    path.write_text("\n\n".join(paragraphs), encoding="utf-8")
+    return str(path)

@@ -1,0 +1,123 @@
+"""The command line: help texts, one-line errors, no half-written outputs."""
+
+from __future__ import annotations
+
+import errno
+import json
+from pathlib import Path
+
+import pytest
+
+from layerfold.cli import main
+
+
+def _run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _one_line_error(code, err, *needles):
+    assert code != 0
+    lines = [l for l in err.strip().splitlines() if l.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("layerfold: error:"), err
+    assert "Traceback" not in err
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+def test_help_explains_every_option(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["compress", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for flag in ("--method", "--remove", "--sparsity", "--output", "--force", "--calib",
+                 "--calib-samples", "--seq-len", "--dtype", "--device", "--trust-remote-code"):
+        assert flag in out
+    assert "default: streamline-block" in out and "default: 256" in out
+
+
+def test_missing_model_path(capsys, tmp_path):
+    code, _, err = _run(capsys, "compress", str(tmp_path / "nope"), "-o", str(tmp_path / "o"))
+    _one_line_error(code, err, "no such file or folder")
+    assert not (tmp_path / "o").exists()
+
+
+def test_unsupported_architecture_lists_supported(capsys, tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=100)).save_pretrained(tmp_path / "gpt2")
+    capsys.readouterr()
+    code, _, err = _run(capsys, "analyze", str(tmp_path / "gpt2"))
+    _one_line_error(code, err, "unsupported architecture 'gpt2'", "llama", "qwen3", "olmo2")
+
+
+@pytest.mark.parametrize("sparsity", ["1.2", "120%", "0", "-0.5"])
+def test_bad_sparsity(capsys, tiny_model_dir, text_file, tmp_path, sparsity):
+    code, _, err = _run(capsys, "-q", "compress", tiny_model_dir("llama"), "--sparsity", sparsity,
+                        "--calib", text_file, "-o", str(tmp_path / "o"))
+    _one_line_error(code, err, "--sparsity")
+    assert not (tmp_path / "o").exists()
+
+
+def test_empty_data_file(capsys, tiny_model_dir, tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    code, _, err = _run(capsys, "-q", "compress", tiny_model_dir("llama"), "--calib", str(empty),
+                        "-o", str(tmp_path / "o"))
+    _one_line_error(code, err, "contains no text")
+    assert not (tmp_path / "o").exists()
+
+
+def test_jsonl_field_missing(capsys, tiny_model_dir, tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"body": "hello"}) + "\n")
+    code, _, err = _run(capsys, "-q", "analyze", tiny_model_dir("llama"), "--calib", str(data))
+    _one_line_error(code, err, "no field 'text'", "--text-field")
+
+
+def test_existing_output_needs_force(capsys, tiny_model_dir, text_file, tmp_path):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    args = ["-q", "compress", tiny_model_dir("llama"), "--calib", text_file, "--calib-samples", "4",
+            "--seq-len", "32", "--remove", "2", "-o", str(out)]
+    code, _, err = _run(capsys, *args)
+    _one_line_error(code, err, "--force")
+    assert (out / "keep.txt").read_text() == "mine"
+    code, stdout, _ = _run(capsys, *args, "--force")
+    assert code == 0 and "6 -> 4" in stdout
+    assert not (out / "keep.txt").exists() and (out / "config.json").exists()
+
+
+def test_output_inside_input_is_refused(capsys, tiny_model_dir, text_file):
+    src = tiny_model_dir("llama")
+    code, _, err = _run(capsys, "-q", "compress", src, "--calib", text_file, "-o", src, "--force")
+    _one_line_error(code, err, "input model folder")
+    assert (Path(src) / "config.json").exists()
+
+
+def test_full_disk_leaves_nothing(capsys, tiny_model_dir, text_file, tmp_path, monkeypatch):
+    import layerfold.models.saving as saving
+
+    def no_space(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(saving, "_ensure_index", no_space)
+    out = tmp_path / "o"
+    code, _, err = _run(capsys, "-q", "compress", tiny_model_dir("llama"), "--calib", text_file,
+                        "--calib-samples", "4", "--seq-len", "32", "-o", str(out))
+    _one_line_error(code, err, "no space left on device")
+    assert not out.exists()
+    assert not list(tmp_path.glob(".o.tmp-*"))
+
+
+def test_analyze_prints_table(capsys, tiny_model_dir, text_file, tmp_path):
+    js = tmp_path / "s.json"
+    code, out, _ = _run(capsys, "-q", "analyze", tiny_model_dir("qwen2"), "--calib", text_file,
+                        "--calib-samples", "4", "--seq-len", "32", "--block-sizes", "1,2", "--json", str(js))
+    assert code == 0
+    assert "BI" in out and "cos n=2" in out and "Most redundant blocks" in out
+    data = json.loads(js.read_text())
+    assert len(data["block_influence"]) == 6
