@@ -212,3 +212,34 @@ def test_cli_eval_and_compare(tiny_model_dir, task_files, tmp_path, capsys):
     assert "wino acc_norm" in out and "parameters" in out
     assert main(["-q", "eval", folder, "--data-dir", str(task_files), "--tasks", "nope"]) == 2
     assert "task 'nope'" in capsys.readouterr().err
+
+
+def test_compress_writes_report_with_before_and_after(tiny_model_dir, task_files, text_file, tmp_path, capsys):
+    out = tmp_path / "pruned"
+    code = main(["-q", "compress", tiny_model_dir("llama"), "--remove", "2", "--calib", text_file,
+                 "--calib-samples", "4", "--seq-len", "32", "--data-dir", str(task_files),
+                 "--eval-tasks", "mc,wino", "--eval-ppl", "lamb", "-o", str(out)])
+    stdout = capsys.readouterr().out
+    assert code == 0, stdout
+    assert "mc stability" in stdout
+    html = (out / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 4  # layer map, importance, heatmap, before/after
+    for name in ("layer_map", "importance", "block_similarity", "before_after"):
+        assert (out / "figures" / f"{name}.png").read_bytes().startswith(b"\x89PNG")
+    before, after = EvalResult.load(out / "eval_before.json"), EvalResult.load(out / "eval_after.json")
+    assert after.reference == before.model
+    assert after.cost.parameters < before.cost.parameters
+    assert after.cost.bytes_on_disk > 0
+    record = json.loads((out / "layerfold.json").read_text())
+    assert set(record["evaluation"]) == {"before", "after"}
+
+
+def test_write_report_without_evaluation(tmp_path):
+    from layerfold.report.html import write_report
+
+    record = {"base_model": "m", "layers_before": 4, "layer_map": [0, 3],
+              "recipe": {"method": "last-n", "removed_layers": [1, 2]}, "params_before": 10, "params_after": 6}
+    path = write_report(tmp_path, record)
+    text = path.read_text()
+    assert "No evaluation was run" in text and "2 &rarr; 2" not in text and "4 &rarr; 2" in text
+    assert (tmp_path / "figures" / "layer_map.png").exists()

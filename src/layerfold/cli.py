@@ -117,6 +117,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output folder (default: ./<model>-<method>-minus<N>)")
     p.add_argument("--force", action="store_true", help="replace an existing non-empty output folder")
     _add_calibration_args(p)
+    g = p.add_argument_group("evaluation and report (before and after, written into the output folder)")
+    g.add_argument("--eval-tasks", default="",
+                   help="comma-separated tasks (piqa, winogrande, ... or .jsonl paths) to measure before and after "
+                   "(default: none; only perplexity on a slice of LAMBADA if the data folder is found)")
+    g.add_argument("--eval-limit", type=int, default=None, help="first N examples of each task (default: all)")
+    g.add_argument("--eval-ppl", default=None,
+                   help="comma-separated perplexity texts (default: lambada_openai if found; '' for none)")
+    g.add_argument("--eval-ppl-docs", type=int, default=40, help="documents of each perplexity text")
+    g.add_argument("--data-dir", default=None,
+                   help="folder holding tasks/*.jsonl (default: $LAYERFOLD_DATA, else ../shared/data if present)")
+    g.add_argument("--no-eval", action="store_true", help="measure nothing before and after")
+    g.add_argument("--no-report", action="store_true", help="do not write report.html and figures/")
     p.set_defaults(func=_cmd_compress)
 
     p = sub.add_parser(
@@ -182,12 +194,19 @@ def _add_eval_args(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_compress(args) -> int:
-    from .pipeline import CompressOptions, compress
+    from .pipeline import CompressOptions, EvalOptions, compress
 
+    if args.eval_limit is not None and args.eval_limit < 1:
+        raise LayerfoldError(f"--eval-limit must be at least 1 (got {args.eval_limit})")
+    evaluation = EvalOptions(
+        tasks=_split(args.eval_tasks), limit=args.eval_limit,
+        ppl=None if args.eval_ppl is None else _split(args.eval_ppl), ppl_limit=args.eval_ppl_docs,
+        data_dir=args.data_dir, enabled=not args.no_eval, report=not args.no_report, batch_size=args.batch_size,
+    )
     opts = CompressOptions(
         model=_model_options(args), calibration=_calibration(args), method=args.method,
         remove=args.remove, sparsity=args.sparsity, output=args.output, force=args.force,
-        batch_size=args.batch_size, progress=not args.quiet,
+        batch_size=args.batch_size, progress=not args.quiet, evaluation=evaluation,
     )
     _validate_sizes(args)
     t0 = time.perf_counter()
@@ -201,6 +220,13 @@ def _cmd_compress(args) -> int:
     steps = ", ".join(f"{k} {v:.1f}s" for k, v in r.seconds.items())
     print(f"time         {total:.1f}s ({steps})")
     print(f"saved to     {r.output}")
+    if r.eval_after is not None:
+        from .report.tables import eval_table
+
+        print()
+        print(eval_table([r.eval_before, r.eval_after], names=["before", "after"]))
+    if r.report is not None:
+        print(f"report       {r.report}")
     return 0
 
 

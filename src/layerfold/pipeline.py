@@ -43,6 +43,43 @@ class AnalyzeOptions:
 
 
 @dataclass
+class EvalOptions:
+    """What ``compress`` measures before and after, for the report in the output folder.
+
+    By default only perplexity on the first ``ppl_limit`` LAMBADA documents (when the shared
+    data folder is found) and the cost figures, so the main job stays fast.
+    """
+
+    tasks: list[str] = field(default_factory=list)  # e.g. ["piqa", "winogrande"]
+    limit: int | None = None  # first N examples of each task
+    ppl: list[str] | None = None  # None: lambada_openai if the data folder has it
+    ppl_limit: int = 40
+    data_dir: str | None = None
+    enabled: bool = True  # False: no evaluation at all
+    report: bool = True  # write report.html and figures/ into the output folder
+    batch_size: int = 8
+
+    def evaluate_kwargs(self) -> dict | None:
+        """Arguments for ``layerfold.eval.evaluate``, or None when nothing is to be measured."""
+        if not self.enabled:
+            return None
+        from .eval.tasks import data_dir, resolve_task_path
+
+        ppl = self.ppl
+        if ppl is None:
+            ppl = []
+            root = data_dir(self.data_dir)
+            if root is not None:
+                try:
+                    resolve_task_path("lambada_openai", root)
+                    ppl = ["lambada_openai"]
+                except LayerfoldError:
+                    pass
+        return dict(tasks=list(self.tasks), ppl=list(ppl), limit=self.limit, ppl_limit=self.ppl_limit,
+                    data_dir=self.data_dir, batch_size=self.batch_size, speed_tokens=(128, 16))
+
+
+@dataclass
 class CompressOptions:
     model: ModelOptions = field(default_factory=ModelOptions)
     calibration: CalibrationSpec = field(default_factory=CalibrationSpec)
@@ -53,6 +90,7 @@ class CompressOptions:
     force: bool = False
     batch_size: int = 8
     progress: bool = True
+    evaluation: EvalOptions = field(default_factory=EvalOptions)
 
     def command(self) -> str:
         """The equivalent command line, written into the output's model card."""
@@ -71,6 +109,13 @@ class CompressOptions:
             value = getattr(self.calibration, name)
             if value != getattr(defaults, name):
                 parts += [flag, str(value)]
+        ev = self.evaluation
+        if ev.tasks:
+            parts += ["--eval-tasks", ",".join(ev.tasks)]
+        if ev.limit is not None:
+            parts += ["--eval-limit", str(ev.limit)]
+        if not ev.enabled:
+            parts.append("--no-eval")
         if self.model.dtype != "auto":
             parts += ["--dtype", self.model.dtype]
         if self.output:
@@ -98,6 +143,9 @@ class CompressResult:
     bytes_on_disk: int
     seconds: dict[str, float]
     scores: LayerScores | None = None
+    eval_before: object | None = None  # layerfold.eval.EvalResult
+    eval_after: object | None = None
+    report: Path | None = None
 
 
 def _load(opts: ModelOptions) -> LoadedModel:
@@ -140,6 +188,17 @@ def compress(opts: CompressOptions, loaded: LoadedModel | None = None) -> Compre
     n_layers = len(decoder_layers(model, arch))
     n_remove = pruning.layers_for_target(n_layers, opts.remove, opts.sparsity)
     out = Path(opts.output or default_output_name(loaded.source, opts.method, n_remove))
+    eval_kw = opts.evaluation.evaluate_kwargs()
+    eval_before = eval_after = None
+    if eval_kw is not None:
+        from .eval import evaluate
+
+        t = time.perf_counter()
+        eval_before = evaluate(loaded, name=loaded.source, progress=opts.progress, **eval_kw)
+        source = str(loaded.source)
+        if eval_before.cost and (source.startswith("embedded:") or source.lower().endswith(".gguf")):
+            eval_before.cost.bytes_on_disk = None  # a quantized GGUF file: not comparable to safetensors
+        seconds["eval_before"] = time.perf_counter() - t
 
     scores = None
     if opts.method == "last-n":
@@ -188,6 +247,14 @@ def compress(opts: CompressOptions, loaded: LoadedModel | None = None) -> Compre
         "params_after": params_after,
         "scores": scores.to_dict() if scores else None,
     }
+    if eval_kw is not None:
+        from .eval import evaluate
+
+        t = time.perf_counter()
+        eval_after = evaluate(model, loaded.tokenizer, name=str(out), reference=eval_before,
+                              progress=opts.progress, **eval_kw)
+        seconds["eval_after"] = time.perf_counter() - t
+        record["evaluation"] = {"before": eval_before.summary(), "after": eval_after.summary()}
     t = time.perf_counter()
     out = save_model_folder(
         loaded,
@@ -197,6 +264,11 @@ def compress(opts: CompressOptions, loaded: LoadedModel | None = None) -> Compre
         force=opts.force,
     )
     seconds["save"] = time.perf_counter() - t
+    report = None
+    if eval_after is not None and eval_after.cost is not None:
+        eval_after.cost.bytes_on_disk = folder_bytes(out)
+    if opts.evaluation.report:
+        report = _write_report(out, record, eval_before, eval_after)
     return CompressResult(
         output=out,
         method=opts.method,
@@ -209,7 +281,31 @@ def compress(opts: CompressOptions, loaded: LoadedModel | None = None) -> Compre
         bytes_on_disk=folder_bytes(out),
         seconds=seconds,
         scores=scores,
+        eval_before=eval_before,
+        eval_after=eval_after,
+        report=report,
     )
+
+
+def _write_report(out: Path, record: dict, eval_before, eval_after) -> Path | None:
+    """Evaluation results and the HTML report, added to the finished model folder.
+
+    The model folder is complete before this runs; a report that cannot be written is a
+    warning, never a lost model.
+    """
+    import sys
+
+    from .report.html import write_report
+
+    try:
+        if eval_before is not None:
+            eval_before.save(out / "eval_before.json")
+        if eval_after is not None:
+            eval_after.save(out / "eval_after.json")
+        return write_report(out, record, eval_before, eval_after)
+    except (OSError, ImportError) as e:
+        print(f"layerfold: warning: report not written: {e}", file=sys.stderr)
+        return None
 
 
 def _version() -> str:

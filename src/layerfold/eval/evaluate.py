@@ -81,6 +81,7 @@ def evaluate(
     ppl_max_tokens: int | None = None,
     cost: bool = True,
     speed: bool = True,
+    speed_tokens: tuple[int, int] = (256, 32),
     add_bos: bool = False,
     progress: bool = False,
     name: str | None = None,
@@ -94,7 +95,8 @@ def evaluate(
     ``limit``: first N examples of each task (and documents of each perplexity text unless
     ``ppl_limit`` is given). ``reference``: an ``EvalResult`` (or its JSON file) of the
     original model on the same tasks and limit; fills ``stability`` per task.
-    ``cost``/``speed``: parameters and sizes / also prefill and decode tokens per second.
+    ``cost``/``speed``: parameters and sizes / also prefill and decode tokens per second
+    (``speed_tokens``: tokens of the prefill and of the decode measurement).
     """
     t0 = time.perf_counter()
     if batch_size < 1:
@@ -129,7 +131,8 @@ def evaluate(
             r.path = path
             result.perplexity[pname] = r
         if cost:
-            result.cost = measure_cost(model_obj, path=disk_path, speed=speed)
+            result.cost = measure_cost(model_obj, path=disk_path, speed=speed, prefill_tokens=speed_tokens[0],
+                                       decode_tokens=speed_tokens[1])
         if reference is not None:
             result.add_stability(reference)
     finally:

@@ -98,7 +98,7 @@ class EvalResult:
         for name, p in self.perplexity.items():
             out[f"ppl/{name}"] = p.perplexity
         if self.cost:
-            for k in ("parameters", "bytes_on_disk", "peak_memory_bytes", "prefill_tokens_per_s",
+            for k in ("parameters", "weight_bytes", "bytes_on_disk", "peak_memory_bytes", "prefill_tokens_per_s",
                       "decode_tokens_per_s"):
                 v = getattr(self.cost, k)
                 if v is not None:

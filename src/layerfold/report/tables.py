@@ -66,7 +66,8 @@ def _metric_rows(results) -> list[tuple[str, str]]:
             if key not in seen:
                 seen.add(key)
                 rows.append((key, f"perplexity {name} ({p.tokens:,} tok)"))
-    for key, label in (("cost/parameters", "parameters"), ("cost/bytes_on_disk", "bytes on disk"),
+    for key, label in (("cost/parameters", "parameters"), ("cost/weight_bytes", "weights in memory"),
+                       ("cost/bytes_on_disk", "bytes on disk"),
                        ("cost/peak_memory_bytes", "peak memory"), ("cost/prefill_tokens_per_s", "prefill tok/s"),
                        ("cost/decode_tokens_per_s", "decode tok/s")):
         if any(key in r.summary() for r in results):
