@@ -35,9 +35,12 @@ def main() -> None:
     ap.add_argument("--naive-limit", type=int, default=100)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--ppl-docs", type=int, default=500, help="LAMBADA documents for perplexity")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--out", default="benchmarks/results/eval_embedded.json")
     args = ap.parse_args()
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     t = time.perf_counter()
     loaded = load_model(None)
     model, tok = loaded.model, loaded.tokenizer
@@ -45,7 +48,8 @@ def main() -> None:
               "threads": torch.get_num_threads(), "python": platform.python_version(),
               "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                                        text=True).stdout.strip(),
-              "load_seconds": time.perf_counter() - t, "batch_size": args.batch_size, "tasks": {}}
+              "load_seconds": time.perf_counter() - t, "batch_size": args.batch_size, "limit": args.limit,
+              "naive_limit": args.naive_limit, "tasks": {}}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     for name in args.tasks.split(","):

@@ -243,3 +243,16 @@ def test_write_report_without_evaluation(tmp_path):
     text = path.read_text()
     assert "No evaluation was run" in text and "2 &rarr; 2" not in text and "4 &rarr; 2" in text
     assert (tmp_path / "figures" / "layer_map.png").exists()
+
+
+@pytest.mark.integration  # imports lm-evaluation-harness and datasets: slow to import
+def test_lm_eval_bridge_agrees_on_local_tasks(task_files):
+    pytest.importorskip("lm_eval")
+    from layerfold.eval.lm_eval_bridge import run_lm_eval
+
+    model, tok = build_tiny("llama"), tiny_tokenizer()
+    theirs = run_lm_eval((model, tok), ["mc", "wino"], batch_size=2, data_dir=task_files)
+    ours = evaluate(model, tok, tasks=["mc", "wino"], data_dir=task_files, cost=False)
+    assert theirs["mc"]["acc"] == pytest.approx(ours.tasks["mc"].metrics["acc"])
+    assert theirs["mc"]["acc_norm"] == pytest.approx(ours.tasks["mc"].metrics["acc_norm"])
+    assert theirs["wino"]["acc"] == pytest.approx(ours.tasks["wino"].metrics["acc"])
