@@ -137,9 +137,7 @@ def compress(opts: CompressOptions, loaded: LoadedModel | None = None) -> Compre
         check_output_dir(Path(opts.output), opts.force)  # fail before any slow work
     seconds: dict[str, float] = {}
     t = time.perf_counter()
-    # pruning needs no layer in memory at once: weights stream from disk during the
-    # calibration pass and are copied shard by shard into the output
-    loaded = loaded or _load(opts.model, lazy=True)
+    loaded = loaded or _load(opts.model)
     seconds["load"] = time.perf_counter() - t
     model, arch = loaded.model, loaded.arch
     n_layers = len(decoder_layers(model, arch))
