@@ -8,7 +8,8 @@ __version__ = "0.1.0"
 
 from .errors import LayerfoldError  # noqa: E402
 from .models.loading import load_model  # noqa: E402
-from .pipeline import AnalyzeOptions, CompressOptions, analyze, compress  # noqa: E402
+from .pipeline import AnalyzeOptions, CompressOptions, EvalOptions, analyze, compress  # noqa: E402
+from .eval import EvalResult, evaluate  # noqa: E402
 
 __all__ = [
     "LayerfoldError",
@@ -17,5 +18,8 @@ __all__ = [
     "compress",
     "AnalyzeOptions",
     "CompressOptions",
+    "EvalOptions",
+    "evaluate",
+    "EvalResult",
     "__version__",
 ]

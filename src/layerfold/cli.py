@@ -124,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-limit", type=int, default=None, help="first N examples of each task (default: all)")
     g.add_argument("--eval-ppl", default=None,
                    help="comma-separated perplexity texts (default: lambada_openai if found; '' for none)")
-    g.add_argument("--eval-ppl-docs", type=int, default=40, help="documents of each perplexity text")
+    g.add_argument("--eval-ppl-docs", type=int, default=20, help="documents of each perplexity text")
     g.add_argument("--data-dir", default=None,
                    help="folder holding tasks/*.jsonl (default: $LAYERFOLD_DATA, else ../shared/data if present)")
     g.add_argument("--no-eval", action="store_true", help="measure nothing before and after")

@@ -53,7 +53,7 @@ class EvalOptions:
     tasks: list[str] = field(default_factory=list)  # e.g. ["piqa", "winogrande"]
     limit: int | None = None  # first N examples of each task
     ppl: list[str] | None = None  # None: lambada_openai if the data folder has it
-    ppl_limit: int = 40
+    ppl_limit: int = 20
     data_dir: str | None = None
     enabled: bool = True  # False: no evaluation at all
     report: bool = True  # write report.html and figures/ into the output folder
@@ -76,7 +76,7 @@ class EvalOptions:
                 except LayerfoldError:
                     pass
         return dict(tasks=list(self.tasks), ppl=list(ppl), limit=self.limit, ppl_limit=self.ppl_limit,
-                    data_dir=self.data_dir, batch_size=self.batch_size, speed_tokens=(128, 16))
+                    data_dir=self.data_dir, batch_size=self.batch_size, speed_tokens=(64, 16))
 
 
 @dataclass
