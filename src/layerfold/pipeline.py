@@ -257,7 +257,11 @@ def _streamline(opts: CompressOptions, loaded: LoadedModel, ids, scores) -> tupl
     from .nn.portable import portable_files
 
     so = opts.streamline
-    base = Path(so.pairs_dir or Path(opts.output or ".").expanduser().resolve().parent)
+    # pairs go beside the output (same disk, never a RAM-backed /tmp) unless told otherwise
+    if so.pairs_dir:
+        base = Path(so.pairs_dir).expanduser()
+    else:
+        base = Path(opts.output).expanduser().resolve().parent if opts.output else Path.cwd()
     base.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".layerfold-streamline-{os.getpid()}-", dir=base))
     try:

@@ -279,8 +279,13 @@ def streamline(
     log_path: Path | None = None,
     progress: bool = True,
     batch_size: int = 8,
+    store: PairStore | None = None,
 ) -> StreamlineResult:
-    """Replace the most redundant block of ``model`` (in place) by a trained replacement."""
+    """Replace the most redundant block of ``model`` (in place) by a trained replacement.
+
+    ``store``: training pairs already collected for this block (reused, e.g. to train several
+    replacements of one block); by default they are collected into ``work_dir`` and deleted.
+    """
     opts.validate()
     if opts.loss != "mse" and opts.replacement == "none":
         raise LayerfoldError("--replacement none trains nothing; drop --loss or choose a replacement")
@@ -302,8 +307,10 @@ def streamline(
         for p in teacher.parameters():
             p.requires_grad_(False)
 
-    store = None
-    if spec.trainable and opts.loss == "mse":
+    own_store = store is None
+    if store is not None and (store.samples, store.seq_len) != tuple(ids.shape):
+        raise LayerfoldError("the given training pairs do not match the calibration ids")
+    if own_store and spec.trainable and opts.loss == "mse":
         t = time.perf_counter()
         store = PairStore(work_dir / "pairs", ids.shape[0], ids.shape[1], model.config.hidden_size, opts.pair_dtype)
         collect_pairs(model, arch, ids, start, window, store, batch_size=batch_size, progress=progress)
@@ -332,7 +339,7 @@ def streamline(
         p.requires_grad_(True)
     model.eval()
     pair_bytes = store.nbytes() if store else 0
-    if store:
+    if store and own_store:
         shutil.rmtree(store.folder, ignore_errors=True)
     return StreamlineResult(
         start=start, window=window, removed=removed, layer_map=layer_map,
