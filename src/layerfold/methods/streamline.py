@@ -295,6 +295,10 @@ def streamline(
     r_params = replacement_size(model, arch, spec)
     window = block_window(decoder_parameters(model, arch), r_params, remove, sparsity)
     start = choose_block(scores, window)
+    if spec.kind == "ffn" and start == 0:
+        # the KV cache reads the sequence length from layer 0, which a plain FFN never fills
+        raise LayerfoldError("the chosen block starts at layer 0, where a plain FFN breaks generation "
+                             "with the KV cache; use --replacement swiglu or layer")
     removed = list(range(start + 1, start + window)) if window > 1 else []
     similarity = scores.cosine[start][window]
 
