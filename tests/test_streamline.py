@@ -222,9 +222,12 @@ def test_saved_model_reloads_with_same_logits(tmp_path, tiny_model_dir, text_fil
 
 def test_cli_streamline_writes_log_and_record(tmp_path, tiny_model_dir, text_file, capsys):
     out = tmp_path / "o"
+    task = tmp_path / "mc.jsonl"
+    task.write_text("".join(json.dumps({"query": f"Question: {i} plus one?\n", "choices": [str(i + 1), str(i + 2)],
+                                        "gold": 0}) + "\n" for i in range(5)))
     code = main(["-q", "compress", tiny_model_dir("llama"), "--method", "streamline", "--remove", "2",
                  "--calib", text_file, "--calib-samples", "6", "--seq-len", "16", "--train-tokens", "64",
-                 "--pair-dtype", "fp32", "-o", str(out)])
+                 "--pair-dtype", "fp32", "--eval-tasks", str(task), "--eval-limit", "4", "-o", str(out)])
     stdout = capsys.readouterr().out
     assert code == 0
     assert "6 -> 4" in stdout and "training" in stdout
@@ -233,6 +236,10 @@ def test_cli_streamline_writes_log_and_record(tmp_path, tiny_model_dir, text_fil
     assert sl["replacement"] == "layer" and sl["loss"] == "mse" and sl["pair_dtype"] == "fp32"
     assert "--train-tokens 64" in record["command"] and "--pair-dtype fp32" in record["command"]
     assert record["layer_map"].count(None) == 1
+    ev = record["evaluation"]["mc"]
+    assert 0 <= ev["compressed"]["stability"] <= 1 and "acc" in ev["original"]
+    assert "stability" in stdout and (out / "eval.json").exists()
+    assert "| mc |" in (out / "README.md").read_text()
 
 
 def test_cli_rejects_training_nothing(tmp_path, tiny_model_dir, text_file, capsys):

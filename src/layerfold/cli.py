@@ -161,6 +161,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace an existing non-empty output folder")
     _add_calibration_args(p)
     _add_streamline_args(p)
+    g = p.add_argument_group("evaluation (optional)")
+    g.add_argument("--eval-tasks", default="",
+                   help="comma-separated tasks (e.g. piqa,arc_easy,boolq,winogrande) to evaluate the original and "
+                   "the result on: accuracy and stability against the original go into the report and eval.json")
+    g.add_argument("--eval-limit", type=int, default=None, help="first N examples of each evaluation task")
     p.set_defaults(func=_cmd_compress)
 
     p = sub.add_parser(
@@ -232,6 +237,7 @@ def _cmd_compress(args) -> int:
         model=_model_options(args), calibration=_calibration(args), method=args.method,
         remove=args.remove, sparsity=args.sparsity, output=args.output, force=args.force,
         batch_size=args.batch_size, progress=not args.quiet, streamline=_streamline_options(args),
+        eval_tasks=tuple(t.strip() for t in args.eval_tasks.split(",") if t.strip()), eval_limit=args.eval_limit,
     )
     _validate_sizes(args)
     t0 = time.perf_counter()
@@ -249,6 +255,10 @@ def _cmd_compress(args) -> int:
         if sl.fit:
             print(f"training     {args.loss} loss {sl.fit.first_val:.4g} -> {sl.fit.best_val:.4g} "
                   f"(best of {sl.fit.steps} steps, {sl.fit.seconds:.1f}s); log in training_log.jsonl")
+    for name, m in (r.evaluation or {}).items():
+        o, c = m["original"], m["compressed"]
+        if "acc" in o and "stability" in c:
+            print(f"{name:<12} acc {o['acc']:.3f} -> {c['acc']:.3f}, stability {c['stability']:.3f}")
     steps = ", ".join(f"{k} {v:.1f}s" for k, v in r.seconds.items())
     print(f"time         {total:.1f}s ({steps})")
     print(f"saved to     {r.output}")

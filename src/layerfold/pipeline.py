@@ -55,6 +55,10 @@ class CompressOptions:
     batch_size: int = 8
     progress: bool = True
     streamline: StreamlineOptions = field(default_factory=StreamlineOptions)
+    #: evaluate the original and the compressed model on these tasks (accuracy and stability
+    #: against the original); empty: no evaluation
+    eval_tasks: tuple[str, ...] = ()
+    eval_limit: int | None = None
 
     def command(self) -> str:
         """The equivalent command line, written into the output's model card."""
@@ -77,6 +81,10 @@ class CompressOptions:
             parts += ["--dtype", self.model.dtype]
         if self.method == "streamline":
             parts += _streamline_flags(self.streamline)
+        if self.eval_tasks:
+            parts += ["--eval-tasks", ",".join(self.eval_tasks)]
+        if self.eval_limit is not None:
+            parts += ["--eval-limit", str(self.eval_limit)]
         if self.output:
             parts += ["-o", self.output]
         return shlex.join(parts)
@@ -103,6 +111,7 @@ class CompressResult:
     seconds: dict[str, float]
     scores: LayerScores | None = None
     streamline: StreamlineResult | None = None
+    evaluation: dict | None = None  # per task: acc, acc_norm, stability, ... of the original and the result
 
 
 def _streamline_flags(o: StreamlineOptions) -> list[str]:
@@ -178,6 +187,15 @@ def compress(opts: CompressOptions, loaded: LoadedModel | None = None) -> Compre
         scores = measure_similarity(model, arch, ids, batch_size=opts.batch_size, progress=opts.progress)
         seconds["importance"] = time.perf_counter() - t
 
+    before = None
+    if opts.eval_tasks:
+        from .eval import evaluate
+
+        t = time.perf_counter()
+        before = evaluate(model, loaded.tokenizer, tasks=opts.eval_tasks, limit=opts.eval_limit,
+                          cost=False, speed=False, progress=opts.progress, name=loaded.source)
+        seconds["eval_original"] = time.perf_counter() - t
+
     extra_files: dict[str, str] = {}
     sl = None
     if opts.method == "streamline":
@@ -194,6 +212,18 @@ def compress(opts: CompressOptions, loaded: LoadedModel | None = None) -> Compre
         layer_map = list(remove_layers(model, arch, remove))
     params_after = count_parameters(model)
     out = Path(opts.output or default_output_name(loaded.source, opts.method, n_remove))
+    evaluation = None
+    if before is not None:
+        from .eval import evaluate
+
+        t = time.perf_counter()
+        after = evaluate(model, loaded.tokenizer, tasks=opts.eval_tasks, limit=opts.eval_limit, cost=False,
+                         speed=False, reference=before, progress=opts.progress, name="compressed")
+        seconds["eval"] = time.perf_counter() - t
+        evaluation = {name: {"original": before.tasks[name].metrics, "compressed": after.tasks[name].metrics}
+                      for name in after.tasks}
+        extra_files["eval.json"] = json.dumps({"original": before.to_dict(), "compressed": after.to_dict()},
+                                              indent=1, default=str) + "\n"
 
     recipe = {
         "method": opts.method,
@@ -207,6 +237,8 @@ def compress(opts: CompressOptions, loaded: LoadedModel | None = None) -> Compre
     if sl is not None:
         recipe["streamline"] = _streamline_record(opts.streamline, sl)
         summary = _streamline_summary(opts.streamline, sl, n_layers)
+    if evaluation:
+        summary += "\n\n" + _evaluation_table(evaluation, opts.eval_limit)
     card = model_card(
         base_model=loaded.base_model,
         command=opts.command(),
@@ -228,6 +260,7 @@ def compress(opts: CompressOptions, loaded: LoadedModel | None = None) -> Compre
         "params_before": params_before,
         "params_after": params_after,
         "scores": scores.to_dict() if scores else None,
+        "evaluation": evaluation,
     }
     extra_files["layerfold.json"] = json.dumps(record, indent=2, default=str) + "\n"
     t = time.perf_counter()
@@ -246,6 +279,7 @@ def compress(opts: CompressOptions, loaded: LoadedModel | None = None) -> Compre
         seconds=seconds,
         scores=scores,
         streamline=sl,
+        evaluation=evaluation,
     )
 
 
@@ -278,6 +312,18 @@ def _streamline(opts: CompressOptions, loaded: LoadedModel, ids, scores) -> tupl
         return result, files
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _evaluation_table(evaluation: dict, limit: int | None) -> str:
+    """Accuracy before and after, and stability against the original, as a Markdown table."""
+    rows = ["| task | original acc | compressed acc | stability |", "|---|---:|---:|---:|"]
+    for name, m in evaluation.items():
+        o, c = m["original"], m["compressed"]
+        if "acc" in o and "stability" in c:
+            rows.append(f"| {name} | {o['acc']:.3f} | {c['acc']:.3f} | {c['stability']:.3f} |")
+    scope = f"first {limit} examples of each task" if limit else "all examples"
+    return f"Evaluation ({scope}; stability as in LLM-Streamline: confidence-weighted agreement " \
+           "with the original on which answers are right; `eval.json` has everything):\n\n" + "\n".join(rows)
 
 
 def _streamline_record(so: StreamlineOptions, sl: StreamlineResult) -> dict:
