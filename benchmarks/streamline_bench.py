@@ -120,7 +120,7 @@ def main() -> None:
             else:
                 kind, _, loss = name.partition("-")
                 loss = loss or "mse"
-                lm = loss != "mse"
+                lm = loss in ("lm", "kl")
                 opts = StreamlineOptions(
                     replacement=kind, loss=loss, train_tokens=args.lm_tokens if lm else args.mse_tokens,
                     batch_size=4, train=TrainConfig(eval_every=2 if lm else 15),

@@ -149,13 +149,14 @@ def test_lr_schedule_warms_up_then_decays_to_min():
     assert lr_factor(100, 100, cfg) * cfg.lr == pytest.approx(5e-5)
 
 
-@pytest.mark.parametrize("replacement", ["layer", "ffn", "swiglu"])
-def test_mse_training_lowers_validation_loss(tmp_path, replacement):
+@pytest.mark.parametrize("replacement,loss", [("layer", "mse"), ("ffn", "mse"), ("swiglu", "mse"),
+                                               ("layer", "mse-normed")])
+def test_mse_training_lowers_validation_loss(tmp_path, replacement, loss):
     model = build_tiny("llama", layers=6)
     arch = ARCHITECTURES["llama"]
     ids = _ids(20, 16)
     scores = measure_similarity(model, arch, ids, progress=False)
-    opts = StreamlineOptions(replacement=replacement, epochs=4, batch_size=4,
+    opts = StreamlineOptions(replacement=replacement, loss=loss, epochs=4, batch_size=4,
                              train=TrainConfig(lr=2e-3, min_lr=5e-4))
     log = tmp_path / "log.jsonl"
     r = streamline(model, arch, ids, scores, opts, remove=2, work_dir=tmp_path, log_path=log, progress=False)

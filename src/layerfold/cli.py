@@ -81,7 +81,8 @@ def _add_streamline_args(p: argparse.ArgumentParser) -> None:
                    "swiglu: that layer with attention silenced, i.e. a gated FFN in standard layer form; "
                    "ffn: a plain FFN (cannot be saved in stock form); none: keep the first layer untrained")
     g.add_argument("--loss", default=d.loss, choices=LOSSES,
-                   help="mse: match the block's output on cached pairs; lm: next-token loss with the "
+                   help="mse: match the block's output on cached pairs (the paper); mse-normed: the same after "
+                   "RMS-normalising each token's vector; lm: next-token loss with the "
                    "replacement in the pruned model; kl: KL to the original model's logits")
     g.add_argument("--ffn-width", type=int, default=None, help="ffn: hidden width (default: the model's intermediate size)")
     g.add_argument("--ffn-activation", default=d.ffn_activation, choices=sorted(ACTIVATIONS), help="ffn: activation")

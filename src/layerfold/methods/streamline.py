@@ -34,7 +34,8 @@ from ..nn.replacements import REPLACEMENTS, FFNReplacement, ReplacementSpec, bui
 from ..train.fit import FitResult, TrainConfig, fit
 from . import pruning
 
-LOSSES = ("mse", "lm", "kl")
+LOSSES = ("mse", "mse-normed", "lm", "kl")
+PAIR_LOSSES = ("mse", "mse-normed")  # trained on the cached (input, output) pairs
 
 
 @dataclass
@@ -42,7 +43,10 @@ class StreamlineOptions:
     """What replaces the block and how it is trained."""
 
     replacement: str = "layer"  # layer | ffn | swiglu | none
-    loss: str = "mse"  # mse: on cached pairs; lm: next-token loss in place; kl: KL to the original's logits
+    # mse: on cached pairs (the paper); mse-normed: the same after RMS-normalising each token's
+    # vector, so a few huge residual dimensions do not dominate; lm: next-token loss in place;
+    # kl: KL to the original's logits
+    loss: str = "mse"
     ffn_width: int | None = None  # ffn: hidden width (None: the model's intermediate size)
     ffn_activation: str = "gelu"
     epochs: float = 1.0
@@ -202,8 +206,11 @@ def train_mse(
         x, y, ids = store.read(rows)
         # the layer's own arguments (causal mask, rotary cos/sin, position ids), as the model gives them
         call = capture_layer_inputs(model, arch, ids.to(device)).calls[index]
-        pred = run_layer(replacement, x.to(device, dtype), call)
-        return F.mse_loss(pred.float(), y.to(device))
+        pred = run_layer(replacement, x.to(device, dtype), call).float()
+        y = y.to(device)
+        if opts.loss == "mse-normed":
+            pred, y = _rms_normalize(pred), _rms_normalize(y)
+        return F.mse_loss(pred, y)
 
     @torch.no_grad()
     def val_loss() -> float:
@@ -216,6 +223,10 @@ def train_mse(
     steps = _total_steps(len(train_rows), store.seq_len, opts)
     return fit(replacement, loss_of, val_loss, _shuffled_batches(train_rows, opts.batch_size, opts.seed),
                steps, opts.train, log_path=log_path, progress=progress, desc="training replacement (mse)")
+
+
+def _rms_normalize(h: torch.Tensor) -> torch.Tensor:
+    return h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
 
 
 # -- 4. the LM-loss variant ------------------------------------------------------------
@@ -314,7 +325,7 @@ def streamline(
     own_store = store is None
     if store is not None and (store.samples, store.seq_len) != tuple(ids.shape):
         raise LayerfoldError("the given training pairs do not match the calibration ids")
-    if own_store and spec.trainable and opts.loss == "mse":
+    if own_store and spec.trainable and opts.loss in PAIR_LOSSES:
         t = time.perf_counter()
         store = PairStore(work_dir / "pairs", ids.shape[0], ids.shape[1], model.config.hidden_size, opts.pair_dtype)
         collect_pairs(model, arch, ids, start, window, store, batch_size=batch_size, progress=progress)
@@ -332,7 +343,7 @@ def streamline(
     if spec.trainable:
         t = time.perf_counter()
         try:
-            if opts.loss == "mse":
+            if opts.loss in PAIR_LOSSES:
                 result_fit = train_mse(model, arch, start, store, opts, log_path=log_path, progress=progress)
             else:
                 result_fit = train_in_place(model, arch, start, ids, opts, teacher=teacher,
