@@ -161,7 +161,9 @@ def test_mse_training_lowers_validation_loss(tmp_path, replacement, loss):
     log = tmp_path / "log.jsonl"
     r = streamline(model, arch, ids, scores, opts, remove=2, work_dir=tmp_path, log_path=log, progress=False)
     # an attention-free replacement cannot copy a random block's attention: it only improves
-    assert r.fit.best_val < (0.9 if replacement != "swiglu" else 1.0) * r.fit.first_val
+    # (the normalised loss is smaller in scale and falls more slowly at the same learning rate)
+    factor = {"layer": 0.9, "ffn": 0.95, "swiglu": 1.0}[replacement] if loss == "mse" else 0.95
+    assert r.fit.best_val < factor * r.fit.first_val
     events = [json.loads(l) for l in log.read_text().splitlines()]
     assert events[0]["event"] == "config" and events[-1]["event"] == "done"
     assert any(e["event"] == "val" and e["step"] > 0 for e in events)
