@@ -118,27 +118,31 @@ def run(args, work: Path, methods, recipes) -> None:
                                        "cache_seconds": t_cache, "cache_folder": str(cache.folder),
                                        "cache_bytes": sum(p.stat().st_size for p in cache.folder.glob('*.npy'))})
 
-    for method in methods:
-        def pruned():
-            student = replace(original, model=copy.deepcopy(original.model))
-            remove_layers(student.model, student.arch, selection[method])
-            return student
+    def pruned(method):
+        student = replace(original, model=copy.deepcopy(original.model))
+        remove_layers(student.model, student.arch, selection[method])
+        return student
 
+    # every method unhealed first, then one recipe at a time across all methods, so a run cut
+    # short still compares the methods on equal terms
+    for method in methods:
         path = work / f"{method}.json"
         if not _done(path):
             print(f"evaluating {method} unhealed", flush=True)
-            student = pruned()
+            student = pruned(method)
             r = _eval(student.model, student.tokenizer, args)
             r["params"] = count_parameters(student.model)
             _save(path, r)
             del student
-        for recipe in recipes:
+    for recipe in recipes:
+        for method in methods:
             path = work / f"{method}+{recipe}.json"
             if _done(path):
                 continue
             print(f"healing {method} with {recipe}", flush=True)
-            student = pruned()
-            opts = replace(base, **RECIPES[recipe], log_file=str(work / f"{method}+{recipe}.log.jsonl"))
+            student = pruned(method)
+            log = work / f"{method}+{recipe}.log.jsonl"
+            opts = replace(base, **RECIPES[recipe], log_file=str(log))
             h = heal(student, None, opts, ids=ids, prepared_teacher=cache)
             r = _eval(student.model, student.tokenizer, args)
             r["params"] = count_parameters(student.model)

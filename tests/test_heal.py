@@ -163,3 +163,21 @@ def test_cli_compress_heals_and_heal_command_works(capsys, tiny_model_dir, text_
     assert len((tmp_path / "log.jsonl").read_text().splitlines()) == 1
     loaded = load_model(str(healed), device="cpu")
     assert loaded.model.config.num_hidden_layers == 4
+
+
+def test_heal_without_teacher_uses_the_next_token_loss(capsys, tiny_model_dir, text_file, tmp_path):
+    out = tmp_path / "ce"
+    code = main(["-q", "heal", tiny_model_dir("llama"), "--no-teacher", "-o", str(out), "--heal-tokens", "128",
+                 "--heal-data", text_file, "--heal-seq-len", "32", "--heal-batch-size", "4"])
+    assert code == 0, capsys.readouterr()
+    record = json.loads((out / "layerfold.json").read_text())
+    assert record["recipe"]["heal"]["ce"] == 1.0 and record["recipe"]["heal"]["kl"] == 0.0
+    assert "--no-teacher" in record["command"]
+
+
+def test_heal_needs_a_budget_and_valid_settings(capsys, tiny_model_dir):
+    for argv, needle in ((["--heal-tokens", "0"], "positive"), (["--heal-kl", "0"], "loss weights"),
+                         (["--resume"], "--checkpoint-dir"), (["--heal-layers", "last:x", "--heal-train", "layers"], "heal-layers")):
+        code = main(["heal", tiny_model_dir("llama"), *argv])
+        err = capsys.readouterr().err
+        assert code == 2 and needle in err and len(err.strip().splitlines()) == 1, err
