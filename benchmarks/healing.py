@@ -53,6 +53,10 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--heal-rows", type=int, default=0,
+                    help="rows of self-written healing text (0: one pass of the budget); fewer rows are repeated")
+    ap.add_argument("--heal-seed", type=int, default=1,
+                    help="seed of the self-written healing text (0 is the calibration text itself)")
     ap.add_argument("--data", default="../shared/data/tasks")
     ap.add_argument("--work", default="benchmarks/results/healing")
     ap.add_argument("--report-only", action="store_true")
@@ -107,9 +111,12 @@ def run(args, work: Path, methods, recipes) -> None:
         _save(path, selection)
 
     base = HealOptions(tokens=args.tokens, batch_size=args.batch_size,
-                       data=replace(HealOptions().data, seq_len=args.seq_len), progress=True)
+                       data=replace(HealOptions().data, seq_len=args.seq_len, seed=args.heal_seed), progress=True)
     t = time.perf_counter()
-    ids = healing_data(base, original)
+    if args.heal_rows:
+        ids = load_calibration(replace(base.data, samples=args.heal_rows), original)
+    else:
+        ids = healing_data(base, original)
     t_data = time.perf_counter() - t
     t = time.perf_counter()
     cache = prepare_teacher(base, original, ids)

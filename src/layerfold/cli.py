@@ -101,6 +101,8 @@ def _add_heal_args(p: argparse.ArgumentParser, default_tokens: int) -> None:
     g.add_argument("--heal-topk", type=int, default=d.topk, help="teacher logits kept per token in the cache")
     g.add_argument("--heal-data", default=d.data.source,
                    help="'self' (the original model writes the text) or a .txt/.jsonl file; evaluation files are refused")
+    g.add_argument("--heal-rows", type=int, default=d.rows,
+                   help="distinct healing sequences; fewer than the budget needs are repeated (0: one pass, no repeats)")
     g.add_argument("--heal-seq-len", type=int, default=d.data.seq_len, help="tokens per healing sequence")
     g.add_argument("--heal-data-seed", type=int, default=d.data.seed,
                    help="seed of self-written healing text (calibration uses 0, so healing text differs)")
@@ -132,7 +134,7 @@ def _heal_options(args):
         train_norm=not args.heal_no_norm, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
         lora_modules=args.lora_modules, ce=args.heal_ce, kl=args.heal_kl, mse=args.heal_mse,
         mse_layers=args.heal_mse_layers, temperature=args.heal_temperature,
-        teacher_cache=not args.no_teacher_cache, topk=args.heal_topk,
+        teacher_cache=not args.no_teacher_cache, topk=args.heal_topk, rows=args.heal_rows,
         data=replace(d.data, source=args.heal_data, seq_len=args.heal_seq_len, seed=args.heal_data_seed,
                      text_field=getattr(args, "text_field", d.data.text_field)),
         batch_size=args.heal_batch_size, grad_accum=args.grad_accum, lr=args.heal_lr,

@@ -68,7 +68,9 @@ class HealOptions:
 
     tokens: int = 0
     data: CalibrationSpec = field(default_factory=lambda: CalibrationSpec(seed=HEAL_SEED))
-    # samples in ``data`` is ignored: the token budget sets how many rows are read (one pass)
+    # samples in ``data`` is ignored: the token budget sets how many rows are read (one pass),
+    # unless ``rows`` caps them (the rows are then repeated in further passes)
+    rows: int = 0
     train: str = "lora"
     layers: str = "last:3"  # layers fully trained in 'layers' modes: 'last:K', 'all' or '3,4,7'
     lm_head: str = "auto"
@@ -119,6 +121,8 @@ class HealOptions:
             raise LayerfoldError("healing loss weights (--heal-ce, --heal-kl, --heal-mse) must be >= 0, one of them > 0")
         if self.temperature <= 0:
             raise LayerfoldError(f"--heal-temperature must be positive (got {self.temperature})")
+        if self.rows < 0:
+            raise LayerfoldError(f"--heal-rows must not be negative (got {self.rows})")
         if self.lora_rank < 1:
             raise LayerfoldError(f"--lora-rank must be at least 1 (got {self.lora_rank})")
         if not 0 <= self.warmup < 1:
@@ -199,6 +203,8 @@ def healing_data(opts: HealOptions, source_model: LoadedModel, seq_len: int | No
     seq = seq_len or opts.data.seq_len
     steps = steps_for_tokens(opts.tokens, opts.batch_size, opts.grad_accum, seq)
     rows = steps * opts.batch_size * opts.grad_accum
+    if opts.rows:
+        rows = min(rows, opts.rows)
     return load_calibration(replace(opts.data, samples=rows, seq_len=seq), source_model, progress=opts.progress)
 
 

@@ -262,7 +262,7 @@ def heal_flags(h: HealOptions) -> list[str]:
              "lora_rank": "--lora-rank", "lora_alpha": "--lora-alpha", "lora_modules": "--lora-modules",
              "ce": "--heal-ce", "kl": "--heal-kl", "mse": "--heal-mse", "mse_layers": "--heal-mse-layers",
              "temperature": "--heal-temperature", "topk": "--heal-topk", "batch_size": "--heal-batch-size",
-             "grad_accum": "--grad-accum", "lr": "--heal-lr", "precision": "--heal-precision", "seed": "--heal-seed"}
+             "grad_accum": "--grad-accum", "rows": "--heal-rows", "lr": "--heal-lr", "precision": "--heal-precision", "seed": "--heal-seed"}
     for name, flag in flags.items():
         value = getattr(h, name)
         if value != getattr(d, name):
