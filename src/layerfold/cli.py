@@ -111,6 +111,82 @@ def _streamline_options(args):
     )
 
 
+def _add_heal_args(p: argparse.ArgumentParser, default_tokens: int) -> None:
+    from .healing import LM_HEAD_MODES, TRAIN_MODES, HealOptions
+
+    d = HealOptions()
+    g = p.add_argument_group(
+        "healing",
+        "a short recovery training with the original model as teacher (see `layerfold heal --help`)",
+    )
+    g.add_argument("--heal-tokens", type=int, default=default_tokens,
+                   help="healing token budget; 0: no healing")
+    g.add_argument("--heal-train", default=d.train, choices=TRAIN_MODES,
+                   help="lora: LoRA adapters merged at the end; layers: full fine-tune of --heal-layers; or both")
+    g.add_argument("--heal-layers", default=d.layers,
+                   help="layers fully trained by 'layers' modes: last:K, all, none, or indices like 3,4,7")
+    g.add_argument("--heal-lm-head", default=d.lm_head, choices=LM_HEAD_MODES,
+                   help="auto: train lm_head if it is its own matrix, freeze it if tied to the embeddings; "
+                   "untie: give it its own matrix (+vocab x hidden parameters)")
+    g.add_argument("--heal-no-norm", action="store_true", help="do not train the final norm")
+    g.add_argument("--lora-rank", type=int, default=d.lora_rank, help="LoRA rank")
+    g.add_argument("--lora-alpha", type=float, default=d.lora_alpha, help="LoRA scaling numerator (scale = alpha / rank)")
+    g.add_argument("--lora-modules", default=d.lora_modules,
+                   help="modules that get LoRA: all-linear or comma-separated names (q_proj,v_proj,...)")
+    g.add_argument("--heal-ce", type=float, default=d.ce, help="weight of the next-token loss")
+    g.add_argument("--heal-kl", type=float, default=d.kl, help="weight of the KL to the teacher's logits")
+    g.add_argument("--heal-mse", type=float, default=d.mse,
+                   help="weight of the (relative) MSE between the last layers' outputs of student and teacher")
+    g.add_argument("--heal-mse-layers", type=int, default=d.mse_layers, help="tail layers aligned by --heal-mse")
+    g.add_argument("--heal-temperature", type=float, default=d.temperature, help="distillation temperature")
+    g.add_argument("--no-teacher-cache", action="store_true",
+                   help="run the teacher on every batch instead of caching its top-k logits on disk")
+    g.add_argument("--heal-topk", type=int, default=d.topk, help="teacher logits kept per token in the cache")
+    g.add_argument("--heal-data", default=d.data.source,
+                   help="'self' (the original model writes the text) or a .txt/.jsonl file; evaluation files are refused")
+    g.add_argument("--heal-rows", type=int, default=d.rows,
+                   help="distinct healing sequences; fewer than the budget needs are repeated (0: one pass, no repeats)")
+    g.add_argument("--heal-seq-len", type=int, default=d.data.seq_len, help="tokens per healing sequence")
+    g.add_argument("--heal-data-seed", type=int, default=d.data.seed,
+                   help="seed of self-written healing text (calibration uses 0, so healing text differs)")
+    g.add_argument("--heal-batch-size", type=int, default=d.batch_size, help="sequences per micro-batch")
+    g.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per optimizer step")
+    g.add_argument("--heal-lr", type=float, default=None, help="learning rate (default: 3e-4 for lora, 1e-4 otherwise)")
+    g.add_argument("--heal-precision", default=d.precision, choices=["fp32", "bf16"],
+                   help="bf16 autocast (fast on GPUs and recent CPUs) or fp32")
+    g.add_argument("--heal-seed", type=int, default=d.seed, help="seed of batch order and LoRA init")
+    g.add_argument("--checkpoint-dir", default=None, help="folder for training checkpoints (needed by --resume)")
+    g.add_argument("--checkpoint-every", type=int, default=0, help="optimizer steps between checkpoints; 0: none")
+    g.add_argument("--resume", action="store_true",
+                   help="continue a killed run from --checkpoint-dir (same settings give the same result)")
+    g.add_argument("--heal-log", default=None, help="JSON-lines training log (one record per step)")
+
+
+def _heal_options(args):
+    from dataclasses import replace
+
+    from .healing import HealOptions
+
+    d = HealOptions()
+    if args.resume and not args.checkpoint_dir:
+        raise LayerfoldError("--resume needs --checkpoint-dir")
+    if args.checkpoint_dir and not args.checkpoint_every:
+        args.checkpoint_every = 10
+    return HealOptions(
+        tokens=args.heal_tokens, train=args.heal_train, layers=args.heal_layers, lm_head=args.heal_lm_head,
+        train_norm=not args.heal_no_norm, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
+        lora_modules=args.lora_modules, ce=args.heal_ce, kl=args.heal_kl, mse=args.heal_mse,
+        mse_layers=args.heal_mse_layers, temperature=args.heal_temperature,
+        teacher_cache=not args.no_teacher_cache, topk=args.heal_topk, rows=args.heal_rows,
+        data=replace(d.data, source=args.heal_data, seq_len=args.heal_seq_len, seed=args.heal_data_seed,
+                     text_field=getattr(args, "text_field", d.data.text_field)),
+        batch_size=args.heal_batch_size, grad_accum=args.grad_accum, lr=args.heal_lr,
+        precision=args.heal_precision, seed=args.heal_seed, checkpoint_dir=args.checkpoint_dir,
+        checkpoint_every=args.checkpoint_every, resume=args.resume, log_file=args.heal_log,
+        progress=not args.quiet,
+    )
+
+
 def _calibration(args) -> CalibrationSpec:
     return CalibrationSpec(
         source=args.calib, samples=args.calib_samples, seq_len=args.seq_len,
@@ -174,7 +250,31 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder holding tasks/*.jsonl (default: $LAYERFOLD_DATA, else ../shared/data if present)")
     g.add_argument("--no-eval", action="store_true", help="measure nothing before and after")
     g.add_argument("--no-report", action="store_true", help="do not write report.html and figures/")
+    _add_heal_args(p, default_tokens=0)
     p.set_defaults(func=_cmd_compress)
+
+    from .pipeline import DEFAULT_HEAL_TOKENS
+
+    p = sub.add_parser(
+        "heal", formatter_class=_Formatter,
+        help="recovery training of a compressed model with the original as teacher",
+        description="Heal a compressed model: train LoRA adapters (merged at the end) and/or whole layers to "
+        "match the original model's next-token distribution (KL), its last layers' outputs (MSE) and/or the "
+        "text (next-token loss). The output is a standard model folder.\n\n"
+        "By default the original writes the healing text itself and its top-k logits are cached on disk.\n"
+        "Healing never trains on evaluation data: a --heal-data file that is (or copies) an evaluation task\n"
+        "file is refused.\n\n"
+        "example:  layerfold heal ./SmolLM2-135M-Instruct-bi-minus8 --heal-tokens 65536",
+    )
+    _add_model_args(p)
+    p.add_argument("--teacher", default=None,
+                   help="the original model (folder, hub id or .gguf; default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--no-teacher", action="store_true", help="no teacher: next-token loss on the healing text only")
+    p.add_argument("-o", "--output", default=None, help="output folder (default: ./<model>-healed)")
+    p.add_argument("--force", action="store_true", help="replace an existing non-empty output folder")
+    p.add_argument("--text-field", default="text", help="the text field of a .jsonl --heal-data file")
+    _add_heal_args(p, default_tokens=DEFAULT_HEAL_TOKENS)
+    p.set_defaults(func=_cmd_heal)
 
     p = sub.add_parser(
         "analyze", formatter_class=_Formatter,
@@ -252,7 +352,7 @@ def _cmd_compress(args) -> int:
         model=_model_options(args), calibration=_calibration(args), method=args.method,
         remove=args.remove, sparsity=args.sparsity, output=args.output, force=args.force,
         batch_size=args.batch_size, progress=not args.quiet, evaluation=evaluation,
-        streamline=_streamline_options(args),
+        streamline=_streamline_options(args), heal=_heal_options(args),
     )
     _validate_sizes(args)
     t0 = time.perf_counter()
@@ -271,6 +371,8 @@ def _cmd_compress(args) -> int:
             print(f"training     {args.loss} loss {sl.fit.first_val:.4g} -> {sl.fit.best_val:.4g} "
                   f"(best of {sl.fit.steps} steps, {sl.fit.seconds:.1f}s); log in training_log.jsonl")
     steps = ", ".join(f"{k} {v:.1f}s" for k, v in r.seconds.items())
+    if r.heal:
+        _print_heal(r.heal)
     print(f"time         {total:.1f}s ({steps})")
     print(f"saved to     {r.output}")
     if r.eval_after is not None:
@@ -280,6 +382,27 @@ def _cmd_compress(args) -> int:
         print(eval_table([r.eval_before, r.eval_after], names=["before", "after"]))
     if r.report is not None:
         print(f"report       {r.report}")
+    return 0
+
+
+def _print_heal(h: dict) -> None:
+    print(f"healing      {h['tokens']:,} tokens in {h['steps']} steps; {h['trainable']}")
+    print(f"             {h['trainable_parameters']:,} trainable parameters; "
+          f"loss {h['loss_first']:.4f} -> {h['loss_last']:.4f}")
+
+
+def _cmd_heal(args) -> int:
+    from .pipeline import HealModelOptions, heal_model
+
+    opts = HealModelOptions(model=_model_options(args), teacher=args.teacher, no_teacher=args.no_teacher,
+                            heal=_heal_options(args), output=args.output, force=args.force)
+    t0 = time.perf_counter()
+    r = heal_model(opts)
+    _print_heal(r.heal)
+    steps = ", ".join(f"{k} {v:.1f}s" for k, v in r.seconds.items())
+    print(f"parameters   {r.params:,}")
+    print(f"time         {time.perf_counter() - t0:.1f}s ({steps})")
+    print(f"saved to     {r.output}")
     return 0
 
 

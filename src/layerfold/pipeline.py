@@ -15,6 +15,7 @@ from pathlib import Path
 
 from .data.calibration import CalibrationSpec, load_calibration
 from .errors import LayerfoldError
+from .healing import HealOptions
 from .importance import LayerScores, measure_similarity
 from .methods import pruning
 from .methods.streamline import StreamlineOptions, StreamlineResult
@@ -93,6 +94,7 @@ class CompressOptions:
     progress: bool = True
     streamline: StreamlineOptions = field(default_factory=StreamlineOptions)
     evaluation: EvalOptions = field(default_factory=EvalOptions)
+    heal: HealOptions = field(default_factory=HealOptions)
 
     def command(self) -> str:
         """The equivalent command line, written into the output's model card."""
@@ -122,6 +124,8 @@ class CompressOptions:
             parts += ["--eval-limit", str(ev.limit)]
         if not ev.enabled:
             parts.append("--no-eval")
+        if self.heal.enabled:
+            parts += heal_flags(self.heal)
         if self.output:
             parts += ["-o", self.output]
         return shlex.join(parts)
@@ -151,6 +155,7 @@ class CompressResult:
     eval_before: object | None = None  # layerfold.eval.EvalResult
     eval_after: object | None = None
     report: Path | None = None
+    heal: dict | None = None  # HealResult.summary() when the model was healed
 
 
 def _streamline_flags(o: StreamlineOptions) -> list[str]:
@@ -202,6 +207,8 @@ def compress(opts: CompressOptions, loaded: LoadedModel | None = None) -> Compre
     if opts.method not in METHODS:
         raise LayerfoldError(f"unknown method {opts.method!r}; choose from {', '.join(METHODS)}")
     opts.calibration.validate()
+    if opts.heal.enabled:
+        opts.heal.validate()
     pruning.check_target(opts.remove, opts.sparsity)
     if opts.method == "streamline":
         opts.streamline.validate()
@@ -238,6 +245,22 @@ def compress(opts: CompressOptions, loaded: LoadedModel | None = None) -> Compre
             eval_before.cost.bytes_on_disk = None  # a quantized GGUF file: not comparable to safetensors
         seconds["eval_before"] = time.perf_counter() - t
 
+    heal_ids = heal_teacher = None
+    if opts.heal.enabled:
+        # the healing text and the teacher's answers come from the original, before surgery
+        from .healing import healing_data, prepare_teacher, teacher_copy
+
+        t = time.perf_counter()
+        heal_ids = healing_data(opts.heal, loaded)
+        seconds["heal_data"] = time.perf_counter() - t
+        t = time.perf_counter()
+        if opts.heal.needs_teacher:
+            if opts.heal.teacher_cache:
+                heal_teacher = prepare_teacher(opts.heal, loaded, heal_ids)
+            else:
+                heal_teacher = teacher_copy(loaded).model
+        seconds["heal_teacher"] = time.perf_counter() - t
+
     extra_files: dict[str, str] = {}
     sl = None
     if opts.method == "streamline":
@@ -252,6 +275,16 @@ def compress(opts: CompressOptions, loaded: LoadedModel | None = None) -> Compre
         else:
             remove = pruning.PRUNING_METHODS[opts.method](scores, n_remove)
         layer_map = list(remove_layers(model, arch, remove))
+
+    heal_summary = None
+    if opts.heal.enabled:
+        from .healing import heal
+
+        t = time.perf_counter()
+        healed = heal(loaded, None, opts.heal, ids=heal_ids, prepared_teacher=heal_teacher)
+        seconds["heal"] = time.perf_counter() - t
+        heal_summary = healed.summary()
+        model = loaded.model
     params_after = count_parameters(model)
     out = Path(opts.output or default_output_name(loaded.source, opts.method, n_remove))
     if eval_kw is not None:
@@ -269,11 +302,16 @@ def compress(opts: CompressOptions, loaded: LoadedModel | None = None) -> Compre
         "removed_layers": remove,
         "calibration": asdict(opts.calibration) if scores is not None else None,
         "dtype": opts.model.dtype,
+        "heal": opts.heal.recipe() if opts.heal.enabled else None,
     }
-    summary = f"Removed {n_remove} of {n_layers} decoder layers by `{opts.method}`; no retraining."
+    summary = f"Removed {n_remove} of {n_layers} decoder layers by `{opts.method}`; " + (
+        heal_sentence(heal_summary) if heal_summary else "no retraining."
+    )
     if sl is not None:
         recipe["streamline"] = _streamline_record(opts.streamline, sl)
         summary = _streamline_summary(opts.streamline, sl, n_layers)
+        if heal_summary:
+            summary += " Then " + heal_sentence(heal_summary)
     if eval_after is not None:
         summary += "\n\n" + _evaluation_table(eval_before, eval_after, opts.evaluation.limit)
     card = model_card(
@@ -298,6 +336,7 @@ def compress(opts: CompressOptions, loaded: LoadedModel | None = None) -> Compre
         "params_after": params_after,
         "scores": scores.to_dict() if scores else None,
         "evaluation": {"before": eval_before.summary(), "after": eval_after.summary()} if eval_after else None,
+        "heal": heal_summary,
     }
     extra_files["layerfold.json"] = json.dumps(record, indent=2, default=str) + "\n"
     t = time.perf_counter()
@@ -321,6 +360,7 @@ def compress(opts: CompressOptions, loaded: LoadedModel | None = None) -> Compre
         seconds=seconds,
         scores=scores,
         streamline=sl,
+        heal=heal_summary,
         eval_before=eval_before,
         eval_after=eval_after,
         report=report,
@@ -431,7 +471,129 @@ def _streamline_summary(so: StreamlineOptions, sl: StreamlineResult, n_layers: i
             f"{len(sl.removed)} of {n_layers} layers removed net. Training log: `training_log.jsonl`.")
 
 
+def heal_sentence(summary: dict) -> str:
+    return (f"healed on {summary['tokens']:,} tokens ({summary['trainable']}; "
+            f"{summary['trainable_parameters']:,} trainable parameters) with the original model as teacher.")
+
+
+def heal_flags(h: HealOptions) -> list[str]:
+    """The command-line flags that reproduce a healing recipe (only those off their default)."""
+    d = HealOptions()
+    parts = ["--heal-tokens", str(h.tokens)]
+    flags = {"train": "--heal-train", "layers": "--heal-layers", "lm_head": "--heal-lm-head",
+             "lora_rank": "--lora-rank", "lora_alpha": "--lora-alpha", "lora_modules": "--lora-modules",
+             "ce": "--heal-ce", "kl": "--heal-kl", "mse": "--heal-mse", "mse_layers": "--heal-mse-layers",
+             "temperature": "--heal-temperature", "topk": "--heal-topk", "batch_size": "--heal-batch-size",
+             "grad_accum": "--grad-accum", "rows": "--heal-rows", "lr": "--heal-lr", "precision": "--heal-precision", "seed": "--heal-seed"}
+    for name, flag in flags.items():
+        value = getattr(h, name)
+        if value != getattr(d, name):
+            parts += [flag, f"{value:g}" if isinstance(value, float) else str(value)]
+    if not h.train_norm:
+        parts.append("--heal-no-norm")
+    if not h.teacher_cache:
+        parts.append("--no-teacher-cache")
+    for name, flag in {"source": "--heal-data", "seq_len": "--heal-seq-len", "seed": "--heal-data-seed"}.items():
+        value = getattr(h.data, name)
+        if value != getattr(d.data, name):
+            parts += [flag, str(value)]
+    return parts
+
+
 def _version() -> str:
     from . import __version__
 
     return __version__
+
+
+@dataclass
+class HealModelOptions:
+    """``layerfold heal``: heal an already compressed model folder against its original."""
+
+    model: ModelOptions = field(default_factory=ModelOptions)
+    teacher: str | None = None  # the original model; None: the embedded model
+    no_teacher: bool = False  # heal with the next-token loss only
+    heal: HealOptions = field(default_factory=lambda: HealOptions(tokens=DEFAULT_HEAL_TOKENS))
+    output: str | None = None
+    force: bool = False
+
+    def command(self) -> str:
+        parts = ["layerfold", "heal"]
+        if self.model.model:
+            parts.append(self.model.model)
+        if self.no_teacher:
+            parts.append("--no-teacher")
+        elif self.teacher:
+            parts += ["--teacher", self.teacher]
+        parts += heal_flags(self.heal)
+        if self.output:
+            parts += ["-o", self.output]
+        return shlex.join(parts)
+
+
+DEFAULT_HEAL_TOKENS = 65536
+
+
+@dataclass
+class HealModelResult:
+    output: Path
+    heal: dict
+    params: int
+    seconds: dict[str, float]
+
+
+def heal_model(opts: HealModelOptions) -> HealModelResult:
+    """Load a compressed model and its teacher, heal, and save a new model folder."""
+    from .healing import heal
+    from .models.saving import check_output_dir
+
+    opts.heal.validate()
+    if not opts.heal.enabled:
+        raise LayerfoldError("--heal-tokens must be positive for layerfold heal")
+    if opts.no_teacher:
+        opts.heal = replace_heal_losses_without_teacher(opts.heal)
+    if opts.model.model is None:
+        raise LayerfoldError("give the compressed model folder to heal")
+    out = Path(opts.output or f"{Path(opts.model.model.rstrip('/')).name}-healed")
+    check_output_dir(out, opts.force, protect=Path(opts.model.model) if Path(opts.model.model).is_dir() else None)
+    seconds: dict[str, float] = {}
+    t = time.perf_counter()
+    student = _load(opts.model)
+    teacher = None
+    if opts.heal.needs_teacher:
+        teacher = load_model(opts.teacher, dtype=opts.model.dtype, device=opts.model.device,
+                             trust_remote_code=opts.model.trust_remote_code)
+    seconds["load"] = time.perf_counter() - t
+    previous = {}
+    if student.local_dir is not None and (student.local_dir / "layerfold.json").is_file():
+        previous = json.loads((student.local_dir / "layerfold.json").read_text())
+    t = time.perf_counter()
+    result = heal(student, teacher, opts.heal)
+    seconds["heal"] = time.perf_counter() - t
+    summary = result.summary()
+    n_layers = len(decoder_layers(student.model, student.arch))
+    layer_map = previous.get("layer_map") or list(range(n_layers))
+    params = count_parameters(student.model)
+    recipe = dict(previous.get("recipe") or {"method": "healed"})
+    recipe["heal"] = opts.heal.recipe()
+    base = previous.get("base_model") or (teacher.base_model if teacher else student.base_model)
+    card = model_card(
+        base_model=base, command=opts.command(), recipe=recipe, layer_map=layer_map,
+        params_before=previous.get("params_before") or params, params_after=params,
+        layers_before=previous.get("layers_before") or n_layers,
+        summary=f"{student.source} {heal_sentence(summary)}",
+    )
+    record = dict(previous, layerfold_version=_version(), base_model=base, source=student.source,
+                  command=opts.command(), recipe=recipe, layer_map=layer_map, heal=summary,
+                  params_after=params)
+    t = time.perf_counter()
+    out = save_model_folder(student, out, card=card, force=opts.force,
+                            extra_files={"layerfold.json": json.dumps(record, indent=2, default=str) + "\n"})
+    seconds["save"] = time.perf_counter() - t
+    return HealModelResult(out, summary, params, seconds)
+
+
+def replace_heal_losses_without_teacher(h: HealOptions) -> HealOptions:
+    from dataclasses import replace
+
+    return replace(h, ce=h.ce or 1.0, kl=0.0, mse=0.0)

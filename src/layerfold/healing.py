@@ -1,0 +1,353 @@
+"""Healing: a short recovery training of a compressed model, with the original as teacher.
+
+What trains (``HealOptions.train``):
+- ``lora``: LoRA adapters (PEFT) on the chosen linear modules of every decoder layer,
+  merged into the weights at the end, so the output is a standard model of the same shape;
+- ``layers``: full fine-tuning of chosen decoder layers (default: the last three) and the
+  final norm (the "Reassessing Layer Pruning" recipe);
+- ``lora+layers``: both.
+
+The output head. "Reassessing Layer Pruning" also trains lm_head, on Llama, whose head is
+its own matrix. Many small models (SmolLM2, Qwen2-0.5B, Gemma) tie lm_head to the input
+embeddings; training it then either changes the input embeddings as well (and needs the
+gradient to travel back through every layer) or means untying it, which adds
+vocab x hidden parameters (28M for SmolLM2-135M, more than a fifth of the pruned model)
+and defeats the compression. So ``lm_head="auto"`` trains an untied head and freezes a
+tied one (the final norm still trains); ``"train"`` trains it even when tied (the input
+embeddings move with it), ``"untie"`` gives the model its own head first, ``"freeze"``
+never trains it.
+
+Losses: next-token cross-entropy (``ce``), KL to the teacher's logits (``kl``) and MSE
+between the last ``mse_layers`` decoder layers' outputs of student and teacher (``mse``),
+mixed by their weights.
+
+Data: the same sources as calibration. The default is text the *teacher* writes itself
+(data-free), with a different seed from calibration, so healing does not reuse the exact
+calibration text (reusing it would be harmless, but unseen text makes the healing loss an
+honest signal). Files are checked against the evaluation task files and refused if they
+are, or copy, one of them.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import re
+import time
+from dataclasses import asdict, dataclass, field, replace
+
+import torch
+from torch import nn
+
+from .data.calibration import CalibrationSpec, load_calibration
+from .data.guard import check_not_eval_data
+from .errors import LayerfoldError
+from .models.loading import LoadedModel
+from .train import (
+    HiddenMSE,
+    LogitKL,
+    NextTokenLoss,
+    TrainConfig,
+    TrainResult,
+    build_teacher_cache,
+    model_layers,
+    steps_for_tokens,
+    tail_map,
+    train,
+)
+from .train.teacher import cache_bytes
+
+TRAIN_MODES = ("lora", "layers", "lora+layers")
+LM_HEAD_MODES = ("auto", "freeze", "train", "untie")
+HEAL_SEED = 1  # calibration text uses seed 0: healing text is different text
+
+
+@dataclass
+class HealOptions:
+    """One healing recipe. ``tokens`` is the budget; 0 means no healing."""
+
+    tokens: int = 0
+    data: CalibrationSpec = field(default_factory=lambda: CalibrationSpec(seed=HEAL_SEED))
+    # samples in ``data`` is ignored: the token budget sets how many rows are read (one pass),
+    # unless ``rows`` caps them (the rows are then repeated in further passes)
+    rows: int = 0
+    train: str = "lora"
+    layers: str = "last:3"  # layers fully trained in 'layers' modes: 'last:K', 'all' or '3,4,7'
+    lm_head: str = "auto"
+    train_norm: bool = True  # the final norm (a few hundred parameters)
+    lora_rank: int = 16
+    lora_alpha: float = 32.0
+    lora_modules: str = "all-linear"  # or comma-separated names, e.g. q_proj,v_proj
+    ce: float = 0.0
+    kl: float = 1.0
+    mse: float = 0.0
+    mse_layers: int = 3  # tail layers aligned by the mse loss
+    temperature: float = 1.0
+    teacher_cache: bool = True  # top-k logits on disk instead of a live teacher
+    topk: int = 64
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float | None = None  # default: 3e-4 for lora, 1e-4 when whole layers train
+    warmup: float = 0.05  # fraction of steps
+    precision: str = "fp32"
+    seed: int = 0
+    checkpoint_dir: str | None = None
+    checkpoint_every: int = 0
+    resume: bool = False
+    log_file: str | None = None
+    progress: bool = True
+
+    @property
+    def enabled(self) -> bool:
+        return self.tokens > 0
+
+    @property
+    def needs_teacher(self) -> bool:
+        return self.kl > 0 or self.mse > 0
+
+    def learning_rate(self) -> float:
+        if self.lr is not None:
+            return self.lr
+        return 3e-4 if self.train == "lora" else 1e-4
+
+    def validate(self) -> None:
+        if self.tokens < 0:
+            raise LayerfoldError(f"--heal-tokens must not be negative (got {self.tokens})")
+        if self.train not in TRAIN_MODES:
+            raise LayerfoldError(f"--heal-train must be one of {', '.join(TRAIN_MODES)} (got {self.train!r})")
+        if self.lm_head not in LM_HEAD_MODES:
+            raise LayerfoldError(f"--heal-lm-head must be one of {', '.join(LM_HEAD_MODES)} (got {self.lm_head!r})")
+        if min(self.ce, self.kl, self.mse) < 0 or self.ce + self.kl + self.mse == 0:
+            raise LayerfoldError("healing loss weights (--heal-ce, --heal-kl, --heal-mse) must be >= 0, one of them > 0")
+        if self.temperature <= 0:
+            raise LayerfoldError(f"--heal-temperature must be positive (got {self.temperature})")
+        if self.rows < 0:
+            raise LayerfoldError(f"--heal-rows must not be negative (got {self.rows})")
+        if self.lora_rank < 1:
+            raise LayerfoldError(f"--lora-rank must be at least 1 (got {self.lora_rank})")
+        if not 0 <= self.warmup < 1:
+            raise LayerfoldError(f"warmup fraction must be in [0, 1) (got {self.warmup})")
+        if self.mse > 0 and self.mse_layers < 1:
+            raise LayerfoldError("--heal-mse-layers must be at least 1 when --heal-mse is used")
+        _parse_layers(self.layers, 10**6)  # syntax only
+        self.data.validate()
+        check_not_eval_data(self.data.source)
+
+    def recipe(self) -> dict:
+        d = asdict(self)
+        for k in ("checkpoint_dir", "checkpoint_every", "resume", "log_file", "progress"):
+            d.pop(k)
+        d["lr"] = self.learning_rate()
+        return d
+
+
+@dataclass
+class HealResult:
+    train: TrainResult
+    trainable: str  # what trained, in words
+    trainable_parameters: int
+    rows: int
+    seq_len: int
+    seconds: dict[str, float]
+    teacher_cache_bytes: int | None = None
+    lm_head: str = ""
+
+    def summary(self) -> dict:
+        h = self.train.history
+        return {
+            "tokens": self.train.tokens, "steps": self.train.steps, "rows": self.rows, "seq_len": self.seq_len,
+            "trainable": self.trainable, "trainable_parameters": self.trainable_parameters,
+            "lm_head": self.lm_head, "loss_first": h[0]["loss"] if h else None,
+            "loss_last": h[-1]["loss"] if h else None, "seconds": self.seconds,
+            "teacher_cache_bytes": self.teacher_cache_bytes,
+        }
+
+
+def _parse_layers(text: str, n: int) -> list[int]:
+    text = text.strip().lower()
+    if text in ("", "none"):
+        return []
+    if text == "all":
+        return list(range(n))
+    m = re.fullmatch(r"last:(\d+)", text)
+    if m:
+        k = int(m.group(1))
+        return list(range(max(0, n - k), n))
+    try:
+        idx = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise LayerfoldError(f"--heal-layers must be 'last:K', 'all', 'none' or indices like 3,4,7 (got {text!r})") from None
+    bad = [i for i in idx if not -n <= i < n]
+    if bad:
+        raise LayerfoldError(f"--heal-layers: no layers {bad} in a model with {n} layers")
+    return sorted({i % n for i in idx})
+
+
+def is_tied(model: nn.Module) -> bool:
+    out, inp = model.get_output_embeddings(), model.get_input_embeddings()
+    return out is not None and inp is not None and out.weight is inp.weight
+
+
+def untie_lm_head(model: nn.Module) -> None:
+    """Give the model its own output matrix (a copy of the embeddings)."""
+    head = model.get_output_embeddings()
+    head.weight = nn.Parameter(model.get_input_embeddings().weight.detach().clone())
+    model.config.tie_word_embeddings = False
+    text_config = getattr(model.config, "get_text_config", None)
+    if callable(text_config):
+        text_config().tie_word_embeddings = False
+
+
+def healing_data(opts: HealOptions, source_model: LoadedModel, seq_len: int | None = None) -> torch.Tensor:
+    """Token rows for ``opts.tokens`` tokens (one pass), written by / read for ``source_model``."""
+    seq = seq_len or opts.data.seq_len
+    steps = steps_for_tokens(opts.tokens, opts.batch_size, opts.grad_accum, seq)
+    rows = steps * opts.batch_size * opts.grad_accum
+    if opts.rows:
+        rows = min(rows, opts.rows)
+    return load_calibration(replace(opts.data, samples=rows, seq_len=seq), source_model, progress=opts.progress)
+
+
+def prepare_teacher(opts: HealOptions, teacher: LoadedModel, ids: torch.Tensor):
+    """The teacher as the loop wants it: a top-k cache on disk, or the live model."""
+    if not opts.needs_teacher:
+        return None
+    if not opts.teacher_cache:
+        return teacher.model
+    layers = [-i for i in range(1, opts.mse_layers + 1)] if opts.mse > 0 else []
+    return build_teacher_cache(teacher, ids, topk=opts.topk, temperature=opts.temperature, layers=layers,
+                               batch_size=opts.batch_size, progress=opts.progress)
+
+
+def heal(
+    student: LoadedModel,
+    teacher: LoadedModel | None,
+    opts: HealOptions,
+    *,
+    ids: torch.Tensor | None = None,
+    prepared_teacher=None,
+    eval_fn=None,
+    eval_every: int = 0,
+) -> HealResult:
+    """Heal ``student`` in place (``student.model`` is replaced by the healed, merged model).
+
+    ``ids`` and ``prepared_teacher`` let a caller compute the healing data and the teacher
+    cache before it modifies the original model (``compress`` does, so that it needs no copy
+    of the original in memory).
+    """
+    opts.validate()
+    if not opts.enabled:
+        raise LayerfoldError("healing needs a token budget (--heal-tokens N)")
+    if opts.needs_teacher and teacher is None and prepared_teacher is None:
+        raise LayerfoldError("the kl and mse healing losses need a teacher (--teacher ORIGINAL), or use --heal-kl 0 --heal-ce 1")
+    seconds: dict[str, float] = {}
+    if teacher is not None and teacher.tokenizer.get_vocab() != student.tokenizer.get_vocab():
+        raise LayerfoldError("the teacher and the student use different tokenizers")
+    t = time.perf_counter()
+    if ids is None:
+        ids = healing_data(opts, teacher or student)
+    seconds["data"] = time.perf_counter() - t
+    t = time.perf_counter()
+    if prepared_teacher is None and teacher is not None:
+        prepared_teacher = prepare_teacher(opts, teacher, ids)
+    seconds["teacher"] = time.perf_counter() - t
+    cache_size = cache_bytes(prepared_teacher) if hasattr(prepared_teacher, "folder") else None
+
+    model = student.model
+    layers = model_layers(model, student.arch)
+    n = len(layers)
+    full_layers = _parse_layers(opts.layers, n) if opts.train in ("layers", "lora+layers") else []
+
+    # the output head (see the module docstring)
+    tied = is_tied(model)
+    head_mode = opts.lm_head
+    if head_mode == "auto":
+        head_mode = "freeze" if tied else "train"
+    if head_mode == "untie":
+        if tied:
+            untie_lm_head(model)
+        head_mode = "train"
+    head_words = {"freeze": "lm_head frozen" + (" (tied to the embeddings)" if tied else ""),
+                  "train": "lm_head trained" + (" (tied: the input embeddings move with it)" if is_tied(model) else "")}[head_mode]
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    trained_model: nn.Module = model
+    what = []
+    if opts.train in ("lora", "lora+layers"):
+        trained_model = _add_lora(model, opts)
+        what.append(f"LoRA r={opts.lora_rank} on {opts.lora_modules}")
+    # full fine-tuning is switched on after PEFT, which freezes everything it does not add
+    for i in full_layers:
+        for p in layers[i].parameters():
+            p.requires_grad_(True)
+    if full_layers:
+        what.append(f"layers {_ranges(full_layers)} of {n}")
+    if opts.train_norm:
+        from .models.architectures import get_path
+
+        for p in get_path(model, student.arch.final_norm).parameters():
+            p.requires_grad_(True)
+        what.append("final norm")
+    if head_mode == "train":
+        model.get_output_embeddings().weight.requires_grad_(True)
+    what.append(head_words)
+
+    losses = []
+    if opts.ce > 0:
+        losses.append(NextTokenLoss(weight=opts.ce))
+    if opts.kl > 0:
+        losses.append(LogitKL(weight=opts.kl, temperature=opts.temperature))
+    if opts.mse > 0:
+        losses.append(HiddenMSE(tail_map(opts.mse_layers), weight=opts.mse))
+
+    steps = steps_for_tokens(opts.tokens, opts.batch_size, opts.grad_accum, ids.shape[1])
+    config = TrainConfig(
+        steps=steps, batch_size=opts.batch_size, grad_accum=opts.grad_accum, lr=opts.learning_rate(),
+        warmup_steps=int(math.floor(opts.warmup * steps)), precision=opts.precision, seed=opts.seed,
+        checkpoint_dir=opts.checkpoint_dir, checkpoint_every=opts.checkpoint_every, resume=opts.resume,
+        log_file=opts.log_file, progress=opts.progress, desc="healing", eval_every=eval_every,
+    )
+    t = time.perf_counter()
+    result = train(trained_model, ids, config, losses, teacher=prepared_teacher, trainable=None,
+                   arch=student.arch, eval_fn=eval_fn)
+    seconds["train"] = time.perf_counter() - t
+    n_trainable = result.trainable_parameters
+
+    if trained_model is not model:
+        model = trained_model.merge_and_unload()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.eval()
+    student.model = model
+    return HealResult(result, "; ".join(what), n_trainable, ids.shape[0], ids.shape[1], seconds, cache_size, head_mode)
+
+
+def _add_lora(model: nn.Module, opts: HealOptions) -> nn.Module:
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise LayerfoldError("LoRA healing needs the 'peft' package: pip install 'layerfold[heal]'") from None
+    targets = "all-linear" if opts.lora_modules == "all-linear" else [m.strip() for m in opts.lora_modules.split(",") if m.strip()]
+    config = LoraConfig(r=opts.lora_rank, lora_alpha=opts.lora_alpha, lora_dropout=0.0, target_modules=targets,
+                        bias="none", task_type="CAUSAL_LM")
+    torch.manual_seed(opts.seed)  # LoRA's A matrices start random: the same seed, the same start
+    try:
+        return get_peft_model(model, config)
+    except ValueError as e:
+        raise LayerfoldError(f"cannot add LoRA to {opts.lora_modules}: {str(e).splitlines()[0]}") from None
+
+
+def _ranges(idx: list[int]) -> str:
+    out, start = [], None
+    for i, j in zip(idx, idx[1:] + [None]):
+        start = i if start is None else start
+        if j != i + 1:
+            out.append(f"{start}" if start == i else f"{start}-{i}")
+            start = None
+    return ",".join(out)
+
+
+def teacher_copy(loaded: LoadedModel) -> LoadedModel:
+    """A frozen copy of a model, to serve as teacher after the original is modified."""
+    return replace(loaded, model=copy.deepcopy(loaded.model).eval())
