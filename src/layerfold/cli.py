@@ -68,6 +68,49 @@ def _add_calibration_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass")
 
 
+def _add_streamline_args(p: argparse.ArgumentParser) -> None:
+    from .methods.streamline import LOSSES, StreamlineOptions
+    from .nn.replacements import ACTIVATIONS, REPLACEMENTS
+
+    d = StreamlineOptions()
+    g = p.add_argument_group("LLM-Streamline (--method streamline)",
+                             "--remove N replaces N+1 consecutive layers by one; --sparsity counts the "
+                             "replacement's own parameters")
+    g.add_argument("--replacement", default=d.replacement, choices=REPLACEMENTS,
+                   help="layer: a decoder layer initialised from the block's first layer (official default); "
+                   "swiglu: that layer with attention silenced, i.e. a gated FFN in standard layer form; "
+                   "ffn: a plain FFN (cannot be saved in stock form); none: keep the first layer untrained")
+    g.add_argument("--loss", default=d.loss, choices=LOSSES,
+                   help="mse: match the block's output on cached pairs (the paper); mse-normed: the same after "
+                   "RMS-normalising each token's vector; lm: next-token loss with the "
+                   "replacement in the pruned model; kl: KL to the original model's logits")
+    g.add_argument("--ffn-width", type=int, default=None, help="ffn: hidden width (default: the model's intermediate size)")
+    g.add_argument("--ffn-activation", default=d.ffn_activation, choices=sorted(ACTIVATIONS), help="ffn: activation")
+    g.add_argument("--epochs", type=float, default=d.epochs, help="passes over the training sequences")
+    g.add_argument("--train-tokens", type=int, default=None, help="train on this many tokens instead of --epochs")
+    g.add_argument("--train-batch-size", type=int, default=d.batch_size, help="sequences per optimiser step")
+    g.add_argument("--lr", type=float, default=d.train.lr, help="peak learning rate (AdamW)")
+    g.add_argument("--min-lr", type=float, default=d.train.min_lr, help="learning rate at the end of the cosine")
+    g.add_argument("--val-fraction", type=float, default=d.val_fraction,
+                   help="share of calibration sequences held out; the best validation state is kept")
+    g.add_argument("--pair-dtype", default=d.pair_dtype, choices=["bf16", "fp16", "fp32"],
+                   help="storage of the cached training pairs on disk")
+    g.add_argument("--pairs-dir", default=None,
+                   help="folder for the temporary training pairs (default: beside the output; removed after)")
+
+
+def _streamline_options(args):
+    from .methods.streamline import StreamlineOptions
+    from .train.fit import TrainConfig
+
+    return StreamlineOptions(
+        replacement=args.replacement, loss=args.loss, ffn_width=args.ffn_width,
+        ffn_activation=args.ffn_activation, epochs=args.epochs, train_tokens=args.train_tokens,
+        batch_size=args.train_batch_size, val_fraction=args.val_fraction, pair_dtype=args.pair_dtype,
+        pairs_dir=args.pairs_dir, seed=args.seed, train=TrainConfig(lr=args.lr, min_lr=args.min_lr),
+    )
+
+
 def _calibration(args) -> CalibrationSpec:
     return CalibrationSpec(
         source=args.calib, samples=args.calib_samples, seq_len=args.seq_len,
@@ -102,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="remove layers and save a model that stock transformers loads",
         description="Remove decoder layers by a criterion and save a complete Hugging Face model folder.\n\n"
         "methods:\n"
+        "  streamline        LLM-Streamline: replace the most redundant block by one trained layer or FFN\n"
         "  streamline-block  the consecutive block whose input and output are most similar (LLM-Streamline's criterion)\n"
         "  bi                the layers with the lowest Block Influence (ShortGPT)\n"
         "  angular           the block with the smallest angular distance on last tokens (Gromov et al.)\n"
@@ -117,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output folder (default: ./<model>-<method>-minus<N>)")
     p.add_argument("--force", action="store_true", help="replace an existing non-empty output folder")
     _add_calibration_args(p)
+    _add_streamline_args(p)
     g = p.add_argument_group("evaluation and report (before and after, written into the output folder)")
     g.add_argument("--eval-tasks", default="",
                    help="comma-separated tasks (piqa, winogrande, ... or .jsonl paths) to measure before and after "
@@ -207,6 +252,7 @@ def _cmd_compress(args) -> int:
         model=_model_options(args), calibration=_calibration(args), method=args.method,
         remove=args.remove, sparsity=args.sparsity, output=args.output, force=args.force,
         batch_size=args.batch_size, progress=not args.quiet, evaluation=evaluation,
+        streamline=_streamline_options(args),
     )
     _validate_sizes(args)
     t0 = time.perf_counter()
@@ -217,6 +263,13 @@ def _cmd_compress(args) -> int:
     pct = 100 * (1 - r.params_after / r.params_before)
     print(f"parameters   {r.params_before:,} -> {r.params_after:,} ({pct:.1f}% fewer)")
     print(f"on disk      {r.bytes_on_disk / 2**20:.1f} MiB of safetensors")
+    if r.streamline is not None:
+        sl = r.streamline
+        print(f"block        layers {sl.start}..{sl.start + sl.window - 1} (cosine {sl.block_cosine:.4f}), "
+              f"replacement {args.replacement} ({sl.replacement_params:,} parameters)")
+        if sl.fit:
+            print(f"training     {args.loss} loss {sl.fit.first_val:.4g} -> {sl.fit.best_val:.4g} "
+                  f"(best of {sl.fit.steps} steps, {sl.fit.seconds:.1f}s); log in training_log.jsonl")
     steps = ", ".join(f"{k} {v:.1f}s" for k, v in r.seconds.items())
     print(f"time         {total:.1f}s ({steps})")
     print(f"saved to     {r.output}")

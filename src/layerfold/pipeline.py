@@ -17,12 +17,13 @@ from .data.calibration import CalibrationSpec, load_calibration
 from .errors import LayerfoldError
 from .importance import LayerScores, measure_similarity
 from .methods import pruning
+from .methods.streamline import StreamlineOptions, StreamlineResult
 from .models.card import model_card
 from .models.loading import EMBEDDED_NAME, LoadedModel, load_model
 from .models.saving import folder_bytes, save_model_folder
 from .models.surgery import count_parameters, decoder_layers, remove_layers
 
-METHODS = ("streamline-block", "bi", "angular", "last-n")
+METHODS = ("streamline", "streamline-block", "bi", "angular", "last-n")
 DEFAULT_METHOD = "streamline-block"
 
 
@@ -90,6 +91,7 @@ class CompressOptions:
     force: bool = False
     batch_size: int = 8
     progress: bool = True
+    streamline: StreamlineOptions = field(default_factory=StreamlineOptions)
     evaluation: EvalOptions = field(default_factory=EvalOptions)
 
     def command(self) -> str:
@@ -109,6 +111,10 @@ class CompressOptions:
             value = getattr(self.calibration, name)
             if value != getattr(defaults, name):
                 parts += [flag, str(value)]
+        if self.model.dtype != "auto":
+            parts += ["--dtype", self.model.dtype]
+        if self.method == "streamline":
+            parts += _streamline_flags(self.streamline)
         ev = self.evaluation
         if ev.tasks:
             parts += ["--eval-tasks", ",".join(ev.tasks)]
@@ -116,8 +122,6 @@ class CompressOptions:
             parts += ["--eval-limit", str(ev.limit)]
         if not ev.enabled:
             parts.append("--no-eval")
-        if self.model.dtype != "auto":
-            parts += ["--dtype", self.model.dtype]
         if self.output:
             parts += ["-o", self.output]
         return shlex.join(parts)
@@ -143,9 +147,28 @@ class CompressResult:
     bytes_on_disk: int
     seconds: dict[str, float]
     scores: LayerScores | None = None
+    streamline: StreamlineResult | None = None
     eval_before: object | None = None  # layerfold.eval.EvalResult
     eval_after: object | None = None
     report: Path | None = None
+
+
+def _streamline_flags(o: StreamlineOptions) -> list[str]:
+    """The flags that differ from their defaults, for the recorded command."""
+    d = StreamlineOptions()
+    flags = {"replacement": "--replacement", "loss": "--loss", "ffn_width": "--ffn-width",
+             "ffn_activation": "--ffn-activation", "epochs": "--epochs", "train_tokens": "--train-tokens",
+             "batch_size": "--train-batch-size", "val_fraction": "--val-fraction", "pair_dtype": "--pair-dtype"}
+    parts = []
+    for name, flag in flags.items():
+        value = getattr(o, name)
+        if value != getattr(d, name):
+            parts += [flag, f"{value:g}" if isinstance(value, float) else str(value)]
+    for name, flag in {"lr": "--lr", "min_lr": "--min-lr"}.items():
+        value = getattr(o.train, name)
+        if value != getattr(d.train, name):
+            parts += [flag, f"{value:g}"]
+    return parts
 
 
 def _load(opts: ModelOptions, lazy: bool = False) -> LoadedModel:
@@ -174,11 +197,14 @@ def default_output_name(source: str, method: str, n_remove: int) -> str:
 
 
 def compress(opts: CompressOptions, loaded: LoadedModel | None = None) -> CompressResult:
-    """Remove layers by ``opts.method`` and save a stock-loadable model folder."""
+    """Remove layers by ``opts.method`` (and, for ``streamline``, train a replacement for them);
+    save a stock-loadable model folder."""
     if opts.method not in METHODS:
         raise LayerfoldError(f"unknown method {opts.method!r}; choose from {', '.join(METHODS)}")
     opts.calibration.validate()
     pruning.check_target(opts.remove, opts.sparsity)
+    if opts.method == "streamline":
+        opts.streamline.validate()
     if opts.output:
         from .models.saving import check_output_dir
 
@@ -189,8 +215,17 @@ def compress(opts: CompressOptions, loaded: LoadedModel | None = None) -> Compre
     seconds["load"] = time.perf_counter() - t
     model, arch = loaded.model, loaded.arch
     n_layers = len(decoder_layers(model, arch))
-    n_remove = pruning.layers_for_target(n_layers, opts.remove, opts.sparsity)
-    out = Path(opts.output or default_output_name(loaded.source, opts.method, n_remove))
+    params_before = count_parameters(model)
+
+    scores = ids = None
+    if opts.method != "last-n":
+        t = time.perf_counter()
+        ids = load_calibration(opts.calibration, loaded, progress=opts.progress)
+        seconds["calibration"] = time.perf_counter() - t
+        t = time.perf_counter()
+        scores = measure_similarity(model, arch, ids, batch_size=opts.batch_size, progress=opts.progress)
+        seconds["importance"] = time.perf_counter() - t
+
     eval_kw = opts.evaluation.evaluate_kwargs()
     eval_before = eval_after = None
     if eval_kw is not None:
@@ -203,22 +238,29 @@ def compress(opts: CompressOptions, loaded: LoadedModel | None = None) -> Compre
             eval_before.cost.bytes_on_disk = None  # a quantized GGUF file: not comparable to safetensors
         seconds["eval_before"] = time.perf_counter() - t
 
-    scores = None
-    if opts.method == "last-n":
-        remove = pruning.last_layers(n_layers, n_remove)
+    extra_files: dict[str, str] = {}
+    sl = None
+    if opts.method == "streamline":
+        sl, extra_files = _streamline(opts, loaded, ids, scores)
+        seconds.update(sl.seconds)
+        remove, layer_map = sl.removed, sl.layer_map
+        n_remove = len(remove)
     else:
-        t = time.perf_counter()
-        ids = load_calibration(opts.calibration, loaded, progress=opts.progress)
-        seconds["calibration"] = time.perf_counter() - t
-        t = time.perf_counter()
-        scores = measure_similarity(model, arch, ids, batch_size=opts.batch_size, progress=opts.progress)
-        seconds["importance"] = time.perf_counter() - t
-        remove = pruning.PRUNING_METHODS[opts.method](scores, n_remove)
-
-    params_before = count_parameters(model)
-    kept = remove_layers(model, arch, remove)
+        n_remove = pruning.layers_for_target(n_layers, opts.remove, opts.sparsity)
+        if opts.method == "last-n":
+            remove = pruning.last_layers(n_layers, n_remove)
+        else:
+            remove = pruning.PRUNING_METHODS[opts.method](scores, n_remove)
+        layer_map = list(remove_layers(model, arch, remove))
     params_after = count_parameters(model)
-    layer_map: list[int | None] = list(kept)
+    out = Path(opts.output or default_output_name(loaded.source, opts.method, n_remove))
+    if eval_kw is not None:
+        from .eval import evaluate
+
+        t = time.perf_counter()
+        eval_after = evaluate(model, loaded.tokenizer, name=str(out), reference=eval_before,
+                              progress=opts.progress, **eval_kw)
+        seconds["eval_after"] = time.perf_counter() - t
 
     recipe = {
         "method": opts.method,
@@ -228,6 +270,12 @@ def compress(opts: CompressOptions, loaded: LoadedModel | None = None) -> Compre
         "calibration": asdict(opts.calibration) if scores is not None else None,
         "dtype": opts.model.dtype,
     }
+    summary = f"Removed {n_remove} of {n_layers} decoder layers by `{opts.method}`; no retraining."
+    if sl is not None:
+        recipe["streamline"] = _streamline_record(opts.streamline, sl)
+        summary = _streamline_summary(opts.streamline, sl, n_layers)
+    if eval_after is not None:
+        summary += "\n\n" + _evaluation_table(eval_before, eval_after, opts.evaluation.limit)
     card = model_card(
         base_model=loaded.base_model,
         command=opts.command(),
@@ -236,7 +284,7 @@ def compress(opts: CompressOptions, loaded: LoadedModel | None = None) -> Compre
         params_before=params_before,
         params_after=params_after,
         layers_before=n_layers,
-        summary=f"Removed {n_remove} of {n_layers} decoder layers by `{opts.method}`; no retraining.",
+        summary=summary,
     )
     record = {
         "layerfold_version": _version(),
@@ -249,23 +297,11 @@ def compress(opts: CompressOptions, loaded: LoadedModel | None = None) -> Compre
         "params_before": params_before,
         "params_after": params_after,
         "scores": scores.to_dict() if scores else None,
+        "evaluation": {"before": eval_before.summary(), "after": eval_after.summary()} if eval_after else None,
     }
-    if eval_kw is not None:
-        from .eval import evaluate
-
-        t = time.perf_counter()
-        eval_after = evaluate(model, loaded.tokenizer, name=str(out), reference=eval_before,
-                              progress=opts.progress, **eval_kw)
-        seconds["eval_after"] = time.perf_counter() - t
-        record["evaluation"] = {"before": eval_before.summary(), "after": eval_after.summary()}
+    extra_files["layerfold.json"] = json.dumps(record, indent=2, default=str) + "\n"
     t = time.perf_counter()
-    out = save_model_folder(
-        loaded,
-        out,
-        card=card,
-        extra_files={"layerfold.json": json.dumps(record, indent=2, default=str) + "\n"},
-        force=opts.force,
-    )
+    out = save_model_folder(loaded, out, card=card, extra_files=extra_files, force=opts.force)
     seconds["save"] = time.perf_counter() - t
     report = None
     if eval_after is not None and eval_after.cost is not None:
@@ -284,6 +320,7 @@ def compress(opts: CompressOptions, loaded: LoadedModel | None = None) -> Compre
         bytes_on_disk=folder_bytes(out),
         seconds=seconds,
         scores=scores,
+        streamline=sl,
         eval_before=eval_before,
         eval_after=eval_after,
         report=report,
@@ -309,6 +346,89 @@ def _write_report(out: Path, record: dict, eval_before, eval_after) -> Path | No
     except (OSError, ImportError) as e:
         print(f"layerfold: warning: report not written: {e}", file=sys.stderr)
         return None
+
+
+def _streamline(opts: CompressOptions, loaded: LoadedModel, ids, scores) -> tuple[StreamlineResult, dict]:
+    """Run LLM-Streamline in place on ``loaded.model``; returns its result and the files it adds
+    to the output folder (the training log, and model code where the replacement needs it)."""
+    import os
+    import shutil
+    import tempfile
+
+    from .methods.streamline import streamline
+    from .nn.portable import portable_files
+
+    so = opts.streamline
+    # pairs go beside the output (same disk, never a RAM-backed /tmp) unless told otherwise
+    if so.pairs_dir:
+        base = Path(so.pairs_dir).expanduser()
+    else:
+        base = Path(opts.output).expanduser().resolve().parent if opts.output else Path.cwd()
+    base.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".layerfold-streamline-{os.getpid()}-", dir=base))
+    try:
+        log_path = work / "training_log.jsonl"
+        result = streamline(
+            loaded.model, loaded.arch, ids, scores, so, remove=opts.remove, sparsity=opts.sparsity,
+            work_dir=work, log_path=log_path, progress=opts.progress, batch_size=opts.batch_size,
+        )
+        files = {"training_log.jsonl": log_path.read_text()} if log_path.exists() else {}
+        files.update(portable_files(loaded.model, loaded.arch))
+        return result, files
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _evaluation_table(before, after, limit: int | None) -> str:
+    """Accuracy before and after, and stability against the original, as a Markdown table."""
+    rows = ["| task | original acc | compressed acc | stability |", "|---|---:|---:|---:|"]
+    for name, task in after.tasks.items():
+        o, c = before.tasks[name].metrics, task.metrics
+        if "acc" in o and "stability" in c:
+            rows.append(f"| {name} | {o['acc']:.3f} | {c['acc']:.3f} | {c['stability']:.3f} |")
+    if len(rows) == 2:
+        return ""
+    scope = f"first {limit} examples of each task" if limit else "all examples"
+    return f"Evaluation ({scope}; stability as in LLM-Streamline: confidence-weighted agreement " \
+           "with the original on which answers are right; `eval_after.json` has everything):\n\n" + "\n".join(rows)
+
+
+def _streamline_record(so: StreamlineOptions, sl: StreamlineResult) -> dict:
+    fit = sl.fit
+    return {
+        "replacement": so.replacement,
+        "loss": so.loss,
+        "ffn_width": so.ffn_width,
+        "ffn_activation": so.ffn_activation if so.replacement == "ffn" else None,
+        "block_start": sl.start,
+        "block_layers": sl.window,
+        "block_cosine": sl.block_cosine,
+        "replacement_parameters": sl.replacement_params,
+        "pair_tokens": sl.pair_tokens,
+        "pair_bytes": sl.pair_bytes,
+        "pair_dtype": so.pair_dtype if sl.pair_tokens else None,
+        "train": asdict(so.train) | {"epochs": so.epochs, "train_tokens": so.train_tokens,
+                                     "batch_size": so.batch_size, "val_fraction": so.val_fraction},
+        "steps": fit.steps if fit else 0,
+        "first_val_loss": fit.first_val if fit else None,
+        "best_val_loss": fit.best_val if fit else None,
+        "best_step": fit.best_step if fit else None,
+        "train_seconds": fit.seconds if fit else 0.0,
+    }
+
+
+def _streamline_summary(so: StreamlineOptions, sl: StreamlineResult, n_layers: int) -> str:
+    block = f"layers {sl.start}..{sl.start + sl.window - 1}"
+    if so.replacement == "none":
+        return (f"LLM-Streamline block choice without training: of the most redundant block ({block}, "
+                f"cosine {sl.block_cosine:.4f}) only the first layer is kept; {len(sl.removed)} of "
+                f"{n_layers} layers removed.")
+    fit = sl.fit
+    trained = (f"validation {so.loss} loss {fit.first_val:.4g} -> {fit.best_val:.4g} in {fit.steps} steps"
+               if fit else "untrained")
+    return (f"LLM-Streamline: the most redundant block ({block}, cosine {sl.block_cosine:.4f}) was replaced "
+            f"by one trained `{so.replacement}` replacement ({so.loss} loss; {trained}); "
+            f"{len(sl.removed)} of {n_layers} layers removed net. Training log: `training_log.jsonl`.")
 
 
 def _version() -> str:

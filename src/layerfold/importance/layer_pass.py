@@ -96,15 +96,17 @@ def layer_pass(
     on_chunk_end: Callable[[], None] | None = None,
     progress: bool = True,
     desc: str = "calibration pass",
+    stop_at: int | None = None,
 ) -> None:
     """Push ``input_ids`` through the decoder layer by layer, calling ``observe`` at each layer.
 
     Work proceeds in chunks of ``chunk_batches`` batches: within a chunk, layer ``l`` runs on
-    every batch before layer ``l+1`` starts (layer-major order).
+    every batch before layer ``l+1`` starts (layer-major order). ``stop_at`` runs only layers
+    ``0 .. stop_at-1`` (for observers that need nothing beyond them).
     """
     from tqdm.auto import tqdm
 
-    layers = decoder_layers(model, arch)
+    layers = list(decoder_layers(model, arch))[:stop_at]
     weights = layer_weights(model, arch)  # lazy models read one layer's weights at a time
     device = next(model.parameters()).device
     all_batches = list(batches(input_ids, batch_size))

@@ -36,6 +36,11 @@ class Architecture:
     #: submodules of a decoder layer whose outputs are added to the residual stream;
     #: FoldGPT's gates scale these
     residual_branches: tuple[str, ...] = ("self_attn", "mlp")
+    #: the attention submodule of a decoder layer
+    attention: str = "self_attn"
+    #: linear layers (inside a decoder layer) whose output is the attention branch's output;
+    #: zero weights there make the layer attention-free (LLM-Streamline's FFN-only form)
+    attention_outputs: tuple[str, ...] = ("self_attn.o_proj",)
     #: extra notes for the model card
     notes: tuple[str, ...] = field(default_factory=tuple)
 

@@ -1,0 +1,1 @@
+"""Modules that stand in for removed layers: LLM-Streamline's replacements."""
