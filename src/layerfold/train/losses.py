@@ -1,0 +1,159 @@
+"""Training losses as small composable objects.
+
+Each loss says what it needs (teacher logits, which decoder layers' outputs of the student
+and of the teacher) and computes one scalar from a :class:`LossInputs`. The loop collects
+exactly what the losses ask for, sums ``weight * loss`` and logs every term by name.
+
+Hidden states are the raw outputs of decoder layers (captured by forward hooks), never the
+last entry of ``output_hidden_states``, which already has the final norm applied.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class TeacherOutputs:
+    """What the teacher says about one batch: full logits (on the fly) or a top-k summary
+    (from a cache), plus the outputs of some of its decoder layers."""
+
+    logits: torch.Tensor | None = None  # [B, T, V]
+    topk_values: torch.Tensor | None = None  # [B, T, K] teacher logits of its K likeliest tokens
+    topk_indices: torch.Tensor | None = None  # [B, T, K]
+    logsumexp: torch.Tensor | None = None  # [B, T] logsumexp(logits / temperature) over the full vocab
+    temperature: float = 1.0  # the temperature ``logsumexp`` was taken at
+    hidden: dict[int, torch.Tensor] = field(default_factory=dict)  # teacher layer -> its output
+    num_layers: int = 0  # the teacher's decoder layer count (resolves negative layer indices)
+
+
+@dataclass
+class LossInputs:
+    input_ids: torch.Tensor  # [B, T]
+    logits: torch.Tensor  # student logits [B, T, V]
+    hidden: dict[int, torch.Tensor]  # student layer -> its output [B, T, H]
+    num_layers: int  # the student's decoder layer count
+    teacher: TeacherOutputs | None = None
+
+
+class Loss:
+    """Base class: a named, weighted term of the training objective."""
+
+    name = "loss"
+    weight: float = 1.0
+    needs_teacher_logits = False
+
+    def student_layers(self, num_layers: int) -> set[int]:
+        return set()
+
+    def teacher_layers(self, num_layers: int) -> set[int]:
+        return set()
+
+    def __call__(self, x: LossInputs) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        return {"name": self.name, "weight": self.weight}
+
+
+@dataclass
+class NextTokenLoss(Loss):
+    """The language-modelling loss: cross-entropy of each next token."""
+
+    weight: float = 1.0
+    name = "ce"
+
+    def __call__(self, x: LossInputs) -> torch.Tensor:
+        logits = x.logits[:, :-1].float()
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x.input_ids[:, 1:].reshape(-1))
+
+
+@dataclass
+class LogitKL(Loss):
+    """KL(teacher || student) on next-token distributions softened by ``temperature``,
+    scaled by temperature^2 (Hinton et al.) so its gradient size does not depend on it.
+
+    With full teacher logits this is the exact KL. With a top-k cache it is the exact KL
+    between the two distributions coarse-grained to K+1 outcomes (each of the teacher's K
+    likeliest tokens, and "anything else"): a lower bound of the full KL that needs only
+    K values per token instead of the whole vocabulary.
+    """
+
+    weight: float = 1.0
+    temperature: float = 1.0
+    name = "kl"
+    needs_teacher_logits = True
+
+    def __call__(self, x: LossInputs) -> torch.Tensor:
+        t = x.teacher
+        if t is None:
+            raise ValueError("LogitKL needs a teacher")
+        tau = self.temperature
+        log_q = torch.log_softmax(x.logits.float() / tau, dim=-1)
+        if t.logits is not None:
+            log_p = torch.log_softmax(t.logits.float() / tau, dim=-1)
+            kl = (log_p.exp() * (log_p - log_q)).sum(-1)
+        else:
+            if abs(t.temperature - tau) > 1e-9:
+                raise ValueError(f"the teacher cache was built at temperature {t.temperature}, not {tau}")
+            log_p_k = t.topk_values.float() / tau - t.logsumexp.float().unsqueeze(-1)
+            log_q_k = log_q.gather(-1, t.topk_indices.long())
+            p_k = log_p_k.exp()
+            kl = (p_k * (log_p_k - log_q_k)).sum(-1)
+            # the rest of the vocabulary as one outcome
+            p_rest = (1 - p_k.sum(-1)).clamp_min(1e-12)
+            q_rest = (1 - log_q_k.exp().sum(-1)).clamp_min(1e-12)
+            kl = kl + p_rest * (p_rest.log() - q_rest.log())
+        return kl.mean() * tau * tau
+
+    def describe(self) -> dict:
+        return {"name": self.name, "weight": self.weight, "temperature": self.temperature}
+
+
+@dataclass
+class HiddenMSE(Loss):
+    """MSE between student and teacher decoder-layer outputs, for aligned layer pairs.
+
+    ``layer_map`` maps a student layer index to the teacher layer whose output it should
+    reproduce. Negative indices count from the end, so ``tail_map(3)`` aligns the last
+    three layers of each (FoldGPT's tail-layer distillation). With ``relative`` (default)
+    each pair's MSE is divided by the teacher output's mean square, so layers with large
+    activations do not dominate and the weight means the same on any model.
+    """
+
+    layer_map: dict[int, int] = field(default_factory=dict)
+    weight: float = 1.0
+    relative: bool = True
+    name = "mse"
+
+    def student_layers(self, num_layers: int) -> set[int]:
+        return {s % num_layers for s in self.layer_map}
+
+    def teacher_layers(self, num_layers: int) -> set[int]:
+        return {t % num_layers for t in self.layer_map.values()}
+
+    def __call__(self, x: LossInputs) -> torch.Tensor:
+        if x.teacher is None:
+            raise ValueError("HiddenMSE needs a teacher")
+        total = x.logits.new_zeros((), dtype=torch.float32)
+        for s, t in self.layer_map.items():
+            hs = x.hidden[s % x.num_layers]
+            ht = x.teacher.hidden[t % x.teacher.num_layers].float()
+            err = F.mse_loss(hs.float(), ht)
+            if self.relative:
+                err = err / ht.pow(2).mean().clamp_min(1e-12)
+            total = total + err
+        return total / max(1, len(self.layer_map))
+
+    def describe(self) -> dict:
+        return {"name": self.name, "weight": self.weight, "layer_map": dict(self.layer_map),
+                "relative": self.relative}
+
+
+def tail_map(k: int) -> dict[int, int]:
+    """Align the last ``k`` layers of student and teacher: {-1: -1, -2: -2, ...}."""
+    return {-i: -i for i in range(1, k + 1)}
+
