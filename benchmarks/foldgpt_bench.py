@@ -78,11 +78,11 @@ def _loglik(model, tok, pairs: list[tuple[str, str]]) -> list[float]:
     return out
 
 
-def evaluate(model, tok, data: Path, limit: int, lambada: int) -> dict:
+def evaluate(model, tok, data: Path, limit: int, lambada: int, boolq_limit: int) -> dict:
     model.eval()
     res: dict = {}
     for task in TASKS:
-        rows = _rows(data / f"{task}.jsonl", limit)
+        rows = _rows(data / f"{task}.jsonl", boolq_limit if task == "boolq" else limit)
         acc = acc_norm = 0
         detail = []
         for r in rows:
@@ -141,12 +141,15 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="benchmarks/foldgpt_results.json")
     ap.add_argument("--data", default="../shared/data/tasks")
-    ap.add_argument("--limit", type=int, default=150, help="rows per multiple-choice task")
-    ap.add_argument("--lambada", type=int, default=300, help="LAMBADA rows")
+    ap.add_argument("--limit", type=int, default=50, help="rows per multiple-choice task")
+    ap.add_argument("--boolq-limit", type=int, default=25, help="rows of BoolQ (long passages)")
+    ap.add_argument("--lambada", type=int, default=100, help="LAMBADA rows")
+    ap.add_argument("--calib-samples", type=int, default=16)
+    ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--remove", type=int, default=8)
-    ap.add_argument("--gate-steps", type=int, default=60)
-    ap.add_argument("--cure-steps", type=int, default=40)
-    ap.add_argument("--cure-samples", type=int, default=64)
+    ap.add_argument("--gate-steps", type=int, default=40)
+    ap.add_argument("--cure-steps", type=int, default=30)
+    ap.add_argument("--cure-samples", type=int, default=32)
     ap.add_argument("--only", default=None, help="comma-separated variant names to run")
     args = ap.parse_args()
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
@@ -160,12 +163,13 @@ def main() -> int:
     loaded = load_model(None, device="cpu")
     orig, arch, tok = loaded.model, loaded.arch, loaded.tokenizer
     L = len(decoder_layers(orig, arch))
-    calib_spec = CalibrationSpec()
+    calib_spec = CalibrationSpec(samples=args.calib_samples, seq_len=args.seq_len)
     ids = load_calibration(calib_spec, loaded)
     cure_spec = dataclasses.replace(calib_spec, samples=args.cure_samples, seed=1)
     cure_ids = load_calibration(cure_spec, loaded)
     results["setup"] = {"calibration": dataclasses.asdict(calib_spec), "cure_data": dataclasses.asdict(cure_spec),
-                        "limit": args.limit, "lambada": args.lambada, "torch": torch.__version__,
+                        "limit": args.limit, "boolq_limit": args.boolq_limit, "lambada": args.lambada,
+                        "gate_steps": args.gate_steps, "cure_steps": args.cure_steps, "torch": torch.__version__,
                         "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
 
     t = time.time()
@@ -190,7 +194,7 @@ def main() -> int:
 
     def record(name, model, desc, extra=None):
         t = time.time()
-        ev = evaluate(model, tok, data, args.limit, args.lambada)
+        ev = evaluate(model, tok, data, args.limit, args.lambada, args.boolq_limit)
         row = {
             "desc": desc,
             "layers": len(decoder_layers(model, arch)),
