@@ -279,8 +279,9 @@ def _compress_foldgpt(opts: CompressOptions, loaded: LoadedModel, seconds: dict)
     ids = load_calibration(opts.calibration, loaded, progress=opts.progress)
     cure_ids = None
     if fo.cure.steps > 0:
-        spec = dataclasses.replace(opts.calibration, samples=fo.cure.samples)
-        cure_ids = ids if spec == opts.calibration else load_calibration(spec, loaded, progress=opts.progress)
+        # fresh text for the cure (another seed), so the gates and the cure see different samples
+        spec = dataclasses.replace(opts.calibration, samples=fo.cure.samples, seed=opts.calibration.seed + 1)
+        cure_ids = load_calibration(spec, loaded, progress=opts.progress)
     seconds["calibration"] = time.perf_counter() - t
     with tempfile.TemporaryDirectory() as tmp:
         log_path = Path(tmp) / "training_log.jsonl"
