@@ -141,18 +141,24 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="benchmarks/foldgpt_results.json")
     ap.add_argument("--data", default="../shared/data/tasks")
-    ap.add_argument("--limit", type=int, default=50, help="rows per multiple-choice task")
-    ap.add_argument("--boolq-limit", type=int, default=25, help="rows of BoolQ (long passages)")
-    ap.add_argument("--lambada", type=int, default=100, help="LAMBADA rows")
+    ap.add_argument("--limit", type=int, default=20, help="rows per multiple-choice task")
+    ap.add_argument("--boolq-limit", type=int, default=8, help="rows of BoolQ (long passages)")
+    ap.add_argument("--lambada", type=int, default=40, help="LAMBADA rows")
     ap.add_argument("--calib-samples", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--remove", type=int, default=8)
-    ap.add_argument("--gate-steps", type=int, default=40)
-    ap.add_argument("--cure-steps", type=int, default=30)
-    ap.add_argument("--cure-samples", type=int, default=32)
+    ap.add_argument("--gate-steps", type=int, default=25)
+    ap.add_argument("--cure-steps", type=int, default=15)
+    ap.add_argument("--cure-samples", type=int, default=16)
     ap.add_argument("--only", default=None, help="comma-separated variant names to run")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (1: the 2 cores were shared by 4 busy workers, where 2 threads ran 2.5x slower)")
+    ap.add_argument("--gate-batch", type=int, default=2)
+    ap.add_argument("--gate-lr", type=float, default=0.1)
+    ap.add_argument("--cure-batch", type=int, default=2)
+    ap.add_argument("--cure-seed", type=int, default=0, help="seed of the cure text (0: reuse the calibration text)")
     args = ap.parse_args()
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    torch.set_num_threads(args.threads)
     out_path = Path(args.out)
     results = json.loads(out_path.read_text()) if out_path.exists() else {"variants": {}}
     data = Path(args.data)
@@ -165,11 +171,12 @@ def main() -> int:
     L = len(decoder_layers(orig, arch))
     calib_spec = CalibrationSpec(samples=args.calib_samples, seq_len=args.seq_len)
     ids = load_calibration(calib_spec, loaded)
-    cure_spec = dataclasses.replace(calib_spec, samples=args.cure_samples, seed=1)
+    cure_spec = dataclasses.replace(calib_spec, samples=args.cure_samples, seed=args.cure_seed)
     cure_ids = load_calibration(cure_spec, loaded)
     results["setup"] = {"calibration": dataclasses.asdict(calib_spec), "cure_data": dataclasses.asdict(cure_spec),
                         "limit": args.limit, "boolq_limit": args.boolq_limit, "lambada": args.lambada,
-                        "gate_steps": args.gate_steps, "cure_steps": args.cure_steps, "torch": torch.__version__,
+                        "gate_steps": args.gate_steps, "cure_steps": args.cure_steps,
+                        "gate_batch": args.gate_batch, "gate_lr": args.gate_lr, "cure_batch": args.cure_batch, "torch": torch.__version__,
                         "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
 
     t = time.time()
@@ -179,7 +186,7 @@ def main() -> int:
     results["bi_seconds"] = time.time() - t
     if "gates" not in results:
         t = time.time()
-        g = gate_ranking(orig, arch, ids, args.remove, GateOptions(steps=args.gate_steps))
+        g = gate_ranking(orig, arch, ids, args.remove, GateOptions(steps=args.gate_steps, batch_size=args.gate_batch, lr=args.gate_lr))
         results["gates"] = g.to_dict()
         results["gates"]["rounds"] = [{k: v for k, v in r.items()} for r in g.rounds]
         results["gate_seconds"] = time.time() - t
@@ -226,7 +233,8 @@ def main() -> int:
         return m, kept
 
     def cure(m, tail: bool, steps=args.cure_steps):
-        opts = CureOptions(steps=steps, samples=args.cure_samples, tail_layers=3 if tail else 0)
+        opts = CureOptions(steps=steps, samples=args.cure_samples, batch_size=args.cure_batch, warmup_steps=2,
+                           tail_layers=3 if tail else 0)
         t = time.time()
         c = run_cure(m, orig, arch, cure_ids, opts)
         return {"cure": {k: v for k, v in c.items() if k != "history"}, "cure_curve": [h["loss"] for h in c["history"]],
@@ -249,28 +257,35 @@ def main() -> int:
     inits = {i: results["variants"].get(f"gates-8-share2-{i}") for i in ("important", "mean")}
     best_init = min((i for i in inits if inits[i]), key=lambda i: inits[i]["eval"]["lambada"]["ppl"], default="important")
     results["best_init"] = best_init
-    for tail in (True, False):
+    for tail in (True,):
         name = f"foldgpt-8-share2-cure-{'kl+tail' if tail else 'kl'}"
         if want(name):
             m, kept = pruned(gate_removed)
             share_groups(m, arch, adjacent_groups(len(kept), 2), init=best_init, importance=[gates[l] for l in kept])
             extra = cure(m, tail)
             record(name, m, f"remove by gates, share pairs ({best_init}), cure {'KL + tail-3 MSE' if tail else 'KL only'}", extra)
-    if want("gates-8-cure-kl+tail"):
-        m, _ = pruned(gate_removed)
-        extra = cure(m, True)
-        record("gates-8-cure-kl+tail", m, "remove by gates, no sharing, cure KL + tail-3 MSE", extra)
     # equal stored parameters: 30 - 8 = 22 layers in 11 shared pairs store 11 layers' weights;
     # plain pruning keeps 11 layers
     n_same = L - math.ceil((L - n8) / 2)
     bi_same = pruning.block_influence(scores, n_same)
-    if want(f"bi-{n_same}"):
-        m, _ = pruned(bi_same)
-        record(f"bi-{n_same}", m, f"plain pruning: remove {n_same} by Block Influence")
     if want(f"bi-{n_same}-cure-kl+tail"):
         m, _ = pruned(bi_same)
         extra = cure(m, True)
         record(f"bi-{n_same}-cure-kl+tail", m, f"plain pruning: remove {n_same} by BI, same cure", extra)
+    for tail in (False,):
+        name = f"foldgpt-8-share2-cure-{'kl+tail' if tail else 'kl'}"
+        if want(name):
+            m, kept = pruned(gate_removed)
+            share_groups(m, arch, adjacent_groups(len(kept), 2), init=best_init, importance=[gates[l] for l in kept])
+            extra = cure(m, tail)
+            record(name, m, f"remove by gates, share pairs ({best_init}), cure {'KL + tail-3 MSE' if tail else 'KL only'}", extra)
+    if want(f"bi-{n_same}"):
+        m, _ = pruned(bi_same)
+        record(f"bi-{n_same}", m, f"plain pruning: remove {n_same} by Block Influence")
+    if want("gates-8-cure-kl+tail"):
+        m, _ = pruned(gate_removed)
+        extra = cure(m, True)
+        record("gates-8-cure-kl+tail", m, "remove by gates, no sharing, cure KL + tail-3 MSE", extra)
     save()
     return 0
 
