@@ -155,6 +155,7 @@ def main() -> int:
                     help="torch threads (1: the 2 cores were shared by 4 busy workers, where 2 threads ran 2.5x slower)")
     ap.add_argument("--gate-batch", type=int, default=2)
     ap.add_argument("--gate-lr", type=float, default=0.1)
+    ap.add_argument("--gate-init", type=float, default=3.0)
     ap.add_argument("--cure-batch", type=int, default=2)
     ap.add_argument("--cure-seed", type=int, default=0, help="seed of the cure text (0: reuse the calibration text)")
     args = ap.parse_args()
@@ -176,7 +177,7 @@ def main() -> int:
     results["setup"] = {"calibration": dataclasses.asdict(calib_spec), "cure_data": dataclasses.asdict(cure_spec),
                         "limit": args.limit, "boolq_limit": args.boolq_limit, "lambada": args.lambada,
                         "gate_steps": args.gate_steps, "cure_steps": args.cure_steps,
-                        "gate_batch": args.gate_batch, "gate_lr": args.gate_lr, "cure_batch": args.cure_batch, "torch": torch.__version__,
+                        "gate_batch": args.gate_batch, "gate_lr": args.gate_lr, "gate_init": args.gate_init, "cure_batch": args.cure_batch, "torch": torch.__version__,
                         "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
 
     t = time.time()
@@ -186,7 +187,7 @@ def main() -> int:
     results["bi_seconds"] = time.time() - t
     if "gates" not in results:
         t = time.time()
-        g = gate_ranking(orig, arch, ids, args.remove, GateOptions(steps=args.gate_steps, batch_size=args.gate_batch, lr=args.gate_lr))
+        g = gate_ranking(orig, arch, ids, args.remove, GateOptions(steps=args.gate_steps, batch_size=args.gate_batch, lr=args.gate_lr, init=args.gate_init))
         results["gates"] = g.to_dict()
         results["gates"]["rounds"] = [{k: v for k, v in r.items()} for r in g.rounds]
         results["gate_seconds"] = time.time() - t

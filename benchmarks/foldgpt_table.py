@@ -11,10 +11,14 @@ import sys
 TASKS = ("piqa", "arc_easy", "boolq", "winogrande")
 
 
-def main(path: str) -> None:
+def main(path: str, *more: str) -> None:
+    """``more``: results of earlier runs whose variants join the table, named run1:..., run2:..."""
     r = json.load(open(path))
-    v = r["variants"]
+    v = dict(r["variants"])
     orig = v["original"]
+    for i, extra in enumerate(more, 1):
+        for name, row in json.load(open(extra))["variants"].items():
+            v[f"run{i}: {name}"] = row
     print("| variant | layers | stored params | stored MiB | " + " | ".join(TASKS)
           + " | mean acc | kept | LAMBADA acc | LAMBADA ppl | mean stability | cure s |")
     print("|---|---:|---:|---:|" + "---:|" * len(TASKS) + "---:|---:|---:|---:|---:|---:|")
@@ -54,4 +58,4 @@ def main(path: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(*sys.argv[1:])
