@@ -9,6 +9,13 @@ import torch
 
 os.environ.setdefault("LAYERFOLD_CACHE", os.path.join(os.path.dirname(__file__), ".cache"))
 
+
+def pytest_configure(config):
+    # fixtures that save tiny models would otherwise print progress bars into captured output
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
 VOCAB = 260  # 3 special tokens + 256 byte symbols (+1 spare)
 
 ARCH_CONFIGS = {

@@ -141,6 +141,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_analyze)
 
     p = sub.add_parser(
+        "eval", formatter_class=_Formatter,
+        help="accuracy, perplexity, stability, size and speed of a model",
+        description="Evaluate a model on multiple-choice tasks (acc, acc_norm as in lm-evaluation-harness), "
+        "LAMBADA-style last-word prediction, perplexity with a fixed window, and its cost "
+        "(parameters, bytes on disk, peak memory, prefill and decode tokens/s).\n\n"
+        "With --reference, the reference is evaluated the same way (or read from its JSON result) and "
+        "every figure is also shown as a share of it, with stability per task.\n\n"
+        "example:  layerfold eval ./pruned --reference embedded --tasks piqa,winogrande --limit 200",
+    )
+    _add_model_args(p)
+    _add_eval_args(p)
+    p.add_argument("--reference", default=None,
+                   help="the original model (folder, hub id, .gguf, 'embedded') or a JSON result of it")
+    p.add_argument("--json", default=None, help="write the full result (per-example scores included) here")
+    p.add_argument("--reference-json", default=None, help="also write the reference's result here")
+    p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser(
+        "compare", formatter_class=_Formatter,
+        help="side-by-side table of saved evaluation results",
+        description="Print JSON results of `layerfold eval --json` side by side; the first is the reference: "
+        "every figure of the others is also shown as a share of it, and stability is computed against it.",
+    )
+    p.add_argument("results", nargs="+", help="JSON files written by `layerfold eval --json`")
+    p.set_defaults(func=_cmd_compare)
+
+    p = sub.add_parser(
         "export", formatter_class=_Formatter,
         help="write a layerfold model in another form (--unfold: a standard model folder)",
         description="Write a model whose layers share weights (layerfold compress --method foldgpt) as a standard "
@@ -217,6 +244,26 @@ def _foldgpt_options(args):
                           share_init=args.share_init, cure=cure)
 
 
+def _add_eval_args(p: argparse.ArgumentParser) -> None:
+    from .eval.evaluate import DEFAULT_PPL_WINDOW
+
+    g = p.add_argument_group("evaluation")
+    g.add_argument("--tasks", default="",
+                   help="comma-separated task names (piqa -> DATA/tasks/piqa.jsonl) or .jsonl paths")
+    g.add_argument("--ppl", default="", help="comma-separated .txt/.jsonl files or task names for perplexity")
+    g.add_argument("--limit", type=int, default=None, help="first N examples of each task (default: all)")
+    g.add_argument("--ppl-limit", type=int, default=None,
+                   help="first N documents of each perplexity text (default: --limit)")
+    g.add_argument("--ppl-window", type=int, default=DEFAULT_PPL_WINDOW, help="perplexity window in tokens")
+    g.add_argument("--ppl-stride", type=int, default=None, help="perplexity stride (default: the window)")
+    g.add_argument("--data-dir", default=None,
+                   help="folder holding tasks/*.jsonl (default: $LAYERFOLD_DATA, else ../shared/data if present)")
+    g.add_argument("--batch-size", type=int, default=8, help="examples per forward pass (results do not depend on it)")
+    g.add_argument("--no-speed", action="store_true", help="skip the prefill/decode speed measurement")
+    g.add_argument("--lm-eval", default=None, metavar="TASKS",
+                   help="also run lm-evaluation-harness on these comma-separated local tasks (needs the lm-eval extra)")
+
+
 def _cmd_compress(args) -> int:
     from .pipeline import CompressOptions, compress
 
@@ -278,6 +325,67 @@ def _cmd_export(args) -> int:
     print(f"parameters   {r['params_stored_before']:,} stored -> {r['params_after']:,}")
     print(f"on disk      {r['bytes_on_disk'] / 2**20:.1f} MiB of safetensors")
     print(f"saved to     {r['output']}")
+    return 0
+
+
+def _split(text: str) -> list[str]:
+    return [x.strip() for x in (text or "").split(",") if x.strip()]
+
+
+def _cmd_eval(args) -> int:
+    from .eval import EvalResult, evaluate
+    from .report.tables import eval_table
+
+    _validate_sizes(args)
+    tasks, ppl = _split(args.tasks), _split(args.ppl)
+    if not tasks and not ppl and not args.lm_eval:
+        print("layerfold: note: no --tasks or --ppl given; measuring cost only", file=sys.stderr)
+    kw = dict(tasks=tasks, ppl=ppl, limit=args.limit, batch_size=args.batch_size, data_dir=args.data_dir,
+              ppl_window=args.ppl_window, ppl_stride=args.ppl_stride, ppl_limit=args.ppl_limit,
+              speed=not args.no_speed, progress=not args.quiet)
+    reference = None
+    if args.reference:
+        if args.reference.endswith(".json") and os.path.isfile(args.reference):
+            reference = EvalResult.load(args.reference)
+        else:
+            from .models.loading import load_model
+
+            ref_src = None if args.reference == "embedded" else args.reference
+            reference = evaluate(load_model(ref_src, dtype=args.dtype, device=args.device,
+                                            trust_remote_code=args.trust_remote_code), **kw)
+            if args.reference_json:
+                reference.save(args.reference_json)
+    from .models.loading import load_model
+
+    loaded = load_model(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)
+    result = evaluate(loaded, reference=reference, **kw)
+    if args.lm_eval:
+        from .eval.lm_eval_bridge import run_lm_eval
+
+        result.settings["lm_eval"] = run_lm_eval(loaded, _split(args.lm_eval), limit=args.limit,
+                                                 batch_size=args.batch_size, data_dir=args.data_dir)
+    results = [reference, result] if reference is not None else [result]
+    print(eval_table(results))
+    if "lm_eval" in result.settings:
+        for name, metrics in result.settings["lm_eval"].items():
+            print(f"lm-evaluation-harness {name}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    print(f"\n{result.seconds:.1f}s")
+    if args.json:
+        print(f"result written to {result.save(args.json)}")
+    return 0
+
+
+def _cmd_compare(args) -> int:
+    from .eval import EvalResult
+    from .report.tables import eval_table
+
+    results = [EvalResult.load(p) for p in args.results]
+    for r in results[1:]:
+        try:
+            r.add_stability(results[0])
+        except LayerfoldError as e:
+            print(f"layerfold: note: no stability for {r.model}: {e}", file=sys.stderr)
+    print(eval_table(results, names=args.results))
     return 0
 
 

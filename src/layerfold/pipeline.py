@@ -108,14 +108,18 @@ class CompressResult:
     extra: dict = field(default_factory=dict)
 
 
-def _load(opts: ModelOptions) -> LoadedModel:
-    return load_model(opts.model, dtype=opts.dtype, device=opts.device, trust_remote_code=opts.trust_remote_code)
+def _load(opts: ModelOptions, lazy: bool = False) -> LoadedModel:
+    return load_model(opts.model, dtype=opts.dtype, device=opts.device,
+                      trust_remote_code=opts.trust_remote_code, lazy=lazy)
 
 
 def analyze(opts: AnalyzeOptions, loaded: LoadedModel | None = None) -> AnalyzeResult:
     """Score every layer and block of a model by every criterion, in one calibration pass."""
     t0 = time.perf_counter()
-    loaded = loaded or _load(opts.model)
+    # layers are read from disk one at a time; self-generated calibration text needs the whole
+    # model, so it is made (or read from its cache) before that
+    # gates train through the whole model at once, so they need every layer in memory
+    loaded = loaded or _load(opts.model, lazy=opts.gates is None)
     ids = load_calibration(opts.calibration, loaded, progress=opts.progress)
     scores = measure_similarity(
         loaded.model, loaded.arch, ids, batch_size=opts.batch_size, progress=opts.progress

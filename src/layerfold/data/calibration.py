@@ -74,11 +74,13 @@ def load_calibration(spec: CalibrationSpec, loaded, *, progress: bool = True) ->
 
 def _model_fingerprint(loaded) -> str:
     """Identifies the weights well enough to key a cache: the source, the parameter count and
-    a probe of a few tensors. (Not the config: loading the same weights from a GGUF file or
-    from its safetensors copy gives configs that differ in bookkeeping fields.)"""
-    params = list(loaded.model.parameters())
-    probe = [round(float(p.detach().float().flatten()[:64].sum()), 4) for p in params[:: max(1, len(params) // 8)]]
-    total = sum(p.numel() for p in params)
+    a probe of the tensors outside the decoder layers (those are in memory even when the
+    layers are read lazily). Not the config: the same weights loaded from a GGUF file or from
+    its safetensors copy give configs that differ in bookkeeping fields."""
+    layers = loaded.arch.layers + "."
+    outside = [p for n, p in loaded.model.named_parameters() if not n.startswith(layers)]
+    probe = [round(float(p.detach().float().flatten()[:4096].sum()), 4) for p in outside]
+    total = sum(p.numel() for p in loaded.model.parameters())
     blob = json.dumps([loaded.source, total, probe], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -95,7 +97,11 @@ def self_generated(spec: CalibrationSpec, loaded, *, progress: bool = True) -> t
 
         return load_file(path)["input_ids"].long()
 
-    ids = _generate(spec, loaded, progress=progress)
+    from ..models.lazy import fully_loaded
+
+    # sampling needs every layer at once (a lazily loaded model reads them in for this)
+    with fully_loaded(loaded.model, loaded.arch):
+        ids = _generate(spec, loaded, progress=progress)
     try:
         from safetensors.torch import save_file
 

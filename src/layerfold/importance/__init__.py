@@ -8,18 +8,38 @@ from .criteria import LayerScores, SimilarityObserver
 from .layer_pass import layer_pass
 
 
+DEFAULT_ACTIVATION_BYTES = 2 * 2**30
+
+
 def measure_similarity(
-    model, arch, input_ids: torch.Tensor, *, batch_size: int = 8, progress: bool = True
+    model,
+    arch,
+    input_ids: torch.Tensor,
+    *,
+    batch_size: int = 8,
+    max_activation_bytes: int = DEFAULT_ACTIVATION_BYTES,
+    progress: bool = True,
 ) -> LayerScores:
-    """One pass over ``input_ids``; returns cosine, Block Influence and angular scores."""
+    """One pass over ``input_ids``; returns cosine, Block Influence and angular scores.
+
+    As many batches as fit in ``max_activation_bytes`` go through each layer together, so a
+    lazily loaded model reads each layer's weights once per chunk, not once per batch.
+    """
     from ..models.surgery import decoder_layers
 
-    obs = SimilarityObserver(len(decoder_layers(model, arch)))
+    num_layers = len(decoder_layers(model, arch))
+    obs = SimilarityObserver(num_layers)
+    hidden = model.config.hidden_size
+    rows = min(batch_size, input_ids.shape[0])
+    # per batch: the running state (fp32) and every layer's unit vectors (fp16)
+    per_batch = rows * input_ids.shape[1] * hidden * (4 + 2 * (num_layers + 1))
+    chunk = max(1, max_activation_bytes // max(per_batch, 1))
     layer_pass(
         model,
         arch,
         input_ids,
         batch_size=batch_size,
+        chunk_batches=chunk,
         on_chunk_start=obs.on_chunk_start,
         observe=obs,
         on_chunk_end=obs.on_chunk_end,

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..models.architectures import Architecture, get_path
+from ..models.lazy import layer_weights
 from ..models.surgery import decoder_layers
 
 
@@ -104,6 +105,7 @@ def layer_pass(
     from tqdm.auto import tqdm
 
     layers = decoder_layers(model, arch)
+    weights = layer_weights(model, arch)  # lazy models read one layer's weights at a time
     device = next(model.parameters()).device
     all_batches = list(batches(input_ids, batch_size))
     chunks = [all_batches[i : i + chunk_batches] for i in range(0, len(all_batches), chunk_batches)]
@@ -114,13 +116,15 @@ def layer_pass(
             states = [x.hidden for x in inputs]
             if on_chunk_start:
                 on_chunk_start(len(chunk))
-            for l, layer in enumerate(layers):
+            for l in range(len(layers)):
+                layer = weights.acquire(l)
                 for b, x in enumerate(inputs):
                     out = run_layer(layer, states[b], x.calls[l])
                     if observe:
                         observe(l, b, states[b], out)
                     states[b] = out
                     bar.update(1)
+                weights.release(l)
             if on_chunk_end:
                 on_chunk_end()
     finally:
@@ -132,7 +136,9 @@ def final_hidden_states(model: nn.Module, arch: Architecture, input_ids: torch.T
     """Raw output of the last layer (before the final norm), computed through the layer loop."""
     x = capture_layer_inputs(model, arch, input_ids)
     h = x.hidden
-    for layer, call in zip(decoder_layers(model, arch), x.calls):
-        h = run_layer(layer, h, call)
+    weights = layer_weights(model, arch)
+    for l, call in enumerate(x.calls):
+        h = run_layer(weights.acquire(l), h, call)
+        weights.release(l)
     return h
 

@@ -95,12 +95,17 @@ def load_model(
     dtype: str = "auto",
     device: str = "auto",
     trust_remote_code: bool = False,
+    lazy: bool = False,
 ) -> LoadedModel:
     """Load a causal LM and its tokenizer.
 
     ``source`` is ``None`` (the embedded SmolLM2-135M), a ``.gguf`` file, a local model folder
     or a Hugging Face hub id. Weights are read from safetensors only, never pickle. GGUF weights
     are dequantized to ``dtype``.
+
+    With ``lazy=True`` the decoder layers' weights stay on disk until the calibration pass
+    asks for them, one layer at a time (``models.lazy``); only safetensors folders (including
+    the converted copy of a GGUF file) can be read that way, anything else loads fully.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -144,8 +149,17 @@ def load_model(
     arch = architecture_for(config)
 
     cached = _gguf_cache_dir(Path(where) / gguf_file, torch_dtype) if gguf_file else None
+    weights_dir = local_dir or (cached if cached is not None and (cached / "config.json").is_file() else None)
+    if lazy and weights_dir is None and not gguf_file:
+        weights_dir = _hub_snapshot(where, name)
     try:
-        if cached is not None and (cached / "config.json").is_file():
+        if lazy and weights_dir is not None:
+            from .lazy import load_lazy
+
+            tokenizer = AutoTokenizer.from_pretrained(weights_dir)
+            config = AutoConfig.from_pretrained(weights_dir, trust_remote_code=trust_remote_code)
+            model = load_lazy(weights_dir, config, arch, torch_dtype, dev)
+        elif cached is not None and (cached / "config.json").is_file():
             # a previous run already dequantized this GGUF file: read its safetensors copy
             tokenizer = AutoTokenizer.from_pretrained(cached)
             model = AutoModelForCausalLM.from_pretrained(cached, dtype=torch_dtype, use_safetensors=True)
@@ -159,10 +173,13 @@ def load_model(
                 _forget_gguf_quantization(model)
                 if cached is not None:
                     _write_gguf_cache(model, tokenizer, cached)
+    except LayerfoldError:
+        raise
     except Exception as e:
         raise LayerfoldError(f"cannot load {name}: {_first_line(e)}") from None
 
-    model.to(dev)
+    if getattr(model, "_layerfold_weights", None) is None:
+        model.to(dev)
     model.eval()
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -192,6 +209,16 @@ def _load_shared(folder: Path, name: str, torch_dtype, dev) -> LoadedModel:
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return LoadedModel(model, tokenizer, arch, name, str(folder), folder)
+
+
+def _hub_snapshot(repo: str, name: str) -> Path:
+    """The local folder of a hub model's safetensors and configs (downloaded once by the hub cache)."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]))
+    except Exception as e:
+        raise LayerfoldError(f"cannot fetch {name} from the hub: {_first_line(e)}") from None
 
 
 # Dequantizing GGUF is slow (tens of seconds even for 135M parameters); small files are

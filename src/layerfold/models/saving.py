@@ -14,6 +14,8 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
+
 from ..errors import LayerfoldError
 from .loading import LoadedModel
 
@@ -87,8 +89,11 @@ def save_model_folder(
 
     def write(tmp: Path) -> None:
         model = loaded.model
-        model.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size, state_dict=state_dict)
-        _ensure_index(tmp)
+        if getattr(model, "_layerfold_weights", None) is not None and state_dict is None:
+            save_streamed(model, loaded.arch, tmp, max_shard_bytes=_parse_size(max_shard_size))
+        else:
+            model.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size, state_dict=state_dict)
+            _ensure_index(tmp)
         loaded.tokenizer.save_pretrained(tmp)
         if getattr(model, "generation_config", None) is not None and not (
             tmp / "generation_config.json"
@@ -104,6 +109,82 @@ def save_model_folder(
                 path.write_text(content, encoding="utf-8")
 
     return write_atomically(out, force, write)
+
+
+def _parse_size(text: str) -> int:
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    t = text.strip().upper()
+    for unit, factor in sorted(units.items(), key=lambda kv: -len(kv[0])):
+        if t.endswith(unit):
+            return int(float(t[: -len(unit)]) * factor)
+    return int(t)
+
+
+# Streamed saving holds one shard in memory at a time, so its shards are kept small.
+STREAMED_SHARD_BYTES = 512 * 2**20
+
+
+def save_streamed(model, arch, folder: Path, max_shard_bytes: int) -> None:
+    """Write a lazily loaded (possibly pruned) model shard by shard.
+
+    Layers still on disk are copied tensor by tensor from the input checkpoint under their new
+    index; everything in memory is written as it is. Tied tensors are written once, as
+    ``save_pretrained`` does.
+    """
+    from safetensors.torch import save_file
+
+    from .lazy import ORIGIN_ATTR
+    from .surgery import decoder_layers
+
+    source = model._layerfold_weights.source
+    dtype, device = model._layerfold_weights.dtype, torch.device("cpu")
+    limit = min(max_shard_bytes, STREAMED_SHARD_BYTES)
+    layer_of = {}
+    for new, layer in enumerate(decoder_layers(model, arch)):
+        layer_of[f"{arch.layers}.{new}."] = layer
+    seen: set[int] = set()
+    shards: list[list[str]] = []
+    weight_map: dict[str, int] = {}
+    pending: dict[str, torch.Tensor] = {}
+    pending_bytes = 0
+    total = 0
+
+    def flush():
+        nonlocal pending, pending_bytes
+        if pending:
+            save_file(pending, str(folder / f"shard-{len(shards):05d}.tmp"), metadata={"format": "pt"})
+            shards.append(list(pending))
+            pending, pending_bytes = {}, 0
+
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if id(tensor) in seen:
+            continue  # tied to a tensor already written
+        seen.add(id(tensor))
+        if tensor.device.type == "meta":
+            prefix = next(p for p in layer_of if name.startswith(p))
+            origin = getattr(layer_of[prefix], ORIGIN_ATTR)
+            src_name = f"{arch.layers}.{origin}.{name[len(prefix):]}"
+            tensor = source.load([src_name], dtype, device)[src_name]
+        t = tensor.detach().to("cpu").contiguous()
+        size = t.numel() * t.element_size()
+        if pending and pending_bytes + size > limit:
+            flush()
+        pending[name] = t
+        pending_bytes += size
+        total += size
+        weight_map[name] = len(shards)
+    flush()
+    n = len(shards)
+    names = {}
+    for i in range(n):
+        final = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+        (folder / f"shard-{i:05d}.tmp").rename(folder / final)
+        names[i] = final
+    index = {"metadata": {"total_size": total}, "weight_map": {k: names[v] for k, v in sorted(weight_map.items())}}
+    (folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+    model.config.save_pretrained(folder)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(folder)
 
 
 def _readable(folder: Path) -> None:

@@ -47,3 +47,87 @@ def importance_table(scores: LayerScores, block_sizes: list[int]) -> str:
     if best:
         lines.append("Most redundant blocks by cosine: " + "; ".join(best))
     return "\n".join(lines)
+
+
+def _human(x: float, unit: str = "") -> str:
+    for div, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(x) >= div:
+            return f"{x / div:.2f}{suffix}{unit}"
+    return f"{x:.0f}{unit}"
+
+
+def _metric_rows(results) -> list[tuple[str, str]]:
+    """(key in EvalResult.summary(), label) for every figure any of the results has."""
+    rows: list[tuple[str, str]] = []
+    seen: set[str] = set()
+    order = ["acc", "acc_norm", "stability", "stability_norm", "perplexity"]
+    for r in results:
+        for name, t in r.tasks.items():
+            for m in sorted(t.metrics, key=lambda k: order.index(k) if k in order else 99):
+                key = f"{name}/{m}"
+                if key not in seen:
+                    seen.add(key)
+                    rows.append((key, f"{name} {m}"))
+    for r in results:
+        for name, p in r.perplexity.items():
+            key = f"ppl/{name}"
+            if key not in seen:
+                seen.add(key)
+                rows.append((key, f"perplexity {name} ({p.tokens:,} tok)"))
+    for key, label in (("cost/parameters", "parameters"), ("cost/bytes_on_disk", "bytes on disk"),
+                       ("cost/peak_memory_bytes", "peak memory"), ("cost/prefill_tokens_per_s", "prefill tok/s"),
+                       ("cost/decode_tokens_per_s", "decode tok/s")):
+        if any(key in r.summary() for r in results):
+            rows.append((key, label))
+    return rows
+
+
+def format_value(key: str, v: float | None) -> str:
+    if v is None:
+        return "-"
+    if key in ("cost/parameters",):
+        return _human(v)
+    if key.endswith("bytes") or key.endswith("bytes_on_disk"):
+        return f"{v / 2**20:.1f} MiB"
+    if key.endswith("_per_s"):
+        return f"{v:.1f}"
+    if key.startswith("ppl/") or key.endswith("/perplexity"):
+        return f"{v:.2f}"
+    return f"{v:.4f}"
+
+
+def eval_table(results, names: list[str] | None = None) -> str:
+    """Side-by-side figures of several evaluations; the first is the reference.
+
+    Every figure after the first column is followed by its percentage of the reference's
+    (the share "kept"); stability has no reference value and is shown alone.
+    """
+    names = names or [r.model for r in results]
+    summaries = [r.summary() for r in results]
+    rows = _metric_rows(results)
+    label_w = max([len("metric")] + [len(lbl) for _, lbl in rows])
+    cells: list[list[str]] = []
+    for key, _ in rows:
+        ref = summaries[0].get(key)
+        line = [format_value(key, ref)]
+        for s in summaries[1:]:
+            v = s.get(key)
+            text = format_value(key, v)
+            if v is not None and ref not in (None, 0) and "stability" not in key:
+                text += f" ({100 * v / ref:.1f}%)"
+            line.append(text)
+        cells.append(line)
+    widths = [max([len(_short(n))] + [len(c[i]) for c in cells]) for i, n in enumerate(names)]
+    out = ["  ".join([f"{'metric':<{label_w}}"] + [f"{_short(n):>{w}}" for n, w in zip(names, widths)])]
+    for (_, label), line in zip(rows, cells):
+        out.append("  ".join([f"{label:<{label_w}}"] + [f"{c:>{w}}" for c, w in zip(line, widths)]))
+    if len(results) > 1:
+        out.append("")
+        out.append(f"(x%) = share of the reference ({_short(names[0])}); stability: weighted agreement of "
+                   "correct answers with the reference (1 = no answer changed).")
+    return "\n".join(out)
+
+
+def _short(name: str, width: int = 32) -> str:
+    name = str(name).rstrip("/").split("/")[-1] or str(name)
+    return name if len(name) <= width else "..." + name[-(width - 3):]

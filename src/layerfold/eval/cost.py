@@ -1,0 +1,150 @@
+"""What a model costs to keep and to run: parameters, bytes, memory, prefill and decode speed.
+
+Speed is measured on batch 1: prefill is one forward over ``prefill_tokens`` tokens (the
+median of ``repeats`` runs after a warm-up); decode generates ``decode_tokens`` tokens one at
+a time with the KV cache after a short prompt. Peak memory on CPU is the process's resident
+set size sampled every few milliseconds during those runs (the weights included), on CUDA the
+allocator's peak.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+
+@dataclass
+class Cost:
+    parameters: int
+    weight_bytes: int  # parameters and buffers in memory, in their dtype (shared tensors once)
+    bytes_on_disk: int | None  # weight files of the model folder (or the .gguf file)
+    peak_memory_bytes: int | None
+    prefill_tokens_per_s: float | None
+    decode_tokens_per_s: float | None
+    prefill_tokens: int = 0
+    decode_tokens: int = 0
+    device: str = "cpu"
+    threads: int = 0
+
+
+def count_unique_parameters(model) -> int:
+    """Parameters, counting a tensor shared by several modules once."""
+    seen: set[int] = set()
+    total = 0
+    for p in model.parameters():  # parameters() already de-duplicates shared Parameters
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    return total
+
+
+def weight_bytes(model) -> int:
+    seen: set[int] = set()
+    total = 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        key = t.data_ptr()
+        if key not in seen:
+            seen.add(key)
+            total += t.numel() * t.element_size()
+    return total
+
+
+def disk_bytes(path: str | os.PathLike | None) -> int | None:
+    """Bytes of weight files: a .gguf file, or a folder's *.safetensors (else *.bin, *.gguf)."""
+    if path is None:
+        return None
+    p = Path(path)
+    if p.is_file():
+        return p.stat().st_size
+    if p.is_dir():
+        for pattern in ("*.safetensors", "*.bin", "*.gguf"):
+            files = list(p.glob(pattern))
+            if files:
+                return sum(f.stat().st_size for f in files)
+    return None
+
+
+def _rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class _PeakMemory:
+    """Peak resident memory (CPU, sampled) or allocator peak (CUDA) over a with-block."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.peak = 0
+        self._stop = threading.Event()
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            self.peak = _rss_bytes()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def _sample(self):
+        while not self._stop.wait(0.005):
+            self.peak = max(self.peak, _rss_bytes())
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            self.peak = torch.cuda.max_memory_allocated(self.device)
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.peak = max(self.peak, _rss_bytes())
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def measure_cost(model, *, path=None, prefill_tokens: int = 256, decode_tokens: int = 32,
+                 repeats: int = 3, speed: bool = True) -> Cost:
+    device = next(model.parameters()).device
+    cost = Cost(count_unique_parameters(model), weight_bytes(model), disk_bytes(path), None, None, None,
+                device=str(device), threads=torch.get_num_threads())
+    if not speed:
+        return cost
+    vocab = model.config.vocab_size
+    g = torch.Generator().manual_seed(0)
+    # random token ids: speed does not depend on which tokens run
+    prompt = torch.randint(3, vocab, (1, prefill_tokens), generator=g).to(device)
+    with _PeakMemory(device) as mem:
+        times = []
+        for _ in range(repeats + 1):
+            _sync(device)
+            t = time.perf_counter()
+            model(input_ids=prompt, use_cache=False, logits_to_keep=1)
+            _sync(device)
+            times.append(time.perf_counter() - t)
+        cost.prefill_tokens_per_s = prefill_tokens / statistics.median(times[1:])
+        out = model(input_ids=prompt[:, :16], use_cache=True, logits_to_keep=1)
+        cache, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        _sync(device)
+        t = time.perf_counter()
+        for _ in range(decode_tokens):
+            out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
+            cache, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        _sync(device)
+        cost.decode_tokens_per_s = decode_tokens / (time.perf_counter() - t)
+    cost.peak_memory_bytes = mem.peak
+    cost.prefill_tokens, cost.decode_tokens = prefill_tokens, decode_tokens
+    return cost
