@@ -225,7 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
         "  streamline-block  the consecutive block whose input and output are most similar (LLM-Streamline's criterion)\n"
         "  bi                the layers with the lowest Block Influence (ShortGPT)\n"
         "  angular           the block with the smallest angular distance on last tokens (Gromov et al.)\n"
-        "  last-n            the last layers (Reassessing Layer Pruning); needs no calibration",
+        "  last-n            the last layers (Reassessing Layer Pruning); needs no calibration\n"
+        "  foldgpt           FoldGPT: learned gates choose the layers, adjacent retained layers share\n"
+        "                    their linear weights, then a cure (logit KL + tail-layer distillation)",
     )
     _add_model_args(p)
     p.add_argument("--method", default=DEFAULT_METHOD, choices=METHODS, help="how to choose the layers")
@@ -251,6 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-eval", action="store_true", help="measure nothing before and after")
     g.add_argument("--no-report", action="store_true", help="do not write report.html and figures/")
     _add_heal_args(p, default_tokens=0)
+    _add_foldgpt_args(p)
     p.set_defaults(func=_cmd_compress)
 
     from .pipeline import DEFAULT_HEAL_TOKENS
@@ -286,7 +289,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--block-sizes", default="1,2,4,8",
                    help="comma-separated window sizes for the block table")
     p.add_argument("--json", default=None, help="also write all scores to this JSON file")
+    p.add_argument("--gates", action="store_true",
+                   help="also train FoldGPT's learnable layer gates (weights frozen) and show them beside BI and cosine")
+    p.add_argument("--remove", type=int, default=None,
+                   help="with --gates: the gates' budget, layers to remove (default: 25%% of them)")
     _add_calibration_args(p)
+    _add_gate_args(p)
     p.set_defaults(func=_cmd_analyze)
 
     p = sub.add_parser(
@@ -315,7 +323,80 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("results", nargs="+", help="JSON files written by `layerfold eval --json`")
     p.set_defaults(func=_cmd_compare)
+
+    p = sub.add_parser(
+        "export", formatter_class=_Formatter,
+        help="write a layerfold model in another form (--unfold: a standard model folder)",
+        description="Write a model whose layers share weights (layerfold compress --method foldgpt) as a standard "
+        "Hugging Face folder with every shared tensor materialised, for tools that cannot express sharing.",
+    )
+    _add_model_args(p)
+    p.add_argument("--unfold", action="store_true", default=True,
+                   help="materialise shared tensors (the only export format so far)")
+    p.add_argument("-o", "--output", required=True, help="output folder")
+    p.add_argument("--force", action="store_true", help="replace an existing non-empty output folder")
+    p.set_defaults(func=_cmd_export)
     return parser
+
+
+def _add_gate_args(p: argparse.ArgumentParser) -> None:
+    from .importance.gates import GateOptions
+
+    d = GateOptions()
+    g = p.add_argument_group("FoldGPT gates")
+    g.add_argument("--gate-steps", type=int, default=d.steps, help="optimiser steps per round of gate training")
+    g.add_argument("--gate-lr", type=float, default=d.lr, help="Adam learning rate of the gate logits")
+    g.add_argument("--gate-rounds", type=int, default=d.rounds,
+                   help="remove the layers in this many rounds, retraining the gates in between")
+    g.add_argument("--budget-weight", type=float, default=d.budget_weight,
+                   help="weight of the term pulling sum(gates) toward the number of layers kept")
+    g.add_argument("--polar-weight", type=float, default=d.polar_weight,
+                   help="weight of the term pushing each gate to 0 or 1 (ramped up over the first half)")
+    g.add_argument("--gate-batch-size", type=int, default=d.batch_size, help="sequences per gate step")
+
+
+def _gate_options(args):
+    from .importance.gates import GateOptions
+
+    return GateOptions(steps=args.gate_steps, lr=args.gate_lr, rounds=args.gate_rounds,
+                       budget_weight=args.budget_weight, polar_weight=args.polar_weight,
+                       batch_size=args.gate_batch_size)
+
+
+def _add_foldgpt_args(p: argparse.ArgumentParser) -> None:
+    from .methods.foldgpt import CureOptions, FoldGPTOptions
+    from .nn.shared import SHARE_INITS
+
+    _add_gate_args(p)
+    d, c = FoldGPTOptions(), CureOptions()
+    g = p.add_argument_group("FoldGPT sharing and cure (--method foldgpt)")
+    g.add_argument("--group-size", type=int, default=d.group_size,
+                   help="adjacent retained layers per weight-sharing group; 1 turns sharing off")
+    g.add_argument("--groups", default=None,
+                   help="explicit groups of retained-layer indices instead of --group-size, e.g. 0-1,2-3,5-7")
+    g.add_argument("--share-init", default=d.share_init, choices=SHARE_INITS,
+                   help="shared weights start as the highest-gated member's, or the members' mean")
+    g.add_argument("--cure-steps", type=int, default=c.steps, help="optimiser steps of the cure; 0 skips it")
+    g.add_argument("--cure-lr", type=float, default=c.lr, help="AdamW learning rate of the cure")
+    g.add_argument("--cure-samples", type=int, default=c.samples,
+                   help="sequences of cure text (same source and length as the calibration)")
+    g.add_argument("--cure-batch-size", type=int, default=c.batch_size, help="sequences per cure step")
+    g.add_argument("--kl-weight", type=float, default=c.kl_weight, help="weight of the logit KL to the original")
+    g.add_argument("--tail-layers", type=int, default=c.tail_layers,
+                   help="k of tail-layer distillation (MSE of the last k layers' outputs); 0 turns it off")
+    g.add_argument("--tail-weight", type=float, default=c.tail_weight, help="weight of tail-layer distillation")
+    # --checkpoint-dir, --checkpoint-every and --resume (healing options) also serve the cure
+
+
+def _foldgpt_options(args):
+    from .methods.foldgpt import CureOptions, FoldGPTOptions
+
+    cure = CureOptions(steps=args.cure_steps, lr=args.cure_lr, samples=args.cure_samples,
+                       batch_size=args.cure_batch_size, kl_weight=args.kl_weight, tail_layers=args.tail_layers,
+                       tail_weight=args.tail_weight, checkpoint_dir=args.checkpoint_dir,
+                       checkpoint_every=args.checkpoint_every, resume=args.resume)
+    return FoldGPTOptions(gates=_gate_options(args), group_size=args.group_size, groups=args.groups,
+                          share_init=args.share_init, cure=cure)
 
 
 def _add_eval_args(p: argparse.ArgumentParser) -> None:
@@ -352,7 +433,7 @@ def _cmd_compress(args) -> int:
         model=_model_options(args), calibration=_calibration(args), method=args.method,
         remove=args.remove, sparsity=args.sparsity, output=args.output, force=args.force,
         batch_size=args.batch_size, progress=not args.quiet, evaluation=evaluation,
-        streamline=_streamline_options(args), heal=_heal_options(args),
+        streamline=_streamline_options(args), heal=_heal_options(args), foldgpt=_foldgpt_options(args),
     )
     _validate_sizes(args)
     t0 = time.perf_counter()
@@ -361,7 +442,14 @@ def _cmd_compress(args) -> int:
     print(f"method       {r.method}")
     print(f"layers       {r.layers_before} -> {r.layers_after} (removed {', '.join(map(str, r.removed))})")
     pct = 100 * (1 - r.params_after / r.params_before)
-    print(f"parameters   {r.params_before:,} -> {r.params_after:,} ({pct:.1f}% fewer)")
+    print(f"parameters   {r.params_before:,} -> {r.params_after:,} ({pct:.1f}% fewer)"
+          + (" stored; shared weights counted once" if r.method == "foldgpt" else ""))
+    if r.method == "foldgpt":
+        groups = [g for g in r.extra["groups"] if len(g) > 1]
+        print(f"shared       {len(groups)} groups of new layers: {' '.join('-'.join(map(str, (g[0], g[-1]))) for g in groups) or 'none'}")
+        if r.extra.get("cure"):
+            c = r.extra["cure"]
+            print(f"cure         {c['steps']} steps, {c['tokens']:,} tokens, final loss {c['loss']:.4f}, {c['seconds']:.0f}s")
     print(f"on disk      {r.bytes_on_disk / 2**20:.1f} MiB of safetensors")
     if r.streamline is not None:
         sl = r.streamline
@@ -416,7 +504,8 @@ def _cmd_analyze(args) -> int:
     except ValueError:
         raise LayerfoldError(f"--block-sizes must be comma-separated integers (got {args.block_sizes!r})") from None
     r = analyze(AnalyzeOptions(model=_model_options(args), calibration=_calibration(args),
-                               batch_size=args.batch_size, progress=not args.quiet))
+                               batch_size=args.batch_size, progress=not args.quiet,
+                               gates=_gate_options(args) if args.gates else None, gate_remove=args.remove))
     print(importance_table(r.scores, sizes))
     print(f"\n{r.scores.samples} sequences, {r.scores.tokens:,} tokens, {r.seconds:.1f}s")
     if args.json:
@@ -425,6 +514,17 @@ def _cmd_analyze(args) -> int:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(r.scores.to_dict(), f, indent=2)
         print(f"scores written to {args.json}")
+    return 0
+
+
+def _cmd_export(args) -> int:
+    from .pipeline import ExportOptions, export
+
+    r = export(ExportOptions(model=_model_options(args), unfold=args.unfold, output=args.output, force=args.force))
+    print(f"unfolded     {r['unshared_tensors']} shared tensors materialised")
+    print(f"parameters   {r['params_stored_before']:,} stored -> {r['params_after']:,}")
+    print(f"on disk      {r['bytes_on_disk'] / 2**20:.1f} MiB of safetensors")
+    print(f"saved to     {r['output']}")
     return 0
 
 

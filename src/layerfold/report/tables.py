@@ -19,10 +19,11 @@ def importance_table(scores: LayerScores, block_sizes: list[int]) -> str:
     L = scores.num_layers
     sizes = [n for n in block_sizes if 1 <= n <= L]
     bi = scores.block_influence
-    head = ["layer", "    BI"] + [f" cos n={n}" for n in sizes] + [f" ang n={n}" for n in sizes]
+    gates = scores.extra.get("gates")
+    head = ["layer", "    BI"] + (["  gate"] if gates else []) + [f" cos n={n}" for n in sizes] + [f" ang n={n}" for n in sizes]
     lines = ["  ".join(head)]
     for l in range(L):
-        row = [f"{l:5d}", _fmt(bi[l], 6)]
+        row = [f"{l:5d}", _fmt(bi[l], 6)] + ([_fmt(gates[l], 6)] if gates else [])
         row += [_fmt(scores.cosine[l][n] if l + n <= L else math.nan, 8) for n in sizes]
         row += [_fmt(scores.angular[l][n] if l + n <= L else math.nan, 8) for n in sizes]
         lines.append("  ".join(row))
@@ -30,6 +31,13 @@ def importance_table(scores: LayerScores, block_sizes: list[int]) -> str:
     lines.append("BI: 1 - cos(h[l], h[l+1]), low = removable (ShortGPT).")
     lines.append("cos n: cos(h[l], h[l+n]) over all tokens, high = the block l..l+n-1 is removable (LLM-Streamline).")
     lines.append("ang n: arccos(cos)/pi on last tokens, low = removable (Gromov et al.).")
+    if gates:
+        k = len(scores.extra.get("gates_removed", []))
+        by_bi = sorted(sorted(range(L), key=lambda l: (bi[l], l))[:k])
+        removed = scores.extra.get("gates_removed", [])
+        lines.append("gate: FoldGPT's learned gate (all layers trained jointly, weights frozen), low = removable.")
+        lines.append(f"Remove {k} by gates: {removed}; by BI: {by_bi}; "
+                     f"agree on {len(set(removed) & set(by_bi))} of {k}.")
     best = []
     for n in sizes:
         if n < L:

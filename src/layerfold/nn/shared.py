@@ -1,0 +1,334 @@
+"""Group parameter sharing (FoldGPT, METHODS.md section 3.2) and its storage.
+
+Adjacent decoder layers form groups; within a group every ``nn.Linear`` weight (the attention
+and MLP projections: all the large matrices) is one ``nn.Parameter`` object used by every
+member. Norms, biases and anything else stay per layer. Sharing divides the stored
+parameters of a group by its size; compute per token does not change.
+
+Storage. safetensors cannot alias tensors, so a shared model is saved with each shared
+tensor once, under the name of the group's first layer, and ``config.json`` lists the other
+names in ``layerfold_shared`` (target name -> stored name). Two loaders understand it:
+
+- layerfold's loader (``load_model``), which builds the base architecture and ties the
+  listed parameters after loading; no custom code runs;
+- ``AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)``, through a
+  ten-line ``modeling_layerfold_shared.py`` shipped in the folder and registered in
+  ``auto_map``: it subclasses the base class and adds the listed names to transformers'
+  own tied-weights mapping (``get_expanded_tied_weights_keys``), so transformers ties them
+  exactly as it ties embeddings and lm_head.
+
+The config's ``model_type`` is ``layerfold_shared`` (the base type is kept in
+``layerfold_base_model_type``). That is deliberate: with the base type, stock transformers
+without ``trust_remote_code`` would silently fall back to its own class and fill the missing
+shared tensors with random numbers; with an unknown type it refuses with a clear message.
+``unfold`` writes a standard model with every shared tensor materialised.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import LayerfoldError
+from ..models.architectures import Architecture
+from ..models.surgery import decoder_layers
+
+SHARED_MODEL_TYPE = "layerfold_shared"
+MODELING_FILE = "modeling_layerfold_shared.py"
+SHARE_INITS = ("important", "mean")
+
+
+# -- groups ------------------------------------------------------------------------------
+
+
+def adjacent_groups(num_layers: int, size: int) -> list[list[int]]:
+    """Consecutive groups of ``size`` layers; the last group takes what is left."""
+    if size < 1:
+        raise LayerfoldError(f"--group-size must be at least 1 (got {size})")
+    return [list(range(s, min(s + size, num_layers))) for s in range(0, num_layers, size)]
+
+
+def parse_groups(text: str, num_layers: int) -> list[list[int]]:
+    """``"0-1,2-3,4"`` -> [[0, 1], [2, 3], [4]]; layers not named stay alone.
+
+    Indices count the layers of the model being shared (after any removal). Groups must be
+    ranges of adjacent layers and must not overlap.
+    """
+    groups: list[list[int]] = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        m = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
+        if not m:
+            raise LayerfoldError(f"--groups: cannot read {part!r}; write ranges like 0-1,2-3")
+        a, b = int(m[1]), int(m[2] or m[1])
+        if b < a or b >= num_layers:
+            raise LayerfoldError(f"--groups: {part!r} is not a range inside layers 0..{num_layers - 1}")
+        groups.append(list(range(a, b + 1)))
+    seen = [l for g in groups for l in g]
+    if len(seen) != len(set(seen)):
+        raise LayerfoldError(f"--groups: {text!r} names a layer twice")
+    rest = [[l] for l in range(num_layers) if l not in set(seen)]
+    return sorted(groups + rest)
+
+
+# -- sharing -----------------------------------------------------------------------------
+
+
+def _linear_weights(layer: nn.Module) -> dict[str, tuple[nn.Module, str]]:
+    """Every nn.Linear weight of a layer: relative name -> (owning module, attribute)."""
+    return {
+        f"{name}.weight" if name else "weight": (mod, "weight")
+        for name, mod in layer.named_modules()
+        if isinstance(mod, nn.Linear)
+    }
+
+
+@torch.no_grad()
+def share_groups(
+    model: nn.Module,
+    arch: Architecture,
+    groups: Sequence[Sequence[int]],
+    *,
+    init: str = "important",
+    importance: Sequence[float] | None = None,
+) -> dict[str, str]:
+    """Make the layers of each group use one Parameter per linear weight.
+
+    ``init``: ``important`` copies the weights of the member with the highest ``importance``
+    (e.g. its FoldGPT gate; without scores, the first member), ``mean`` averages the members.
+    The shared Parameter lives in the group's first layer. Returns the map of parameter
+    names: each non-first member's name -> the first member's (names relative to the model).
+    """
+    if init not in SHARE_INITS:
+        raise LayerfoldError(f"--share-init must be one of {', '.join(SHARE_INITS)} (got {init!r})")
+    layers = decoder_layers(model, arch)
+    n = len(layers)
+    flat = [l for g in groups for l in g]
+    if sorted(flat) != sorted(set(flat)) or any(not 0 <= l < n for l in flat):
+        raise LayerfoldError(f"invalid groups {list(map(list, groups))} for {n} layers")
+    if importance is not None and len(importance) != n:
+        raise LayerfoldError(f"{len(importance)} importance scores for {n} layers")
+    tied: dict[str, str] = {}
+    for group in groups:
+        group = sorted(group)
+        if len(group) < 2:
+            continue
+        if any(group[i + 1] != group[i] + 1 for i in range(len(group) - 1)):
+            raise LayerfoldError(f"group {group} is not a run of adjacent layers")
+        owner = group[0]
+        members = {l: _linear_weights(layers[l]) for l in group}
+        names = list(members[owner])
+        if any(list(members[l]) != names for l in group):
+            raise LayerfoldError(f"layers {group} do not have the same linear layers; cannot share them")
+        best = max(group, key=lambda l: importance[l]) if importance is not None else owner
+        for rel in names:
+            params = [getattr(*members[l][rel]) for l in group]
+            if any(p.shape != params[0].shape for p in params):
+                raise LayerfoldError(f"{rel} differs in shape across layers {group}; cannot share it")
+            if init == "mean":
+                value = torch.stack([p.float() for p in params]).mean(0)
+            else:
+                value = getattr(*members[best][rel])
+            shared = nn.Parameter(value.to(params[0].dtype).clone(), requires_grad=params[0].requires_grad)
+            for l in group:
+                mod, attr = members[l][rel]
+                setattr(mod, attr, shared)
+                if l != owner:
+                    tied[f"{arch.layers}.{l}.{rel}"] = f"{arch.layers}.{owner}.{rel}"
+    return tied
+
+
+def shared_parameter_map(model: nn.Module, exclude: Sequence[str] = ()) -> dict[str, str]:
+    """Names that point at an earlier name's Parameter: later name -> first name.
+
+    ``exclude`` lists target names transformers already ties by itself (lm_head).
+    """
+    first: dict[int, str] = {}
+    out: dict[str, str] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in first:
+            if name not in exclude:
+                out[name] = first[id(p)]
+        else:
+            first[id(p)] = name
+    return out
+
+
+def tie_parameters(model: nn.Module, mapping: dict[str, str]) -> None:
+    """Point every target parameter name at its source's Parameter object."""
+    for target, source in mapping.items():
+        try:
+            src = model.get_parameter(source)
+            parent_name, _, attr = target.rpartition(".")
+            parent = model.get_submodule(parent_name)
+            old = getattr(parent, attr)
+        except AttributeError:
+            raise LayerfoldError(f"shared weight {target} -> {source} does not fit this model") from None
+        if old.shape != src.shape:
+            raise LayerfoldError(f"shared weight {target} has shape {tuple(old.shape)}, source {tuple(src.shape)}")
+        setattr(parent, attr, src)
+
+
+@torch.no_grad()
+def unshare(model: nn.Module, mapping: dict[str, str]) -> None:
+    """Give every target its own copy of the shared tensor (a standard, unshared model)."""
+    for target in mapping:
+        parent_name, _, attr = target.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        p = getattr(parent, attr)
+        setattr(parent, attr, nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad))
+
+
+def stored_parameters(model: nn.Module) -> int:
+    """Parameters stored on disk: each shared or tied tensor once."""
+    from ..models.surgery import count_parameters
+
+    return count_parameters(model)
+
+
+# -- storage -----------------------------------------------------------------------------
+
+_MODELING_TEMPLATE = '''"""Weight sharing across decoder layers, written by layerfold.
+
+Some parameters of this model are stored once and used by several layers: config.json's
+``layerfold_shared`` maps each such name to the stored one. This class adds that map to
+transformers' tied-weights mechanism, so loading ties them like embeddings and lm_head.
+"""
+
+from transformers import {config_class} as _BaseConfig
+from transformers import {model_class} as _BaseModel
+
+
+class LayerfoldSharedConfig(_BaseConfig):
+    model_type = "{model_type}"
+
+
+class LayerfoldSharedForCausalLM(_BaseModel):
+    config_class = LayerfoldSharedConfig
+
+    def get_expanded_tied_weights_keys(self, all_submodels=False):
+        keys = super().get_expanded_tied_weights_keys(all_submodels=all_submodels)
+        keys.update(getattr(self.config, "layerfold_shared", None) or {{}})
+        return keys
+'''
+
+
+def modeling_file(model: nn.Module) -> str:
+    return _MODELING_TEMPLATE.format(
+        config_class=type(model.config).__name__,
+        model_class=type(model).__name__,
+        model_type=SHARED_MODEL_TYPE,
+    )
+
+
+def deduplicated_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict with each shared storage once, under its first name."""
+    seen: set[tuple] = set()
+    out = {}
+    for name, t in model.state_dict().items():
+        key = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        if key in seen:
+            continue
+        seen.add(key)
+        out[name] = t
+    return out
+
+
+def shared_config_json(model: nn.Module, mapping: dict[str, str], groups: list[list[int]]) -> str:
+    """config.json of a shared model: the base config plus the sharing map and auto_map."""
+    d = model.config.to_dict()
+    base_type = d["model_type"]
+    d.update(
+        model_type=SHARED_MODEL_TYPE,
+        layerfold_base_model_type=base_type,
+        layerfold_shared=mapping,
+        layerfold_groups=groups,
+        architectures=["LayerfoldSharedForCausalLM"],
+        auto_map={
+            "AutoConfig": f"{MODELING_FILE[:-3]}.LayerfoldSharedConfig",
+            "AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.LayerfoldSharedForCausalLM",
+        },
+    )
+    return json.dumps(d, indent=2, sort_keys=True, default=str) + "\n"
+
+
+def read_shared_config(folder: Path) -> dict | None:
+    """The config.json of a layerfold shared model folder, or None for any other folder."""
+    path = Path(folder) / "config.json"
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return d if d.get("model_type") == SHARED_MODEL_TYPE else None
+
+
+def base_config(shared: dict):
+    """The base architecture's config object for a shared folder's config.json."""
+    from transformers import AutoConfig
+
+    d = dict(shared)
+    base_type = d.pop("layerfold_base_model_type", None)
+    if not base_type:
+        raise LayerfoldError("shared model config has no layerfold_base_model_type")
+    for key in ("model_type", "auto_map", "architectures", "layerfold_groups"):
+        d.pop(key, None)
+    mapping = d.pop("layerfold_shared", {}) or {}
+    try:
+        cfg = AutoConfig.for_model(base_type, **d)
+    except ValueError as e:
+        raise LayerfoldError(f"shared model of unknown base type {base_type!r}: {e}") from None
+    return cfg, mapping
+
+
+def save_shared_folder(loaded, out: Path, *, card: str, extra_files: dict | None = None,
+                       force: bool = False) -> Path:
+    """Save a model whose layers share weights, each shared tensor once (see module doc).
+
+    A model without shared layers is saved as a standard folder.
+    """
+    from ..models.saving import save_model_folder
+
+    model = loaded.model
+    exclude = set(getattr(model, "all_tied_weights_keys", {}) or {})  # lm_head <- embeddings
+    mapping = shared_parameter_map(model, exclude=exclude)
+    if not mapping:
+        return save_model_folder(loaded, out, card=card, extra_files=extra_files, force=force)
+    groups = _groups_from_map(mapping, len(decoder_layers(model, loaded.arch)), loaded.arch)
+    files = {
+        "config.json": shared_config_json(model, mapping, groups),
+        MODELING_FILE: modeling_file(model),
+        **(extra_files or {}),
+    }
+    return save_model_folder(loaded, out, card=card, extra_files=files, force=force,
+                             state_dict=deduplicated_state_dict(model))
+
+
+def _groups_from_map(mapping: dict[str, str], num_layers: int, arch: Architecture) -> list[list[int]]:
+    owner = list(range(num_layers))
+    prefix = re.escape(arch.layers) + r"\.(\d+)\."
+    for target, source in mapping.items():
+        t, s = re.match(prefix, target), re.match(prefix, source)
+        if t and s:
+            owner[int(t[1])] = int(s[1])
+    groups: dict[int, list[int]] = {}
+    for l, o in enumerate(owner):
+        groups.setdefault(o, []).append(l)
+    return sorted(groups.values())
+
+
+def unfold(loaded) -> int:
+    """Materialise every shared tensor in place (a standard model); returns how many."""
+    model = loaded.model
+    exclude = set(getattr(model, "all_tied_weights_keys", {}) or {})
+    mapping = shared_parameter_map(model, exclude=exclude)
+    unshare(model, mapping)
+    for key in ("layerfold_shared", "layerfold_groups", "layerfold_base_model_type", "auto_map"):
+        if hasattr(model.config, key):
+            delattr(model.config, key)
+    return len(mapping)
