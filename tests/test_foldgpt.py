@@ -196,3 +196,24 @@ def test_foldgpt_bad_options(tiny_model_dir, text_file, tmp_path, capsys):
         err = capsys.readouterr().err
         assert code == 2 and needle in err and len(err.strip().splitlines()) == 1, err
         assert not (tmp_path / "o").exists()
+
+
+def test_fold_uses_given_gates_and_checks_their_budget():
+    """A gate ranking trained once (e.g. by ``analyze --gates``) can be reused: fold removes
+    exactly its layers and refuses one made for another budget."""
+    from layerfold.importance.gates import GateResult
+    from layerfold.methods.foldgpt import FoldGPTOptions, fold
+    from layerfold.models.loading import LoadedModel
+
+    arch = ARCHITECTURES["llama"]
+    model = build_tiny("llama", 6)
+    loaded = LoadedModel(model=model, tokenizer=tiny_tokenizer(), arch=arch, source="tiny", base_model="tiny", local_dir=None)
+    gates = GateResult([0.9, 0.1, 0.8, 0.2, 0.95, 0.7], removed=[1, 3])
+    opts = FoldGPTOptions()
+    opts.cure.steps = 0
+    r = fold(loaded, IDS, 2, opts, gates=gates, progress=False)
+    assert r.removed == [1, 3] and r.kept == [0, 2, 4, 5]
+    assert len(model.model.layers) == 4
+    with pytest.raises(LayerfoldError, match="remove 2 of 6"):
+        fold(LoadedModel(model=build_tiny("llama", 6), tokenizer=tiny_tokenizer(), arch=arch, source="tiny",
+                         base_model="tiny", local_dir=None), IDS, 3, opts, gates=gates, progress=False)

@@ -181,3 +181,33 @@ def test_heal_needs_a_budget_and_valid_settings(capsys, tiny_model_dir):
         code = main(["heal", tiny_model_dir("llama"), *argv])
         err = capsys.readouterr().err
         assert code == 2 and needle in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_compress_heals_by_default_on_the_calibration_text(capsys, tiny_model_dir, text_file, tmp_path):
+    """The main job heals unless told not to; its default healing text is the calibration text,
+    so it writes no new text; --no-heal turns healing off and the record says so."""
+    from layerfold.healing import compress_defaults
+
+    d = compress_defaults()
+    assert d.enabled and d.data.source == "calib"
+    out = tmp_path / "default"
+    code = main(["-q", "compress", tiny_model_dir("llama"), "--remove", "2", "-o", str(out), "--calib", text_file,
+                 "--calib-samples", "4", "--seq-len", "32", "--heal-tokens", "256", "--no-eval"])
+    assert code == 0, capsys.readouterr()
+    record = json.loads((out / "layerfold.json").read_text())
+    assert record["heal"]["rows"] == 4 and record["heal"]["seq_len"] == 32  # the 4 calibration rows, repeated
+    assert record["heal"]["steps"] == 1 and record["recipe"]["heal"]["data"]["source"] == "calib"
+    assert "--no-heal" not in record["command"] and "--heal-tokens 256" in record["command"]
+
+    out = tmp_path / "unhealed"
+    code = main(["-q", "compress", tiny_model_dir("llama"), "--remove", "2", "-o", str(out), "--calib", text_file,
+                 "--calib-samples", "4", "--seq-len", "32", "--no-heal", "--no-eval"])
+    assert code == 0, capsys.readouterr()
+    record = json.loads((out / "layerfold.json").read_text())
+    assert record["heal"] is None and "--no-heal" in record["command"]
+
+
+def test_calibration_text_as_healing_text_is_only_for_compress(capsys, tiny_model_dir, tmp_path):
+    code = main(["heal", tiny_model_dir("llama"), "--heal-data", "calib", "-o", str(tmp_path / "x")])
+    err = capsys.readouterr().err
+    assert code == 2 and "only with `layerfold compress`" in err and len(err.strip().splitlines()) == 1, err

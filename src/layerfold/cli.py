@@ -15,6 +15,7 @@ import time
 from . import __version__
 from .data.calibration import CalibrationSpec
 from .errors import LayerfoldError
+from .healing import compress_defaults, heal_command_defaults
 
 EXIT_USER_ERROR = 2
 
@@ -111,16 +112,18 @@ def _streamline_options(args):
     )
 
 
-def _add_heal_args(p: argparse.ArgumentParser, default_tokens: int) -> None:
-    from .healing import LM_HEAD_MODES, TRAIN_MODES, HealOptions
+def _add_heal_args(p: argparse.ArgumentParser, d) -> None:
+    """The healing options, with ``d`` (a ``HealOptions``) as their defaults."""
+    from .healing import LM_HEAD_MODES, TRAIN_MODES
 
-    d = HealOptions()
     g = p.add_argument_group(
         "healing",
         "a short recovery training with the original model as teacher (see `layerfold heal --help`)",
     )
-    g.add_argument("--heal-tokens", type=int, default=default_tokens,
+    g.add_argument("--heal-tokens", type=int, default=d.tokens,
                    help="healing token budget; 0: no healing")
+    g.add_argument("--no-heal", dest="heal_tokens", action="store_const", const=0,
+                   help="no healing (the same as --heal-tokens 0)")
     g.add_argument("--heal-train", default=d.train, choices=TRAIN_MODES,
                    help="lora: LoRA adapters merged at the end; layers: full fine-tune of --heal-layers; or both")
     g.add_argument("--heal-layers", default=d.layers,
@@ -143,7 +146,8 @@ def _add_heal_args(p: argparse.ArgumentParser, default_tokens: int) -> None:
                    help="run the teacher on every batch instead of caching its top-k logits on disk")
     g.add_argument("--heal-topk", type=int, default=d.topk, help="teacher logits kept per token in the cache")
     g.add_argument("--heal-data", default=d.data.source,
-                   help="'self' (the original model writes the text) or a .txt/.jsonl file; evaluation files are refused")
+                   help="'self' (the original model writes the text), 'calib' (compress only: the calibration text, "
+                   "already written and cached) or a .txt/.jsonl file; evaluation files are refused")
     g.add_argument("--heal-rows", type=int, default=d.rows,
                    help="distinct healing sequences; fewer than the budget needs are repeated (0: one pass, no repeats)")
     g.add_argument("--heal-seq-len", type=int, default=d.data.seq_len, help="tokens per healing sequence")
@@ -151,7 +155,8 @@ def _add_heal_args(p: argparse.ArgumentParser, default_tokens: int) -> None:
                    help="seed of self-written healing text (calibration uses 0, so healing text differs)")
     g.add_argument("--heal-batch-size", type=int, default=d.batch_size, help="sequences per micro-batch")
     g.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per optimizer step")
-    g.add_argument("--heal-lr", type=float, default=None, help="learning rate (default: 3e-4 for lora, 1e-4 otherwise)")
+    g.add_argument("--heal-lr", type=float, default=d.lr,
+                   help="learning rate (None: 3e-4 for lora, 1e-4 otherwise)")
     g.add_argument("--heal-precision", default=d.precision, choices=["fp32", "bf16"],
                    help="bf16 autocast (fast on GPUs and recent CPUs) or fp32")
     g.add_argument("--heal-seed", type=int, default=d.seed, help="seed of batch order and LoRA init")
@@ -162,12 +167,12 @@ def _add_heal_args(p: argparse.ArgumentParser, default_tokens: int) -> None:
     g.add_argument("--heal-log", default=None, help="JSON-lines training log (one record per step)")
 
 
-def _heal_options(args):
+def _heal_options(args, d):
+    """``HealOptions`` from the parsed flags; ``d`` supplies what no flag sets."""
     from dataclasses import replace
 
     from .healing import HealOptions
 
-    d = HealOptions()
     if args.resume and not args.checkpoint_dir:
         raise LayerfoldError("--resume needs --checkpoint-dir")
     if args.checkpoint_dir and not args.checkpoint_every:
@@ -252,11 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder holding tasks/*.jsonl (default: $LAYERFOLD_DATA, else ../shared/data if present)")
     g.add_argument("--no-eval", action="store_true", help="measure nothing before and after")
     g.add_argument("--no-report", action="store_true", help="do not write report.html and figures/")
-    _add_heal_args(p, default_tokens=0)
+    _add_heal_args(p, compress_defaults())
     _add_foldgpt_args(p)
     p.set_defaults(func=_cmd_compress)
-
-    from .pipeline import DEFAULT_HEAL_TOKENS
 
     p = sub.add_parser(
         "heal", formatter_class=_Formatter,
@@ -276,7 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", default=None, help="output folder (default: ./<model>-healed)")
     p.add_argument("--force", action="store_true", help="replace an existing non-empty output folder")
     p.add_argument("--text-field", default="text", help="the text field of a .jsonl --heal-data file")
-    _add_heal_args(p, default_tokens=DEFAULT_HEAL_TOKENS)
+    _add_heal_args(p, heal_command_defaults())
     p.set_defaults(func=_cmd_heal)
 
     p = sub.add_parser(
@@ -433,7 +436,7 @@ def _cmd_compress(args) -> int:
         model=_model_options(args), calibration=_calibration(args), method=args.method,
         remove=args.remove, sparsity=args.sparsity, output=args.output, force=args.force,
         batch_size=args.batch_size, progress=not args.quiet, evaluation=evaluation,
-        streamline=_streamline_options(args), heal=_heal_options(args), foldgpt=_foldgpt_options(args),
+        streamline=_streamline_options(args), heal=_heal_options(args, compress_defaults()), foldgpt=_foldgpt_options(args),
     )
     _validate_sizes(args)
     t0 = time.perf_counter()
@@ -483,7 +486,7 @@ def _cmd_heal(args) -> int:
     from .pipeline import HealModelOptions, heal_model
 
     opts = HealModelOptions(model=_model_options(args), teacher=args.teacher, no_teacher=args.no_teacher,
-                            heal=_heal_options(args), output=args.output, force=args.force)
+                            heal=_heal_options(args, heal_command_defaults()), output=args.output, force=args.force)
     t0 = time.perf_counter()
     r = heal_model(opts)
     _print_heal(r.heal)

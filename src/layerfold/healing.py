@@ -60,6 +60,7 @@ from .train.teacher import cache_bytes
 TRAIN_MODES = ("lora", "layers", "lora+layers")
 LM_HEAD_MODES = ("auto", "freeze", "train", "untie")
 HEAL_SEED = 1  # calibration text uses seed 0: healing text is different text
+CALIBRATION_TEXT = "calib"  # --heal-data calib: heal on the calibration text (compress only)
 
 
 @dataclass
@@ -131,7 +132,8 @@ class HealOptions:
             raise LayerfoldError("--heal-mse-layers must be at least 1 when --heal-mse is used")
         _parse_layers(self.layers, 10**6)  # syntax only
         self.data.validate()
-        check_not_eval_data(self.data.source)
+        if self.data.source != CALIBRATION_TEXT:  # compress checks the calibration source itself
+            check_not_eval_data(self.data.source)
 
     def recipe(self) -> dict:
         d = asdict(self)
@@ -161,6 +163,23 @@ class HealResult:
             "loss_last": h[-1]["loss"] if h else None, "seconds": self.seconds,
             "teacher_cache_bytes": self.teacher_cache_bytes,
         }
+
+
+DEFAULT_HEAL_TOKENS = 65536  # `layerfold heal` without --heal-tokens
+
+
+def heal_command_defaults() -> HealOptions:
+    """`layerfold heal`: LoRA distilled from the original on text it writes itself."""
+    return HealOptions(tokens=DEFAULT_HEAL_TOKENS)
+
+
+def compress_defaults() -> HealOptions:
+    """The main job's healing (`layerfold compress` with no healing flags): the recipe that
+    did best in benchmarks/healing.md among those that finish in a few minutes on 2 CPU
+    cores. It reuses the calibration text (already written and cached for the importance
+    scores), so it costs no text generation."""
+    return HealOptions(tokens=32768, train="layers", layers="last:3",
+                       data=CalibrationSpec(source=CALIBRATION_TEXT))
 
 
 def _parse_layers(text: str, n: int) -> list[int]:
@@ -200,6 +219,8 @@ def untie_lm_head(model: nn.Module) -> None:
 
 def healing_data(opts: HealOptions, source_model: LoadedModel, seq_len: int | None = None) -> torch.Tensor:
     """Token rows for ``opts.tokens`` tokens (one pass), written by / read for ``source_model``."""
+    if opts.data.source == CALIBRATION_TEXT:
+        raise LayerfoldError("--heal-data calib (the calibration text) works only with `layerfold compress`")
     seq = seq_len or opts.data.seq_len
     steps = steps_for_tokens(opts.tokens, opts.batch_size, opts.grad_accum, seq)
     rows = steps * opts.batch_size * opts.grad_accum

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .data.calibration import CalibrationSpec, load_calibration
 from .errors import LayerfoldError
-from .healing import HealOptions
+from .healing import HealOptions, compress_defaults, heal_command_defaults
 from .importance import LayerScores, measure_similarity
 from .methods import pruning
 from .importance.gates import GateOptions
@@ -98,7 +98,7 @@ class CompressOptions:
     progress: bool = True
     streamline: StreamlineOptions = field(default_factory=StreamlineOptions)
     evaluation: EvalOptions = field(default_factory=EvalOptions)
-    heal: HealOptions = field(default_factory=HealOptions)
+    heal: HealOptions = field(default_factory=compress_defaults)
     foldgpt: FoldGPTOptions = field(default_factory=FoldGPTOptions)
 
     def command(self) -> str:
@@ -131,8 +131,12 @@ class CompressOptions:
             parts += ["--eval-limit", str(ev.limit)]
         if not ev.enabled:
             parts.append("--no-eval")
-        if self.heal.enabled:
-            parts += heal_flags(self.heal)
+        if self.method == "foldgpt":
+            pass  # its cure is its healing (the --cure-* flags)
+        elif self.heal.enabled:
+            parts += heal_flags(self.heal, compress_defaults())
+        elif compress_defaults().enabled:
+            parts.append("--no-heal")
         if self.output:
             parts += ["-o", self.output]
         return shlex.join(parts)
@@ -272,8 +276,15 @@ def compress(opts: CompressOptions, loaded: LoadedModel | None = None) -> Compre
         # the healing text and the teacher's answers come from the original, before surgery
         from .healing import healing_data, prepare_teacher, teacher_copy
 
+        from .data.guard import check_not_eval_data
+        from .healing import CALIBRATION_TEXT
+
         t = time.perf_counter()
-        heal_ids = healing_data(opts.heal, loaded)
+        if opts.heal.data.source == CALIBRATION_TEXT:
+            check_not_eval_data(opts.calibration.source)  # never heal on evaluation data
+            heal_ids = ids if ids is not None else load_calibration(opts.calibration, loaded, progress=opts.progress)
+        else:
+            heal_ids = healing_data(opts.heal, loaded)
         seconds["heal_data"] = time.perf_counter() - t
         t = time.perf_counter()
         if opts.heal.needs_teacher:
@@ -498,9 +509,8 @@ def heal_sentence(summary: dict) -> str:
             f"{summary['trainable_parameters']:,} trainable parameters) with the original model as teacher.")
 
 
-def heal_flags(h: HealOptions) -> list[str]:
-    """The command-line flags that reproduce a healing recipe (only those off their default)."""
-    d = HealOptions()
+def heal_flags(h: HealOptions, d: HealOptions) -> list[str]:
+    """The command-line flags that reproduce a healing recipe (those off the command's defaults ``d``)."""
     parts = ["--heal-tokens", str(h.tokens)]
     flags = {"train": "--heal-train", "layers": "--heal-layers", "lm_head": "--heal-lm-head",
              "lora_rank": "--lora-rank", "lora_alpha": "--lora-alpha", "lora_modules": "--lora-modules",
@@ -682,7 +692,7 @@ class HealModelOptions:
     model: ModelOptions = field(default_factory=ModelOptions)
     teacher: str | None = None  # the original model; None: the embedded model
     no_teacher: bool = False  # heal with the next-token loss only
-    heal: HealOptions = field(default_factory=lambda: HealOptions(tokens=DEFAULT_HEAL_TOKENS))
+    heal: HealOptions = field(default_factory=heal_command_defaults)
     output: str | None = None
     force: bool = False
 
@@ -694,13 +704,12 @@ class HealModelOptions:
             parts.append("--no-teacher")
         elif self.teacher:
             parts += ["--teacher", self.teacher]
-        parts += heal_flags(self.heal)
+        parts += heal_flags(self.heal, heal_command_defaults())
         if self.output:
             parts += ["-o", self.output]
         return shlex.join(parts)
 
 
-DEFAULT_HEAL_TOKENS = 65536
 
 
 @dataclass
@@ -713,10 +722,12 @@ class HealModelResult:
 
 def heal_model(opts: HealModelOptions) -> HealModelResult:
     """Load a compressed model and its teacher, heal, and save a new model folder."""
-    from .healing import heal
+    from .healing import CALIBRATION_TEXT, heal
     from .models.saving import check_output_dir
 
     opts.heal.validate()
+    if opts.heal.data.source == CALIBRATION_TEXT:
+        raise LayerfoldError("--heal-data calib (the calibration text) works only with `layerfold compress`")
     if not opts.heal.enabled:
         raise LayerfoldError("--heal-tokens must be positive for layerfold heal")
     if opts.no_teacher:

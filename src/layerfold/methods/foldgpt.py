@@ -99,8 +99,12 @@ def fold(
     cure_ids: torch.Tensor | None = None,
     log_file: str | None = None,
     progress: bool = True,
+    gates: GateResult | None = None,
 ) -> FoldGPTResult:
-    """Run FoldGPT on ``loaded.model`` in place; returns what was done."""
+    """Run FoldGPT on ``loaded.model`` in place; returns what was done.
+
+    ``gates``: a ranking already trained on this model for ``n_remove`` (``analyze --gates``
+    prints one); by default the gates are trained here."""
     opts.validate()
     model, arch = loaded.model, loaded.arch
     n = len(decoder_layers(model, arch))
@@ -109,7 +113,11 @@ def fold(
     teacher = copy.deepcopy(model).eval() if cure_on else None
 
     # 1-2. gates, then removal of the lowest-gated layers
-    gates = gate_ranking(model, arch, calib_ids, n_remove, opts.gates, progress=progress)
+    if gates is None:
+        gates = gate_ranking(model, arch, calib_ids, n_remove, opts.gates, progress=progress)
+    elif len(gates.removed) != n_remove or len(gates.gates) != n:
+        raise LayerfoldError(f"the given gates remove {len(gates.removed)} of {len(gates.gates)} layers, "
+                             f"not {n_remove} of {n}")
     kept = remove_layers(model, arch, sorted(gates.removed))
     params_after_removal = count_parameters(model)
 
