@@ -35,7 +35,7 @@ def test_help_explains_every_option(capsys):
     for flag in ("--method", "--remove", "--sparsity", "--output", "--force", "--calib",
                  "--calib-samples", "--seq-len", "--dtype", "--device", "--trust-remote-code"):
         assert flag in out
-    assert "default: streamline-block" in out and "default: 256" in out
+    assert "default: bi" in out and "default: 256" in out and "--no-heal" in out
 
 
 def test_missing_model_path(capsys, tmp_path):

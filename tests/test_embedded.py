@@ -24,11 +24,13 @@ def test_prune_two_layers_save_reload_generate(embedded, tmp_path, capsys):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out = tmp_path / "smol"
-    # self-generated calibration text, kept small so the test stays quick
-    code = main(["-q", "compress", "--remove", "2", "--calib-samples", "4", "--seq-len", "64", "-o", str(out)])
+    # self-generated calibration text and the default healing (on that text), kept small so
+    # the test stays quick
+    code = main(["-q", "compress", "--remove", "2", "--calib-samples", "4", "--seq-len", "64", "--heal-tokens", "1024",
+                 "-o", str(out)])
     stdout = capsys.readouterr().out
     assert code == 0, stdout
-    assert "30 -> 28" in stdout
+    assert "30 -> 28" in stdout and "healing      1,024 tokens in 2 steps" in stdout
     model = AutoModelForCausalLM.from_pretrained(out)
     tok = AutoTokenizer.from_pretrained(out)
     assert model.config.num_hidden_layers == 28

@@ -27,7 +27,7 @@ from .models.saving import folder_bytes, save_model_folder
 from .models.surgery import count_parameters, decoder_layers, remove_layers
 
 METHODS = ("streamline", "streamline-block", "bi", "angular", "last-n", "foldgpt")
-DEFAULT_METHOD = "streamline-block"
+DEFAULT_METHOD = "bi"  # best measured on the embedded model (benchmarks/healing.md)
 
 
 @dataclass
