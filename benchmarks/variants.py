@@ -241,6 +241,10 @@ class Runner:
             record["removed"] = remove
             remove_layers(student.model, student.arch, remove)
         record["repair_seconds"] = time.perf_counter() - t
+        base = variant.partition("+")[0]
+        if healing and not (self.work / f"{base}.json").exists():
+            # the unhealed model is right here: evaluate it now instead of rebuilding it later
+            self.finish(student, {**record, "variant": base, "healing": "none"}, base)
         if healing:
             ids, teacher = self.healing_text()
             opts = replace(HealOptions(tokens=self.args.tokens, batch_size=BATCH), **RECIPES[healing],
@@ -249,6 +253,10 @@ class Runner:
                      eval_every=self.args.curve_every)
             record["heal"] = {**h.summary(), "recipe": opts.recipe()}
             record["history"] = h.train.history
+        self.finish(student, record, variant)
+
+    def finish(self, student, record: dict, variant: str) -> None:
+        print(f"   evaluating {variant}", flush=True)
         record["params"] = count_parameters(student.model)
         record["samples"] = samples(student)
         t = time.perf_counter()

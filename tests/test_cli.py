@@ -123,3 +123,40 @@ def test_analyze_prints_table(capsys, tiny_model_dir, text_file, tmp_path):
     assert "BI" in out and "cos n=2" in out and "Most redundant blocks" in out
     data = json.loads(js.read_text())
     assert len(data["block_influence"]) == 6
+
+
+def test_max_memory_chunks_the_pass_without_changing_scores(capsys, tiny_model_dir, text_file, tmp_path):
+    """A tiny activation budget runs one batch per chunk (each layer read once per batch);
+    the scores are the same as with everything in one chunk."""
+    results = []
+    for budget in ("2GiB", "1KiB"):
+        js = tmp_path / f"{budget}.json"
+        code, _, err = _run(capsys, "-q", "analyze", tiny_model_dir("llama"), "--calib", text_file,
+                            "--calib-samples", "6", "--seq-len", "16", "--batch-size", "2",
+                            "--max-memory", budget, "--json", str(js))
+        assert code == 0, err
+        results.append(json.loads(js.read_text()))
+    def flat(x):
+        return [v for row in x for v in flat(row)] if isinstance(x, list) else [float("nan") if x is None else x]
+
+    for key in ("block_influence", "cosine", "angular"):
+        assert flat(results[0][key]) == pytest.approx(flat(results[1][key]), abs=1e-6, nan_ok=True), key
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["analyze", "--max-memory", "lots"], "not a memory size"),
+    (["compress", "--remove", "abc"], "invalid int value"),
+    (["compress", "--method", "magic"], "invalid choice"),
+])
+def test_usage_errors_are_one_line(capsys, argv, needle):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and needle in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_parse_size():
+    from layerfold.cli import parse_size
+
+    assert parse_size("512MiB") == 512 * 2**20 and parse_size("2GB") == 2 * 10**9 and parse_size("4096") == 4096
+    assert parse_size("1.5g") == 1_500_000_000

@@ -67,6 +67,9 @@ def _add_calibration_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--split", default=d.split, help="data set split (hf: sources)")
     g.add_argument("--seed", type=int, default=d.seed, help="seed of self-generated text")
     g.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass")
+    g.add_argument("--max-memory", type=parse_size, default="2GiB",
+                   help="memory for the calibration pass's activations (e.g. 512MiB, 8GB): batches that fit "
+                   "go through each layer together, so each layer's weights are read once per such chunk")
 
 
 def _add_streamline_args(p: argparse.ArgumentParser) -> None:
@@ -192,6 +195,21 @@ def _heal_options(args, d):
     )
 
 
+_SIZE_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
+               "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12, "tib": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """'512MiB', '2GB', '1.5g', '4096' -> bytes."""
+    import re
+
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+    unit = m.group(2).lower() if m else None
+    if not m or unit not in _SIZE_UNITS or float(m.group(1)) <= 0:
+        raise argparse.ArgumentTypeError(f"not a memory size: {text!r} (examples: 512MiB, 2GB)")
+    return int(float(m.group(1)) * _SIZE_UNITS[unit])
+
+
 def _calibration(args) -> CalibrationSpec:
     return CalibrationSpec(
         source=args.calib, samples=args.calib_samples, seq_len=args.seq_len,
@@ -206,14 +224,21 @@ def _model_options(args):
                         trust_remote_code=args.trust_remote_code)
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors on one line, like every other error of the tool."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .pipeline import DEFAULT_METHOD, METHODS
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="layerfold",
         formatter_class=_Formatter,
         description="Make decoder-only language models shallower and report what it cost.\n\n"
-        "Quick start:  layerfold compress        (prunes the embedded SmolLM2-135M by 25%)\n"
+        "Quick start:  layerfold compress        (prunes the embedded SmolLM2-135M by 25% and heals it)\n"
         "              layerfold analyze MODEL   (per-layer and per-block importance)",
     )
     parser.add_argument("--version", action="version", version=f"layerfold {__version__}")
@@ -435,7 +460,7 @@ def _cmd_compress(args) -> int:
     opts = CompressOptions(
         model=_model_options(args), calibration=_calibration(args), method=args.method,
         remove=args.remove, sparsity=args.sparsity, output=args.output, force=args.force,
-        batch_size=args.batch_size, progress=not args.quiet, evaluation=evaluation,
+        batch_size=args.batch_size, max_memory=args.max_memory, progress=not args.quiet, evaluation=evaluation,
         streamline=_streamline_options(args), heal=_heal_options(args, compress_defaults()), foldgpt=_foldgpt_options(args),
     )
     _validate_sizes(args)
@@ -507,7 +532,7 @@ def _cmd_analyze(args) -> int:
     except ValueError:
         raise LayerfoldError(f"--block-sizes must be comma-separated integers (got {args.block_sizes!r})") from None
     r = analyze(AnalyzeOptions(model=_model_options(args), calibration=_calibration(args),
-                               batch_size=args.batch_size, progress=not args.quiet,
+                               batch_size=args.batch_size, max_memory=args.max_memory, progress=not args.quiet,
                                gates=_gate_options(args) if args.gates else None, gate_remove=args.remove))
     print(importance_table(r.scores, sizes))
     print(f"\n{r.scores.samples} sequences, {r.scores.tokens:,} tokens, {r.seconds:.1f}s")

@@ -179,7 +179,7 @@ def compress_defaults() -> HealOptions:
     cores. It reuses the calibration text (already written and cached for the importance
     scores), so it costs no text generation."""
     return HealOptions(tokens=32768, train="layers", layers="last:3",
-                       data=CalibrationSpec(source=CALIBRATION_TEXT))
+                       data=CalibrationSpec(source=CALIBRATION_TEXT, seed=HEAL_SEED))
 
 
 def _parse_layers(text: str, n: int) -> list[int]:

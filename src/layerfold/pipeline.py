@@ -16,7 +16,7 @@ from pathlib import Path
 from .data.calibration import CalibrationSpec, load_calibration
 from .errors import LayerfoldError
 from .healing import HealOptions, compress_defaults, heal_command_defaults
-from .importance import LayerScores, measure_similarity
+from .importance import DEFAULT_ACTIVATION_BYTES, LayerScores, measure_similarity
 from .methods import pruning
 from .importance.gates import GateOptions
 from .methods.foldgpt import FoldGPTOptions
@@ -46,6 +46,7 @@ class AnalyzeOptions:
     progress: bool = True
     gates: GateOptions | None = None  # also train FoldGPT gates (``analyze --gates``)
     gate_remove: int | None = None  # the gates' budget: layers to remove (default 25%)
+    max_memory: int = DEFAULT_ACTIVATION_BYTES  # activations of the calibration pass held at once
 
 
 @dataclass
@@ -95,6 +96,7 @@ class CompressOptions:
     output: str | None = None
     force: bool = False
     batch_size: int = 8
+    max_memory: int = DEFAULT_ACTIVATION_BYTES  # activations of the calibration pass held at once
     progress: bool = True
     streamline: StreamlineOptions = field(default_factory=StreamlineOptions)
     evaluation: EvalOptions = field(default_factory=EvalOptions)
@@ -202,7 +204,8 @@ def analyze(opts: AnalyzeOptions, loaded: LoadedModel | None = None) -> AnalyzeR
     loaded = loaded or _load(opts.model, lazy=opts.gates is None)
     ids = load_calibration(opts.calibration, loaded, progress=opts.progress)
     scores = measure_similarity(
-        loaded.model, loaded.arch, ids, batch_size=opts.batch_size, progress=opts.progress
+        loaded.model, loaded.arch, ids, batch_size=opts.batch_size, max_activation_bytes=opts.max_memory,
+        progress=opts.progress,
     )
     if opts.gates is not None:
         from .importance.gates import gate_ranking
@@ -256,7 +259,8 @@ def compress(opts: CompressOptions, loaded: LoadedModel | None = None) -> Compre
         ids = load_calibration(opts.calibration, loaded, progress=opts.progress)
         seconds["calibration"] = time.perf_counter() - t
         t = time.perf_counter()
-        scores = measure_similarity(model, arch, ids, batch_size=opts.batch_size, progress=opts.progress)
+        scores = measure_similarity(model, arch, ids, batch_size=opts.batch_size,
+                                    max_activation_bytes=opts.max_memory, progress=opts.progress)
         seconds["importance"] = time.perf_counter() - t
 
     eval_kw = opts.evaluation.evaluate_kwargs()

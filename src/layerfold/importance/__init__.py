@@ -49,4 +49,4 @@ def measure_similarity(
     return obs.scores()
 
 
-__all__ = ["LayerScores", "measure_similarity"]
+__all__ = ["DEFAULT_ACTIVATION_BYTES", "LayerScores", "measure_similarity"]
