@@ -14,6 +14,7 @@ from layerfold import CompressOptions, compress, load_model
 from layerfold.data.calibration import CalibrationSpec
 from layerfold.importance.layer_pass import final_hidden_states
 from layerfold.models.architectures import architecture_for, get_path
+from layerfold.models.compat import cache_kwargs, returned_cache
 from layerfold.models.surgery import remove_layers
 from layerfold.pipeline import ModelOptions
 
@@ -68,10 +69,10 @@ def test_pruned_model_equals_model_built_with_smaller_config(model_type):
         # with the KV cache: prefill then one token at a time must match the full forward
         full = model(ids).logits
         out = model(ids[:, :12], use_cache=True)
-        past, steps = out.past_key_values, [out.logits]
+        past, steps = returned_cache(out), [out.logits]
         for t in range(12, ids.shape[1]):
-            out = model(ids[:, t : t + 1], past_key_values=past, use_cache=True)
-            past = out.past_key_values
+            out = model(ids[:, t : t + 1], use_cache=True, **cache_kwargs(model, past))
+            past = returned_cache(out)
             steps.append(out.logits)
         torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-4, atol=1e-4)
     for i, layer in enumerate(get_path(model, arch.layers)):

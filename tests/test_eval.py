@@ -14,7 +14,7 @@ from layerfold.cli import main
 from layerfold.errors import LayerfoldError
 from layerfold.eval import EvalResult, encode_pair, evaluate, load_task, perplexity, stability
 from layerfold.eval.result import multiple_choice_result
-from layerfold.eval.scoring import score_examples, score_examples_naive
+from layerfold.eval.scoring import score_examples, score_examples_naive, suffix_chunks
 
 
 
@@ -256,3 +256,28 @@ def test_lm_eval_bridge_agrees_on_local_tasks(task_files):
     assert theirs["mc"]["acc"] == pytest.approx(ours.tasks["mc"].metrics["acc"])
     assert theirs["mc"]["acc_norm"] == pytest.approx(ours.tasks["mc"].metrics["acc_norm"])
     assert theirs["wino"]["acc"] == pytest.approx(ours.tasks["wino"].metrics["acc"])
+
+
+def test_suffix_chunks_bound_padding_and_keep_every_item():
+    lengths = [40, 3, 38, 1, 35, 30, 20, 10, 9, 2, 2]
+    chunks = suffix_chunks(list(range(len(lengths))), lambda i: lengths[i])
+    assert sorted(i for c in chunks for i in c) == list(range(len(lengths)))
+    assert len(chunks) > 1  # 40 and 1 never share a chunk
+    for c in chunks:
+        padded, real = lengths[c[0]] * len(c), sum(lengths[i] for i in c)
+        assert lengths[c[0]] == max(lengths[i] for i in c)
+        assert padded <= 1.25 * real
+
+
+def test_choices_of_very_different_lengths_score_as_alone():
+    # one example whose suffixes land in several chunks, each against its own copy of the cache
+    model, tok = build_tiny("qwen2"), tiny_tokenizer()
+    ctx = "Goal: open the jar.\nSolution:"
+    ex = [[(ctx, " twist"), (ctx, " hold the lid firmly and twist it counter-clockwise until it opens"),
+           (ctx, " run it under hot water, then twist"), (ctx, " x")],
+          [("Q: 2+2?\nA:", " 4"), ("Q: 2+2?\nA:", " four, as everybody knows")]]
+    fast, stats = score_examples(model, tok, ex, batch_size=2)
+    slow, _ = score_examples_naive(model, tok, ex)
+    assert stats.forward_passes > 2  # the suffixes really were split
+    for a, b in zip(_flat(fast), _flat(slow)):
+        assert a.loglik == pytest.approx(b.loglik, abs=1e-4)

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from ..models.compat import cache_kwargs, returned_cache
+
 
 @dataclass
 class Cost:
@@ -137,12 +139,12 @@ def measure_cost(model, *, path=None, prefill_tokens: int = 256, decode_tokens: 
             times.append(time.perf_counter() - t)
         cost.prefill_tokens_per_s = prefill_tokens / statistics.median(times[1:])
         out = model(input_ids=prompt[:, :16], use_cache=True, logits_to_keep=1)
-        cache, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        cache, nxt = returned_cache(out), out.logits[:, -1:].argmax(-1)
         _sync(device)
         t = time.perf_counter()
         for _ in range(decode_tokens):
-            out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
-            cache, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            out = model(input_ids=nxt, use_cache=True, **cache_kwargs(model, cache))
+            cache, nxt = returned_cache(out), out.logits[:, -1:].argmax(-1)
         _sync(device)
         cost.decode_tokens_per_s = decode_tokens / (time.perf_counter() - t)
     cost.peak_memory_bytes = mem.peak

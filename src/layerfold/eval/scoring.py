@@ -24,8 +24,12 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+import copy
+
 import torch
 import torch.nn.functional as F
+
+from ..models.compat import cache_kwargs, returned_cache
 
 LOGIT_CHUNK = 512  # rows of hidden states turned into vocabulary logits at once
 
@@ -199,31 +203,37 @@ def _score_batch(model, groups: list[_Group], pad_id: int, stats: ScoreStats) ->
     stats.tokens_run += int(mask.sum())
     stats.tokens_padded += B * P
 
-    h_suffix = None
-    row_of: dict[tuple[int, int], int] = {}
+    # the suffixes run against copies of their prefix's cache, in chunks of similar length
+    # (choices differ in length far more than prefixes do: one chunk would be mostly padding)
+    suffix_hidden: dict[tuple[int, int], torch.Tensor] = {}
     if need_suffix:
-        S = max(len(groups[b].suffix(j)) for b, j in need_suffix)
-        R = len(need_suffix)
-        sids = torch.full((R, S), pad_id, dtype=torch.long)
-        smask = torch.zeros((R, S), dtype=torch.long)
-        spos = torch.zeros((R, S), dtype=torch.long)
-        for r, (b, j) in enumerate(need_suffix):
-            suf = groups[b].suffix(j)
-            p = len(groups[b].prefix)
-            sids[r, : len(suf)] = torch.tensor(suf)
-            smask[r, : len(suf)] = 1
-            spos[r, : len(suf)] = torch.arange(p, p + len(suf))
-            spos[r, len(suf):] = p + len(suf) - 1
-            row_of[(b, j)] = r
-        rows = torch.tensor([b for b, _ in need_suffix], device=device)
-        cache = out.past_key_values
-        cache.batch_select_indices(rows)  # one copy of each prefix's cache per request
-        full_mask = torch.cat([mask.to(device)[rows], smask.to(device)], dim=1)
-        h_suffix = base(input_ids=sids.to(device), attention_mask=full_mask, position_ids=spos.to(device),
-                        past_key_values=cache, use_cache=True).last_hidden_state
-        stats.forward_passes += 1
-        stats.tokens_run += int(smask.sum())
-        stats.tokens_padded += R * S
+        cache = returned_cache(out)
+        mask = mask.to(device)
+        for chunk in suffix_chunks(need_suffix, lambda bj: len(groups[bj[0]].suffix(bj[1]))):
+            S = len(groups[chunk[0][0]].suffix(chunk[0][1]))
+            R = len(chunk)
+            sids = torch.full((R, S), pad_id, dtype=torch.long)
+            smask = torch.zeros((R, S), dtype=torch.long)
+            spos = torch.zeros((R, S), dtype=torch.long)
+            for r, (b, j) in enumerate(chunk):
+                suf = groups[b].suffix(j)
+                p = len(groups[b].prefix)
+                sids[r, : len(suf)] = torch.tensor(suf)
+                smask[r, : len(suf)] = 1
+                spos[r, : len(suf)] = torch.arange(p, p + len(suf))
+                spos[r, len(suf):] = p + len(suf) - 1
+            rows = torch.tensor([b for b, _ in chunk], device=device)
+            chunk_cache = copy.deepcopy(cache) if len(chunk) < len(need_suffix) else cache
+            chunk_cache.batch_select_indices(rows)  # one copy of each prefix's cache per request
+            full_mask = torch.cat([mask[rows], smask.to(device)], dim=1)
+            h = base(input_ids=sids.to(device), attention_mask=full_mask, position_ids=spos.to(device),
+                     use_cache=True, **cache_kwargs(base, chunk_cache)).last_hidden_state
+            for r, bj in enumerate(chunk):
+                suffix_hidden[bj] = h[r]
+            stats.forward_passes += 1
+            stats.tokens_run += int(smask.sum())
+            stats.tokens_padded += R * S
+            del chunk_cache
         del cache
 
     # gather the hidden state of every scored position, then one output head over all of them
@@ -241,7 +251,7 @@ def _score_batch(model, groups: list[_Group], pad_id: int, stats: ScoreStats) ->
             if in_prefix:
                 picks.append(h_prefix[b, [P - p + i for i in in_prefix]])
             if in_suffix:
-                picks.append(h_suffix[row_of[(b, j)], in_suffix])
+                picks.append(suffix_hidden[(b, j)][in_suffix])
             targets += r.continuation
             spans[-1].append((n, n + len(r.continuation)))
             n += len(r.continuation)
@@ -256,6 +266,23 @@ def _score_batch(model, groups: list[_Group], pad_id: int, stats: ScoreStats) ->
         hit[s: s + LOGIT_CHUNK] = lg.argmax(dim=-1) == t
     logp, hit = logp.cpu(), hit.cpu()
     return [[Scored(float(logp[a:z].sum()), bool(hit[a:z].all()), z - a) for a, z in sp] for sp in spans]
+
+
+def suffix_chunks(items: list, length: Callable, waste: float = 0.25) -> list[list]:
+    """Split ``items`` into runs of similar ``length``, longest first: a chunk is padded to its
+    first (longest) item, and a new chunk starts when padding would exceed ``waste`` of it."""
+    ordered = sorted(items, key=length, reverse=True)
+    chunks: list[list] = []
+    for it in ordered:
+        if chunks:
+            chunk = chunks[-1]
+            longest = length(chunk[0])
+            real = sum(length(x) for x in chunk) + length(it)
+            if longest * (len(chunk) + 1) <= (1 + waste) * real:
+                chunk.append(it)
+                continue
+        chunks.append([it])
+    return chunks
 
 
 def score_examples(
@@ -282,9 +309,10 @@ def score_examples(
         stats.tokens_distinct += distinct_tokens(reqs)
         stats.tokens_naive += sum(len(r.inputs) for r in reqs)
     groups = make_groups(encoded)
-    # longest first: the first batch shows at once whether memory suffices, and similar
-    # lengths batched together waste little padding
-    order = sorted(range(len(groups)), key=lambda i: -groups[i].size)
+    # longest prefix first: the first batch shows at once whether memory suffices, and
+    # prefixes of similar length batched together waste little padding (the suffixes are
+    # chunked by their own length in _score_batch)
+    order = sorted(range(len(groups)), key=lambda i: (-len(groups[i].prefix), -groups[i].size))
     flat: list[Scored | None] = [None] * sum(len(ex) for ex in encoded)
     pad_id = _pad_id(tokenizer)
     for s in range(0, len(order), batch_size):
