@@ -159,7 +159,7 @@ def _add_heal_args(p: argparse.ArgumentParser, d) -> None:
     g.add_argument("--heal-batch-size", type=int, default=d.batch_size, help="sequences per micro-batch")
     g.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per optimizer step")
     g.add_argument("--heal-lr", type=float, default=d.lr,
-                   help="learning rate (None: 3e-4 for lora, 1e-4 otherwise)")
+                   help="learning rate (None: 5e-4 for lora, 1e-4 otherwise)")
     g.add_argument("--heal-precision", default=d.precision, choices=["fp32", "bf16"],
                    help="bf16 autocast (fast on GPUs and recent CPUs) or fp32")
     g.add_argument("--heal-seed", type=int, default=d.seed, help="seed of batch order and LoRA init")
