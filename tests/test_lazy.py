@@ -60,3 +60,68 @@ def test_streamed_pruning_save_equals_in_memory(model_type, tiny_model_dir, tmp_
     ids = torch.randint(3, 250, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(a(ids).logits, b(ids).logits, rtol=0, atol=0)
+
+
+def _compress_both_ways(src, text_file, tmp_path, **kw):
+    """compress() from a model loaded in memory and from one it streams itself: both folders."""
+    from layerfold import CompressOptions, compress
+    from layerfold.data.calibration import CalibrationSpec
+    from layerfold.healing import HealOptions
+    from layerfold.pipeline import EvalOptions, ModelOptions
+
+    outs, lazy_loaded = {}, None
+    for mode in ("eager", "lazy"):
+        loaded = load_model(src, lazy=(mode == "lazy"))
+        if mode == "lazy":
+            lazy_loaded = loaded
+        opts = CompressOptions(model=ModelOptions(src), calibration=CalibrationSpec(source=text_file, samples=6, seq_len=16),
+                               output=str(tmp_path / mode), progress=False, heal=HealOptions(tokens=0),
+                               evaluation=EvalOptions(enabled=False), **kw)
+        outs[mode] = compress(opts, loaded=loaded).output
+    return outs, lazy_loaded
+
+
+def _same_weights(a, b):
+    from safetensors.torch import load_file
+
+    def tensors(folder):
+        out = {}
+        for f in sorted(folder.glob("*.safetensors")):
+            out.update(load_file(f))
+        return out
+
+    ta, tb = tensors(a), tensors(b)
+    assert ta.keys() == tb.keys()
+    for k in ta:
+        torch.testing.assert_close(ta[k], tb[k], rtol=0, atol=0, msg=k)
+
+
+@pytest.mark.parametrize("method", ["bi", "angular"])
+def test_streamed_compress_equals_in_memory(method, tiny_model_dir, text_file, tmp_path):
+    outs, lazy = _compress_both_ways(tiny_model_dir("llama"), text_file, tmp_path, method=method, remove=2)
+    _same_weights(outs["eager"], outs["lazy"])
+    assert _meta_layers(lazy) == 4  # the kept layers were never all in memory
+
+
+@pytest.mark.parametrize("replacement", ["layer", "ffn"])
+def test_streamed_streamline_equals_in_memory(replacement, tiny_model_dir, text_file, tmp_path):
+    from layerfold.methods.streamline import StreamlineOptions
+
+    so = StreamlineOptions(replacement=replacement, ffn_width=16, train_tokens=64)
+    outs, lazy = _compress_both_ways(tiny_model_dir("qwen2"), text_file, tmp_path, method="streamline", remove=2,
+                                     streamline=so)
+    _same_weights(outs["eager"], outs["lazy"])
+    assert _meta_layers(lazy) >= 3  # only the replacement holds weights of its own
+
+
+def test_compress_streams_by_default(tiny_model_dir, text_file, tmp_path, monkeypatch):
+    import layerfold.pipeline as pipeline
+
+    seen = []
+    real = pipeline._load
+    monkeypatch.setattr(pipeline, "_load", lambda opts, lazy=False: seen.append(lazy) or real(opts, lazy=lazy))
+    from layerfold.cli import main
+
+    assert main(["-q", "compress", tiny_model_dir("llama"), "--remove", "1", "--calib", text_file,
+                 "--calib-samples", "4", "--seq-len", "16", "--no-heal", "--no-eval", "-o", str(tmp_path / "o")]) == 0
+    assert seen == [True]

@@ -245,7 +245,9 @@ def compress(opts: CompressOptions, loaded: LoadedModel | None = None) -> Compre
         check_output_dir(Path(opts.output), opts.force)  # fail before any slow work
     seconds: dict[str, float] = {}
     t = time.perf_counter()
-    loaded = loaded or _load(opts.model)
+    # layer-streamed: weights stay on disk until a layer is used, so importance, pair
+    # collection and saving need about one layer in memory (FoldGPT trains all gates at once)
+    loaded = loaded or _load(opts.model, lazy=opts.method != "foldgpt")
     seconds["load"] = time.perf_counter() - t
     if opts.method == "foldgpt":
         return _compress_foldgpt(opts, loaded, seconds)
@@ -265,6 +267,13 @@ def compress(opts: CompressOptions, loaded: LoadedModel | None = None) -> Compre
 
     eval_kw = opts.evaluation.evaluate_kwargs()
     eval_before = eval_after = None
+    if eval_kw is not None or opts.heal.enabled:
+        # evaluating the original and teaching the healed model need all of it at once
+        from .models.lazy import materialize
+
+        t = time.perf_counter()
+        materialize(model, arch)
+        seconds["load"] += time.perf_counter() - t
     if eval_kw is not None:
         from .eval import evaluate
 

@@ -29,6 +29,7 @@ from ..errors import LayerfoldError
 from ..importance import LayerScores
 from ..importance.layer_pass import capture_layer_inputs, layer_pass, run_layer
 from ..models.architectures import Architecture
+from ..models.lazy import layer_weights, materialize
 from ..models.surgery import decoder_layers, decoder_parameters, replace_block
 from ..nn.replacements import REPLACEMENTS, FFNReplacement, ReplacementSpec, build_replacement, parameter_count
 from ..train.fit import FitResult, TrainConfig, fit
@@ -313,6 +314,9 @@ def streamline(
     removed = list(range(start + 1, start + window)) if window > 1 else []
     similarity = scores.cosine[start][window]
 
+    weights = layer_weights(model, arch)
+    if opts.loss not in PAIR_LOSSES:
+        materialize(model, arch)  # the in-place losses run the whole model
     torch.manual_seed(opts.seed)
     teacher = None
     if opts.loss == "kl":
@@ -331,7 +335,8 @@ def streamline(
         collect_pairs(model, arch, ids, start, window, store, batch_size=batch_size, progress=progress)
         seconds["pairs"] = time.perf_counter() - t
 
-    replacement = build_replacement(layers[start], model.config, arch, spec)
+    # a layer-streamed model reads the block's first layer from disk (the pair pass released it)
+    replacement = build_replacement(weights.acquire(start), model.config, arch, spec)
     for p in model.parameters():
         p.requires_grad_(False)
     # build_replacement set the replacement's own trainable flags; the rest of the model is frozen

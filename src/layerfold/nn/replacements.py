@@ -29,6 +29,7 @@ from torch import nn
 
 from ..errors import LayerfoldError
 from ..models.architectures import Architecture, get_path
+from ..models.lazy import ORIGIN_ATTR
 
 REPLACEMENTS = ("layer", "ffn", "swiglu", "none")
 DEFAULT_REPLACEMENT = "layer"
@@ -98,6 +99,8 @@ def build_replacement(block_first: nn.Module, config, arch: Architecture, spec: 
                              attention_type=getattr(block_first, "attention_type", None))
         return ffn.to(device=ref.device, dtype=ref.dtype)
     layer = copy.deepcopy(block_first)
+    # the copy gets its own weights: it must never be re-read from the input checkpoint
+    layer.__dict__.pop(ORIGIN_ATTR, None)
     for p in layer.parameters():
         p.requires_grad_(spec.trainable)
     if spec.kind == "swiglu":
