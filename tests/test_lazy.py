@@ -101,6 +101,18 @@ def test_streamed_compress_equals_in_memory(method, tiny_model_dir, text_file, t
     outs, lazy = _compress_both_ways(tiny_model_dir("llama"), text_file, tmp_path, method=method, remove=2)
     _same_weights(outs["eager"], outs["lazy"])
     assert _meta_layers(lazy) == 4  # the kept layers were never all in memory
+    assert lazy.model.get_output_embeddings().weight.device.type == "meta"  # the untied head was never read
+
+
+def test_lazy_model_generates_like_the_eager_one(tiny_model_dir):
+    from layerfold.models.lazy import fully_loaded
+
+    src = tiny_model_dir("llama")
+    eager, lazy = load_model(src), load_model(src, lazy=True)
+    ids = torch.randint(3, 250, (1, 6), generator=torch.Generator().manual_seed(1))
+    with fully_loaded(lazy.model, lazy.arch):
+        out = lazy.model.generate(ids, max_new_tokens=5, do_sample=False)
+    assert torch.equal(out, eager.model.generate(ids, max_new_tokens=5, do_sample=False))
 
 
 @pytest.mark.parametrize("replacement", ["layer", "ffn"])

@@ -337,6 +337,7 @@ def streamline(
 
     # a layer-streamed model reads the block's first layer from disk (the pair pass released it)
     replacement = build_replacement(weights.acquire(start), model.config, arch, spec)
+    weights.release(start)  # the replacement is a copy; a streamed model drops the original again
     for p in model.parameters():
         p.requires_grad_(False)
     # build_replacement set the replacement's own trainable flags; the rest of the model is frozen

@@ -62,9 +62,19 @@ class LayerWeights:
     """Hands out decoder layers with their weights present; the same calls for every model."""
 
     def __init__(self, model: nn.Module, arch: Architecture, source: SafetensorsFolder | None = None,
-                 dtype: torch.dtype | None = None, device: torch.device | None = None):
+                 dtype: torch.dtype | None = None, device: torch.device | None = None,
+                 deferred: list[str] | None = None):
         self.model, self.arch, self.source = model, arch, source
         self.dtype, self.device = dtype, device
+        self.deferred = list(deferred or [])  # tensors outside the layers left on disk (an untied head)
+
+    def load_deferred(self) -> None:
+        """Read the tensors outside the layers that only generation needs (an untied output head)."""
+        if self.source is None or not self.deferred:
+            return
+        state = self.source.load(self.deferred, self.dtype, self.device)
+        self.model.load_state_dict(state, strict=False, assign=True)
+        self.deferred = []
 
     @property
     def lazy(self) -> bool:
@@ -108,7 +118,14 @@ def load_lazy(folder: Path, config, arch: Architecture, dtype: torch.dtype, devi
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     layers_prefix = arch.layers + "."
     outside = [n for n in source.names() if not n.startswith(layers_prefix)]
-    state = source.load(outside, dtype, device)
+    # an untied output head is as large as the embeddings and the layer pass never uses it
+    # (no logits): it stays on disk until something generates text or the model is saved
+    head = model.get_output_embeddings()
+    tied = getattr(config, "tie_word_embeddings", False)
+    head_names = set() if head is None or tied else {
+        n for n, p in model.named_parameters() if any(p is q for q in head.parameters())}
+    deferred = [n for n in outside if n in head_names]
+    state = source.load([n for n in outside if n not in head_names], dtype, device)
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     if unexpected:
         raise LayerfoldError(f"{folder}: unexpected tensors {unexpected[:3]}")
@@ -116,7 +133,8 @@ def load_lazy(folder: Path, config, arch: Architecture, dtype: torch.dtype, devi
         out_emb, in_emb = model.get_output_embeddings(), model.get_input_embeddings()
         if out_emb is not None and out_emb.weight.device.type == "meta":
             out_emb.weight = in_emb.weight
-    still_meta = [n for n, p in model.named_parameters() if p.device.type == "meta" and not n.startswith(layers_prefix)]
+    still_meta = [n for n, p in model.named_parameters()
+                  if p.device.type == "meta" and not n.startswith(layers_prefix) and n not in head_names]
     if still_meta:
         raise LayerfoldError(f"{folder}: weights missing from the checkpoint: {', '.join(still_meta[:3])}")
     for name, buf in model.named_buffers():
@@ -124,7 +142,7 @@ def load_lazy(folder: Path, config, arch: Architecture, dtype: torch.dtype, devi
             _set_buffer(model, name, buf.to(device))
     for i, layer in enumerate(decoder_layers(model, arch)):
         setattr(layer, ORIGIN_ATTR, i)
-    model._layerfold_weights = LayerWeights(model, arch, source, dtype, device)
+    model._layerfold_weights = LayerWeights(model, arch, source, dtype, device, deferred)
     model.eval()
     return model
 
@@ -132,6 +150,7 @@ def load_lazy(folder: Path, config, arch: Architecture, dtype: torch.dtype, devi
 def materialize(model: nn.Module, arch: Architecture) -> nn.Module:
     """Load every layer: turns a lazy model into an ordinary one (for training or evaluation)."""
     weights = layer_weights(model, arch)
+    weights.load_deferred()
     for i in range(len(decoder_layers(model, arch))):
         weights.acquire(i)
     if weights.lazy:
@@ -143,6 +162,7 @@ def materialize(model: nn.Module, arch: Architecture) -> nn.Module:
 def fully_loaded(model: nn.Module, arch: Architecture):
     """All layers in memory for the duration (e.g. to sample text), then back on disk."""
     weights = layer_weights(model, arch)
+    weights.load_deferred()
     n = len(decoder_layers(model, arch))
     for i in range(n):
         weights.acquire(i)

@@ -161,9 +161,12 @@ def save_streamed(model, arch, folder: Path, max_shard_bytes: int) -> None:
             continue  # tied to a tensor already written
         seen.add(id(tensor))
         if tensor.device.type == "meta":
-            prefix = next(p for p in layer_of if name.startswith(p))
-            origin = getattr(layer_of[prefix], ORIGIN_ATTR)
-            src_name = f"{arch.layers}.{origin}.{name[len(prefix):]}"
+            prefix = next((p for p in layer_of if name.startswith(p)), None)
+            if prefix is None:  # outside the layers (an untied head): same name in the input
+                src_name = name
+            else:
+                origin = getattr(layer_of[prefix], ORIGIN_ATTR)
+                src_name = f"{arch.layers}.{origin}.{name[len(prefix):]}"
             tensor = source.load([src_name], dtype, device)[src_name]
         t = tensor.detach().to("cpu").contiguous()
         size = t.numel() * t.element_size()

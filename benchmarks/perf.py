@@ -1,0 +1,220 @@
+"""Cost floors of the streamed pipeline (issue "Scale"): each figure is a ratio measured in one run.
+
+    python benchmarks/perf.py analysis   # importance pass (all criteria) / one plain forward pass
+    python benchmarks/perf.py decode     # decode tokens/s of the pruned model / the original's
+    python benchmarks/perf.py rss        # peak RSS of `layerfold compress --method streamline` / weight bytes,
+                                         # on random Llama models this script writes (default ~5 GB)
+
+Results go to ``benchmarks/results/perf/ACTION.json``; ``benchmarks/perf.md`` quotes them.
+Timings alternate the two things compared (A B A B ...) and take medians, so a machine that
+is busy with something else slows both alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+OUT = Path("benchmarks/results/perf")
+
+
+def machine() -> dict:
+    return {"date": time.strftime("%Y-%m-%d %H:%M %Z"), "platform": platform.platform(),
+            "python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads()}
+
+
+def save(name: str, record: dict) -> None:
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / f"{name}.json").write_text(json.dumps({**record, "machine": machine()}, indent=1) + "\n")
+    print(json.dumps(record, indent=1))
+
+
+def alternate(a, b, repeats: int) -> tuple[list[float], list[float]]:
+    """Time ``a`` and ``b`` in turns after one warm-up each."""
+    a(), b()
+    ta, tb = [], []
+    for _ in range(repeats):
+        for f, times in ((a, ta), (b, tb)):
+            t = time.perf_counter()
+            f()
+            times.append(time.perf_counter() - t)
+    return ta, tb
+
+
+def analysis(args) -> None:
+    """All criteria from one layer-by-layer pass, against the model's own forward pass over the
+    same tokens in the same batches (hidden states only: neither computes logits)."""
+    from layerfold.data.calibration import CalibrationSpec, load_calibration
+    from layerfold.importance import measure_similarity
+    from layerfold.models.loading import load_model
+
+    loaded = load_model(None, dtype="fp32", device="cpu")
+    ids = load_calibration(CalibrationSpec(samples=args.samples, seq_len=args.seq_len), loaded, progress=False)
+    model, arch = loaded.model, loaded.arch
+    base = model.get_decoder()
+
+    @torch.no_grad()
+    def plain():
+        for i in range(0, ids.shape[0], args.batch_size):
+            base(input_ids=ids[i: i + args.batch_size], use_cache=False)
+
+    def scores():
+        measure_similarity(model, arch, ids, batch_size=args.batch_size, progress=False)
+
+    t_scores, t_plain = alternate(scores, plain, args.repeats)
+    ratio = statistics.median(t_scores) / statistics.median(t_plain)
+    save("analysis", {"tokens": ids.numel(), "batch_size": args.batch_size, "seconds_analysis": t_scores,
+                      "seconds_forward": t_plain, "ratio": ratio})
+
+
+def decode(args) -> None:
+    """Greedy decoding speed, batch 1, of the original and of the same model with --remove layers
+    removed by Block Influence (the weights do not change the speed, so no healing)."""
+    import copy
+
+    from layerfold.data.calibration import CalibrationSpec, load_calibration
+    from layerfold.eval.cost import measure_cost
+    from layerfold.importance import measure_similarity
+    from layerfold.methods.pruning import PRUNING_METHODS
+    from layerfold.models.loading import load_model
+    from layerfold.models.surgery import remove_layers
+
+    loaded = load_model(None, dtype="fp32", device="cpu")
+    original = loaded.model
+    ids = load_calibration(CalibrationSpec(), loaded, progress=False)
+    scores = measure_similarity(original, loaded.arch, ids, progress=False)
+    pruned = copy.deepcopy(original)
+    n = original.config.num_hidden_layers
+    remove_layers(pruned, loaded.arch, PRUNING_METHODS["bi"](scores, args.remove))
+
+    def speed(model):
+        return lambda: runs.setdefault(id(model), []).append(
+            measure_cost(model, prefill_tokens=args.prefill, decode_tokens=args.tokens, repeats=1))
+
+    runs: dict[int, list] = {}
+    alternate(speed(original), speed(pruned), args.repeats)
+    dec = {k: statistics.median(c.decode_tokens_per_s for c in v[1:]) for k, v in runs.items()}
+    pre = {k: statistics.median(c.prefill_tokens_per_s for c in v[1:]) for k, v in runs.items()}
+    o, p = id(original), id(pruned)
+    save("decode", {"layers": [n, n - args.remove], "ideal_ratio": n / (n - args.remove),
+                    "decode_tokens": args.tokens, "prefill_tokens": args.prefill,
+                    "decode_tokens_per_s": {"original": dec[o], "pruned": dec[p]}, "decode_ratio": dec[p] / dec[o],
+                    "prefill_tokens_per_s": {"original": pre[o], "pruned": pre[p]}, "prefill_ratio": pre[p] / pre[o]})
+
+
+# -- peak memory of the streamed compress ---------------------------------------------
+
+SHAPES = {  # Llama-architecture shapes; fp32 weight bytes in the comment
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4,
+                 num_key_value_heads=2),  # ~25 MB, a smoke test
+    "1gb": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=22, num_attention_heads=16,
+                num_key_value_heads=4),  # ~1.1 GB
+    "5gb": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+                num_key_value_heads=4),  # ~4.9 GB
+}
+
+
+def make_random_llama(shape: str, folder: Path) -> int:
+    """A random Llama model with the embedded model's tokenizer; returns its weight bytes."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from layerfold.models.loading import load_model
+
+    if (folder / "config.json").exists():
+        return _weight_bytes(folder)
+    tok = load_model(None).tokenizer
+    cfg = LlamaConfig(vocab_size=len(tok), max_position_embeddings=2048, tie_word_embeddings=False,
+                      **SHAPES[shape])
+    torch.manual_seed(0)
+    with torch.device("cpu"):
+        model = LlamaForCausalLM(cfg)
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, max_shard_size="1GB")
+    tok.save_pretrained(tmp)
+    AutoTokenizer.from_pretrained(tmp)  # readable
+    tmp.rename(folder)
+    return _weight_bytes(folder)
+
+
+def _weight_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+
+
+# a fresh parent per measurement: RUSAGE_CHILDREN keeps the maximum over all children ever run
+PEAK_OF_CHILD = (
+    "import resource, subprocess, sys\n"
+    "rc = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL).returncode\n"
+    "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024)\n"
+    "sys.exit(rc)\n"
+)
+
+
+def rss(args) -> None:
+    """Peak RSS of a fresh `layerfold compress --method streamline` process per model size and
+    calibration budget, divided by the model's weight bytes."""
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    text = work / "calib.txt"
+    if not text.exists():  # any text will do for a random model; this is the project's own docs
+        docs = [Path("README.md").read_text(), *(p.read_text() for p in Path("benchmarks").glob("*.md"))]
+        text.write_text("\n\n".join(docs))
+    rows = []
+    for shape in args.shapes.split(","):
+        folder = work / f"llama-{shape}"
+        t = time.perf_counter()
+        weight_bytes = make_random_llama(shape, folder)
+        made = time.perf_counter() - t
+        for samples in [int(s) for s in args.samples.split(",")]:
+            out = work / f"out-{shape}-{samples}"
+            cmd = [sys.executable, "-m", "layerfold", "-q", "compress", str(folder), "--method", "streamline",
+                   "--remove", str(args.remove), "--calib", str(text), "--calib-samples", str(samples),
+                   "--seq-len", str(args.seq_len), "--no-heal", "--no-eval", "--force", "-o", str(out),
+                   "--pairs-dir", str(work)]
+            t = time.perf_counter()
+            done = subprocess.run([sys.executable, "-c", PEAK_OF_CHILD, *cmd], capture_output=True, text=True)
+            seconds = time.perf_counter() - t
+            if done.returncode != 0:
+                raise SystemExit(f"{' '.join(cmd)} failed:\n{done.stderr[-2000:]}")
+            peak = int(done.stdout.strip().splitlines()[-1])
+            row = {"shape": shape, "weight_bytes": weight_bytes, "calib_tokens": samples * args.seq_len,
+                   "peak_rss_bytes": peak, "ratio": peak / weight_bytes, "seconds": seconds,
+                   "make_model_seconds": made, "command": " ".join(cmd[1:])}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            shutil.rmtree(out, ignore_errors=True)
+    save(f"rss-{args.shapes.replace(',', '-')}", {"rows": rows})
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("action", choices=["analysis", "decode", "rss"])
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--samples", default="32", help="calibration sequences (rss: comma-separated list)")
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--remove", type=int, default=8)
+    ap.add_argument("--tokens", type=int, default=64, help="decode: new tokens per measurement")
+    ap.add_argument("--prefill", type=int, default=256, help="decode: prompt tokens")
+    ap.add_argument("--shapes", default="5gb", help=f"rss: model shapes, of {sorted(SHAPES)}")
+    ap.add_argument("--work", default="/tmp/layerfold-perf", help="rss: folder for the random models")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.action != "rss":
+        args.samples = int(args.samples)
+    {"analysis": analysis, "decode": decode, "rss": rss}[args.action](args)
+
+
+if __name__ == "__main__":
+    main()
