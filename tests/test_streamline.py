@@ -251,3 +251,24 @@ def test_cli_rejects_training_nothing(tmp_path, tiny_model_dir, text_file, capsy
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("layerfold: error:") and "--replacement none" in err
     assert not (tmp_path / "o").exists()
+
+
+def test_fit_keeps_the_best_state_on_disk_as_in_memory(tmp_path):
+    from layerfold.train.fit import fit
+
+    def run(best_state_dir):
+        torch.manual_seed(0)
+        module = torch.nn.Linear(4, 4)
+        x = torch.randn(32, 4)
+        y = x @ torch.randn(4, 4)
+        scripted = iter([5.0, 4.0, 3.0, 1.0] + [2.0] * 20)  # validation losses: step 3 is the best
+        r = fit(module, lambda b: torch.nn.functional.mse_loss(module(x[b]), y[b]), lambda: next(scripted),
+                iter([slice(0, 16), slice(16, 32)] * 5), 10, TrainConfig(eval_every=1), progress=False,
+                best_state_dir=best_state_dir)
+        final = module(x).detach()
+        return r, module.weight.detach().clone(), final
+
+    (r_mem, w_mem, _), (r_disk, w_disk, _) = run(None), run(tmp_path / "best")
+    assert r_mem.best_step == r_disk.best_step == 3
+    torch.testing.assert_close(w_mem, w_disk, rtol=0, atol=0)
+    assert not (tmp_path / "best" / "best_state.safetensors").exists()  # removed once restored

@@ -29,7 +29,7 @@ from ..errors import LayerfoldError
 from ..importance import LayerScores
 from ..importance.layer_pass import capture_layer_inputs, layer_pass, run_layer
 from ..models.architectures import Architecture
-from ..models.lazy import layer_weights, materialize
+from ..models.lazy import layer_weights, materialize, return_freed_memory
 from ..models.surgery import decoder_layers, decoder_parameters, replace_block
 from ..nn.replacements import REPLACEMENTS, FFNReplacement, ReplacementSpec, build_replacement, parameter_count
 from ..train.fit import FitResult, TrainConfig, fit
@@ -223,7 +223,8 @@ def train_mse(
 
     steps = _total_steps(len(train_rows), store.seq_len, opts)
     return fit(replacement, loss_of, val_loss, _shuffled_batches(train_rows, opts.batch_size, opts.seed),
-               steps, opts.train, log_path=log_path, progress=progress, desc="training replacement (mse)")
+               steps, opts.train, log_path=log_path, progress=progress, desc="training replacement (mse)",
+               best_state_dir=store.folder)  # beside the pairs, on disk
 
 
 def _rms_normalize(h: torch.Tensor) -> torch.Tensor:
@@ -356,6 +357,7 @@ def streamline(
                                             log_path=log_path, progress=progress)
         finally:
             seconds["train"] = time.perf_counter() - t
+        return_freed_memory()  # the optimiser's state is gone; saving comes next
     for p in model.parameters():
         p.requires_grad_(True)
     model.eval()

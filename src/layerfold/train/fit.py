@@ -63,10 +63,13 @@ def fit(
     log_path: Path | None = None,
     progress: bool = True,
     desc: str = "training",
+    best_state_dir: Path | None = None,
 ) -> FitResult:
     """Train the parameters of ``module`` that require grad; restore the best validation state.
 
     ``batches`` yields ``total_steps`` batches; ``train_loss(batch)`` returns a scalar loss.
+    The best state is kept in memory, or on disk in ``best_state_dir`` (a layer of a big
+    model is as large as its optimiser's moments: no need to hold one more copy).
     """
     from tqdm.auto import tqdm
 
@@ -75,9 +78,11 @@ def fit(
         raise ValueError("nothing to train: no parameter requires grad")
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]  # norms and biases are not decayed
+    # foreach=False: the multi-tensor update allocates temporaries as large as the parameters,
+    # which for one big layer of a streamed model is a peak worth avoiding (speed is the same)
     opt = torch.optim.AdamW(
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.lr,
+        lr=cfg.lr, foreach=False,
     )
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total_steps, cfg))
     eval_every = cfg.eval_every or max(1, total_steps // 10)
@@ -97,7 +102,8 @@ def fit(
     was_training = module.training
     module.eval()
     first_val = best_val = val_loss()
-    best_step, best_state = 0, copy.deepcopy(module.state_dict())
+    best = _BestState(module, best_state_dir)
+    best_step = 0
     record({"event": "val", "step": 0, "val_loss": first_val, "seconds": 0.0})
     module.train()
     bar = tqdm(total=total_steps, desc=desc, unit="step", disable=not progress)
@@ -124,12 +130,12 @@ def fit(
                 module.train()
                 if v < best_val:
                     best_val, best_step = v, step
-                    best_state = copy.deepcopy(module.state_dict())
+                    best.keep()
                 record({"event": "val", "step": step, "val_loss": v, "best_val": best_val,
                         "seconds": time.perf_counter() - t0})
     finally:
         bar.close()
-        module.load_state_dict(best_state)
+        best.restore()
         module.train(was_training)
         seconds = time.perf_counter() - t0
         if log:
@@ -137,3 +143,34 @@ def fit(
                     "first_val": first_val, "seconds": seconds})
             log.close()
     return FitResult(step, best_val, best_step, first_val, seconds, history)
+
+
+class _BestState:
+    """A copy of ``module``'s weights, in memory or in a safetensors file."""
+
+    def __init__(self, module, folder: Path | None):
+        self.module = module
+        self.path = Path(folder) / "best_state.safetensors" if folder is not None else None
+        self.state = None
+        self.keep()
+
+    def keep(self) -> None:
+        if self.path is None:
+            self.state = copy.deepcopy(self.module.state_dict())
+            return
+        from safetensors.torch import save_file
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu().contiguous() for k, v in self.module.state_dict().items()}
+        tmp = self.path.with_suffix(".tmp")
+        save_file(state, str(tmp))
+        tmp.replace(self.path)
+
+    def restore(self) -> None:
+        if self.path is None:
+            self.module.load_state_dict(self.state)
+            return
+        from safetensors.torch import load_file
+
+        self.module.load_state_dict(load_file(str(self.path)))
+        self.path.unlink(missing_ok=True)
