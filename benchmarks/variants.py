@@ -270,6 +270,8 @@ class Runner:
 
 
 def _heal_seconds(record: dict) -> float | None:
+    if record.get("healing") == "cure":
+        return None  # FoldGPT's cure runs inside fold(): already in repair_seconds
     h = record.get("heal") or {}
     s = h.get("seconds")
     if isinstance(s, dict):
