@@ -249,6 +249,8 @@ class Runner:
             ids, teacher = self.healing_text()
             opts = replace(HealOptions(tokens=self.args.tokens, batch_size=BATCH), **RECIPES[healing],
                            log_file=str(self.work / f"{variant}.log.jsonl"))
+            if opts.mse > 0:  # the shared cache holds logits only; this recipe also needs the tail's outputs
+                teacher = prepare_teacher(opts, self.original, ids)
             h = heal(student, None, opts, ids=ids, prepared_teacher=teacher, eval_fn=self.curve_point,
                      eval_every=self.args.curve_every)
             record["heal"] = {**h.summary(), "recipe": opts.recipe()}
