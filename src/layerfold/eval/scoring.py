@@ -21,10 +21,9 @@ own tokens at the positions it would have alone (up to float rounding).
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-
-import copy
 
 import torch
 import torch.nn.functional as F
@@ -209,7 +208,8 @@ def _score_batch(model, groups: list[_Group], pad_id: int, stats: ScoreStats) ->
     if need_suffix:
         cache = returned_cache(out)
         mask = mask.to(device)
-        for chunk in suffix_chunks(need_suffix, lambda bj: len(groups[bj[0]].suffix(bj[1]))):
+        chunks = suffix_chunks(need_suffix, lambda bj: len(groups[bj[0]].suffix(bj[1])))
+        for c, chunk in enumerate(chunks):
             S = len(groups[chunk[0][0]].suffix(chunk[0][1]))
             R = len(chunk)
             sids = torch.full((R, S), pad_id, dtype=torch.long)
@@ -223,7 +223,8 @@ def _score_batch(model, groups: list[_Group], pad_id: int, stats: ScoreStats) ->
                 spos[r, : len(suf)] = torch.arange(p, p + len(suf))
                 spos[r, len(suf):] = p + len(suf) - 1
             rows = torch.tensor([b for b, _ in chunk], device=device)
-            chunk_cache = copy.deepcopy(cache) if len(chunk) < len(need_suffix) else cache
+            # selecting rows rewrites the cache in place: every chunk but the last gets a copy
+            chunk_cache = cache if c == len(chunks) - 1 else copy.deepcopy(cache)
             chunk_cache.batch_select_indices(rows)  # one copy of each prefix's cache per request
             full_mask = torch.cat([mask[rows], smask.to(device)], dim=1)
             h = base(input_ids=sids.to(device), attention_mask=full_mask, position_ids=spos.to(device),

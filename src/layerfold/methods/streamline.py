@@ -304,7 +304,6 @@ def streamline(
         raise LayerfoldError("--replacement none trains nothing; drop --loss or choose a replacement")
     seconds: dict[str, float] = {}
     spec = opts.spec
-    layers = decoder_layers(model, arch)
     r_params = replacement_size(model, arch, spec)
     window = block_window(decoder_parameters(model, arch), r_params, remove, sparsity)
     start = choose_block(scores, window)
