@@ -91,6 +91,25 @@ def main() -> None:
         plot(work, variants, Path(args.plot or work / "curves.png"))
 
 
+def reset_peak_rss() -> None:
+    """Restart the kernel's peak-resident-set counter (Linux), so each variant gets its own peak."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def peak_rss_mib() -> float | None:
+    """The process's peak resident set since the last reset (VmHWM), in MiB; None off Linux."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
 def load_json(path: Path):
     return json.loads(path.read_text()) if path.is_file() else None
 
@@ -192,6 +211,8 @@ class Runner:
         method, *options = spec.split(":")
         student = replace(self.original, model=copy.deepcopy(self.original.model))
         record: dict = {"variant": variant, "method": method, "options": options, "healing": healing or "none"}
+        self.healing_text()  # read (or built) before the peak-memory window: every variant shares it
+        reset_peak_rss()
         t = time.perf_counter()
         if method == "streamline":
             so = StreamlineOptions()
@@ -241,6 +262,7 @@ class Runner:
             record["removed"] = remove
             remove_layers(student.model, student.arch, remove)
         record["repair_seconds"] = time.perf_counter() - t
+        record["peak_rss_mib"] = peak_rss_mib()  # includes the runner's original model (the teacher)
         base = variant.partition("+")[0]
         if healing and not (self.work / f"{base}.json").exists():
             # the unhealed model is right here: evaluate it now instead of rebuilding it later
@@ -255,6 +277,7 @@ class Runner:
                      eval_every=self.args.curve_every)
             record["heal"] = {**h.summary(), "recipe": opts.recipe()}
             record["history"] = h.train.history
+            record["peak_rss_mib"] = peak_rss_mib()
         self.finish(student, record, variant)
 
     def finish(self, student, record: dict, variant: str) -> None:
@@ -286,7 +309,7 @@ def table(work: Path, variants: list[str]) -> str:
     ref_mean = sum(ref.tasks[t].metrics["acc"] for t in TASKS) / len(TASKS)
     ref_ppl = ref.perplexity[LAMBADA].perplexity
     head = ["variant", *TASKS, "mean acc", "% of original", "LAMBADA text ppl", "x original", "LAMBADA acc",
-            "stability", "params", "heal tokens", "repair + heal s"]
+            "stability", "params", "heal tokens", "repair + heal s", "peak RSS"]
     lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
     for v in ["original", *variants]:
         if v == "original":
@@ -306,7 +329,8 @@ def table(work: Path, variants: list[str]) -> str:
                  f"{ppl:.1f}", f"{ppl / ref_ppl:.2f}", f"{100 * ev.tasks[LAMBADA].metrics['acc']:.1f}",
                  f"{sum(stab) / len(stab):.3f}" if None not in stab else "-",
                  f"{record.get('params_stored', record.get('params', 0)) / 1e6:.1f}M",
-                 f"{h['tokens']:,}" if h.get("tokens") else "-", f"{secs:.0f}" if secs else "-"]
+                 f"{h['tokens']:,}" if h.get("tokens") else "-", f"{secs:.0f}" if secs else "-",
+                 f"{record['peak_rss_mib'] / 1024:.2f} GiB" if record.get("peak_rss_mib") else "-"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -55,6 +55,33 @@ def _add_model_args(p: argparse.ArgumentParser, positional: bool = True) -> None
                    help="allow model code from the model's repository (off: only stock transformers code runs)")
 
 
+def _add_placement_args(p: argparse.ArgumentParser) -> None:
+    from .models.loading import DEVICE_MAP_STRATEGIES
+
+    g = p.add_argument_group(
+        "model placement (models larger than one device)",
+        "accelerate spreads each model over the visible GPUs, then the CPU, then a folder on disk. "
+        "LoRA healing works across all of them; whole layers can train only where they are not offloaded.",
+    )
+    g.add_argument("--device-map", default=None, choices=DEVICE_MAP_STRATEGIES,
+                   help="place the student and the teacher with accelerate's strategy instead of --device")
+    g.add_argument("--device-memory", default=None, metavar="DEV=SIZE,...",
+                   help="memory each device may hold, e.g. 0=20GiB,1=20GiB,cpu=64GiB (default: what is free)")
+    g.add_argument("--offload-folder", default=None,
+                   help="folder for weights that fit on no device (default: none; loading fails if needed)")
+
+
+def _placement(args):
+    from .models.loading import Placement, parse_device_memory
+
+    if getattr(args, "device_map", None) is None:
+        if getattr(args, "device_memory", None) or getattr(args, "offload_folder", None):
+            raise LayerfoldError("--device-memory and --offload-folder need --device-map")
+        return None
+    memory = parse_device_memory(args.device_memory) if args.device_memory else None
+    return Placement(args.device_map, memory, args.offload_folder)
+
+
 def _add_calibration_args(p: argparse.ArgumentParser) -> None:
     d = CalibrationSpec()
     g = p.add_argument_group("calibration data")
@@ -221,7 +248,7 @@ def _model_options(args):
     from .pipeline import ModelOptions
 
     return ModelOptions(model=args.model, dtype=args.dtype, device=args.device,
-                        trust_remote_code=args.trust_remote_code)
+                        trust_remote_code=args.trust_remote_code, placement=_placement(args))
 
 
 class _Parser(argparse.ArgumentParser):
@@ -295,9 +322,12 @@ def build_parser() -> argparse.ArgumentParser:
         "By default the original writes the healing text itself and its top-k logits are cached on disk.\n"
         "Healing never trains on evaluation data: a --heal-data file that is (or copies) an evaluation task\n"
         "file is refused.\n\n"
-        "example:  layerfold heal ./SmolLM2-135M-Instruct-bi-minus8 --heal-tokens 65536",
+        "example:  layerfold heal ./SmolLM2-135M-Instruct-bi-minus8 --heal-tokens 65536\n"
+        "big model on several GPUs:  layerfold heal ./Llama-70B-minus20 --teacher meta-llama/Llama-3.1-70B \\\n"
+        "            --device-map auto --device-memory 0=70GiB,1=70GiB,cpu=200GiB --offload-folder /scratch/offload",
     )
     _add_model_args(p)
+    _add_placement_args(p)
     p.add_argument("--teacher", default=None,
                    help="the original model (folder, hub id or .gguf; default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--no-teacher", action="store_true", help="no teacher: next-token loss on the healing text only")

@@ -42,7 +42,7 @@ from torch import nn
 from .data.calibration import CalibrationSpec, load_calibration
 from .data.guard import check_not_eval_data
 from .errors import LayerfoldError
-from .models.loading import LoadedModel
+from .models.loading import LoadedModel, input_device
 from .train import (
     HiddenMSE,
     LogitKL,
@@ -309,11 +309,19 @@ def heal(
     if opts.train_norm:
         from .models.architectures import get_path
 
-        for p in get_path(model, student.arch.final_norm).parameters():
-            p.requires_grad_(True)
-        what.append("final norm")
+        norm = list(get_path(model, student.arch.final_norm).parameters())
+        if any(p.device.type == "meta" for p in norm):
+            what.append("final norm frozen (offloaded by the device map)")
+        else:
+            for p in norm:
+                p.requires_grad_(True)
+            what.append("final norm")
     if head_mode == "train":
-        model.get_output_embeddings().weight.requires_grad_(True)
+        head = model.get_output_embeddings().weight
+        if head.device.type == "meta" and opts.lm_head == "auto":
+            head_words = "lm_head frozen (offloaded by the device map)"
+        else:
+            head.requires_grad_(True)  # an explicit request on an offloaded head fails in train(), clearly
     what.append(head_words)
 
     losses = []
@@ -354,11 +362,47 @@ def _add_lora(model: nn.Module, opts: HealOptions) -> nn.Module:
     targets = "all-linear" if opts.lora_modules == "all-linear" else [m.strip() for m in opts.lora_modules.split(",") if m.strip()]
     config = LoraConfig(r=opts.lora_rank, lora_alpha=opts.lora_alpha, lora_dropout=0.0, target_modules=targets,
                         bias="none", task_type="CAUSAL_LM")
-    torch.manual_seed(opts.seed)  # LoRA's A matrices start random: the same seed, the same start
     try:
-        return get_peft_model(model, config)
+        peft_model = get_peft_model(model, config)
     except ValueError as e:
         raise LayerfoldError(f"cannot add LoRA to {opts.lora_modules}: {str(e).splitlines()[0]}") from None
+    _init_adapters(peft_model, opts.seed)
+    return peft_model
+
+
+def _init_adapters(peft_model: nn.Module, seed: int) -> None:
+    """Give every LoRA adapter real memory and its standard start (A: Kaiming-uniform, B: 0),
+    drawn from one seeded CPU generator in module order.
+
+    PEFT creates an adapter on its base layer's device; for a layer a device map offloaded
+    (weights on the meta device between calls) that is the meta device, where nothing can
+    train. Such adapters are moved to the device the layer runs on. Drawing every start from
+    one CPU generator makes the start the same whatever the placement: the same seed, the
+    same start, on one device or spread over several.
+    """
+    from peft.tuners.lora import LoraLayer
+
+    fallback = input_device(peft_model)
+    g = torch.Generator().manual_seed(seed)
+    for module in peft_model.modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        hook = getattr(module.get_base_layer(), "_hf_hook", None)
+        runs_on = getattr(hook, "execution_device", None)
+        runs_on = fallback if runs_on is None else torch.device(runs_on)
+        for name in module.lora_A:
+            a, b = module.lora_A[name], module.lora_B[name]
+            for part in (a, b):
+                if part.weight.device.type == "meta":
+                    part.to_empty(device=runs_on)
+            start = torch.empty(a.weight.shape, dtype=torch.float32)
+            nn.init.kaiming_uniform_(start, a=math.sqrt(5), generator=g)
+            with torch.no_grad():
+                a.weight.copy_(start)
+                b.weight.zero_()
+                for part in (a, b):
+                    if getattr(part, "bias", None) is not None:
+                        part.bias.zero_()
 
 
 def _ranges(idx: list[int]) -> str:

@@ -22,7 +22,7 @@ from .importance.gates import GateOptions
 from .methods.foldgpt import FoldGPTOptions
 from .methods.streamline import StreamlineOptions, StreamlineResult
 from .models.card import model_card
-from .models.loading import EMBEDDED_NAME, LoadedModel, load_model
+from .models.loading import EMBEDDED_NAME, LoadedModel, Placement, load_model
 from .models.saving import folder_bytes, save_model_folder
 from .models.surgery import count_parameters, decoder_layers, remove_layers
 
@@ -36,6 +36,7 @@ class ModelOptions:
     dtype: str = "auto"
     device: str = "auto"
     trust_remote_code: bool = False
+    placement: Placement | None = None  # an accelerate device map (``--device-map``); replaces ``device``
 
 
 @dataclass
@@ -190,9 +191,10 @@ def _streamline_flags(o: StreamlineOptions) -> list[str]:
     return parts
 
 
-def _load(opts: ModelOptions, lazy: bool = False) -> LoadedModel:
-    return load_model(opts.model, dtype=opts.dtype, device=opts.device,
-                      trust_remote_code=opts.trust_remote_code, lazy=lazy)
+def _load(opts: ModelOptions, lazy: bool = False, source: str | None | object = ...) -> LoadedModel:
+    """Load ``opts.model`` (or ``source``, e.g. a teacher, with the same loading options)."""
+    return load_model(opts.model if source is ... else source, dtype=opts.dtype, device=opts.device,
+                      trust_remote_code=opts.trust_remote_code, lazy=lazy, placement=opts.placement)
 
 
 def analyze(opts: AnalyzeOptions, loaded: LoadedModel | None = None) -> AnalyzeResult:
@@ -735,7 +737,7 @@ class HealModelResult:
 
 def heal_model(opts: HealModelOptions) -> HealModelResult:
     """Load a compressed model and its teacher, heal, and save a new model folder."""
-    from .healing import CALIBRATION_TEXT, heal
+    from .healing import CALIBRATION_TEXT, heal, healing_data, prepare_teacher
     from .models.saving import check_output_dir
 
     opts.heal.validate()
@@ -750,18 +752,31 @@ def heal_model(opts: HealModelOptions) -> HealModelResult:
     out = Path(opts.output or f"{Path(opts.model.model.rstrip('/')).name}-healed")
     check_output_dir(out, opts.force, protect=Path(opts.model.model) if Path(opts.model.model).is_dir() else None)
     seconds: dict[str, float] = {}
+    teacher = ids = prepared = None
+    if opts.heal.needs_teacher:
+        # the teacher first: its outputs are cached on disk, and then it leaves memory before
+        # the student arrives, so the two never need room together (big models, device maps)
+        t = time.perf_counter()
+        teacher = _load(opts.model, source=opts.teacher)
+        seconds["load teacher"] = time.perf_counter() - t
+        t = time.perf_counter()
+        ids = healing_data(opts.heal, teacher)
+        prepared = prepare_teacher(opts.heal, teacher, ids)
+        seconds["teacher outputs"] = time.perf_counter() - t
     t = time.perf_counter()
     student = _load(opts.model)
-    teacher = None
-    if opts.heal.needs_teacher:
-        teacher = load_model(opts.teacher, dtype=opts.model.dtype, device=opts.model.device,
-                             trust_remote_code=opts.model.trust_remote_code)
     seconds["load"] = time.perf_counter() - t
+    if teacher is not None and teacher.tokenizer.get_vocab() != student.tokenizer.get_vocab():
+        raise LayerfoldError("the teacher and the student use different tokenizers")
+    teacher_base = teacher.base_model if teacher is not None else None
+    if opts.heal.teacher_cache:
+        teacher = None
+        _free_memory()
     previous = {}
     if student.local_dir is not None and (student.local_dir / "layerfold.json").is_file():
         previous = json.loads((student.local_dir / "layerfold.json").read_text())
     t = time.perf_counter()
-    result = heal(student, teacher, opts.heal)
+    result = heal(student, teacher, opts.heal, ids=ids, prepared_teacher=prepared)
     seconds["heal"] = time.perf_counter() - t
     summary = result.summary()
     n_layers = len(decoder_layers(student.model, student.arch))
@@ -769,7 +784,7 @@ def heal_model(opts: HealModelOptions) -> HealModelResult:
     params = count_parameters(student.model)
     recipe = dict(previous.get("recipe") or {"method": "healed"})
     recipe["heal"] = opts.heal.recipe()
-    base = previous.get("base_model") or (teacher.base_model if teacher else student.base_model)
+    base = previous.get("base_model") or teacher_base or student.base_model
     card = model_card(
         base_model=base, command=opts.command(), recipe=recipe, layer_map=layer_map,
         params_before=previous.get("params_before") or params, params_after=params,
@@ -784,6 +799,20 @@ def heal_model(opts: HealModelOptions) -> HealModelResult:
                             extra_files={"layerfold.json": json.dumps(record, indent=2, default=str) + "\n"})
     seconds["save"] = time.perf_counter() - t
     return HealModelResult(out, summary, params, seconds)
+
+
+def _free_memory() -> None:
+    """Hand the memory of dropped models back (to the OS on CPU, to the allocator's pool on GPU)."""
+    import gc
+
+    import torch
+
+    from .models.lazy import return_freed_memory
+
+    gc.collect()
+    return_freed_memory()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def replace_heal_losses_without_teacher(h: HealOptions) -> HealOptions:

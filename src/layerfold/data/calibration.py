@@ -79,7 +79,9 @@ def _model_fingerprint(loaded) -> str:
     its safetensors copy give configs that differ in bookkeeping fields."""
     layers = loaded.arch.layers + "."
     outside = [p for n, p in loaded.model.named_parameters() if not n.startswith(layers)]
-    probe = [round(float(p.detach().float().flatten()[:4096].sum()), 4) for p in outside]
+    # weights offloaded by a device map sit on the meta device between calls: not probed
+    probe = [None if p.device.type == "meta" else round(float(p.detach().float().flatten()[:4096].sum()), 4)
+             for p in outside]
     total = sum(p.numel() for p in loaded.model.parameters())
     blob = json.dumps([loaded.source, total, probe], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]

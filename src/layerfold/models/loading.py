@@ -40,7 +40,75 @@ class LoadedModel:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        """Where inputs go (the input embeddings' device, also under an accelerate device map)."""
+        return input_device(self.model)
+
+
+def input_device(model: torch.nn.Module) -> torch.device:
+    """The device a model's input ids belong on.
+
+    Usually that of its first parameter; under an accelerate device map the input embeddings
+    may be offloaded (their weight then lives on the meta device between calls), and the hook
+    that brings them in knows where they run.
+    """
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if emb is not None:
+        hook = getattr(emb, "_hf_hook", None)
+        where = getattr(hook, "execution_device", None)
+        if where is not None:
+            return torch.device(where)
+        if emb.weight.device.type != "meta":
+            return emb.weight.device
+    for p in model.parameters():
+        if p.device.type != "meta":
+            return p.device
+    return torch.device("cpu")
+
+
+def is_dispatched(model: torch.nn.Module) -> bool:
+    """Whether accelerate placed the model with a device map (hooks move tensors between devices)."""
+    return bool(getattr(model, "hf_device_map", None))
+
+
+@dataclass
+class Placement:
+    """An accelerate device map for models that do not fit one device (``--device-map``).
+
+    ``device_map`` is accelerate's strategy (auto, balanced, balanced_low_0, sequential);
+    ``max_memory`` caps each device ({0: "20GiB", "cpu": "60GiB"}); what fits nowhere goes
+    to ``offload_folder`` on disk.
+    """
+
+    device_map: str = "auto"
+    max_memory: dict | None = None
+    offload_folder: str | None = None
+
+    def kwargs(self) -> dict:
+        kw: dict = {"device_map": self.device_map}
+        if self.max_memory:
+            kw["max_memory"] = dict(self.max_memory)
+        if self.offload_folder:
+            kw["offload_folder"] = str(self.offload_folder)
+        return kw
+
+
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def parse_device_memory(text: str) -> dict:
+    """'0=20GiB,1=20GiB,cpu=64GiB' -> {0: '20GiB', 1: '20GiB', 'cpu': '64GiB'} (accelerate's max_memory)."""
+    out: dict = {}
+    for part in (x.strip() for x in text.split(",") if x.strip()):
+        key, sep, size = part.partition("=")
+        key, size = key.strip().lower(), size.strip()
+        if not sep or not size or not (key.isdigit() or key in ("cpu", "disk", "mps")) and not key.startswith("cuda:"):
+            raise LayerfoldError(f"--device-memory: cannot read {part!r} (example: 0=20GiB,1=20GiB,cpu=64GiB)")
+        if key.startswith("cuda:"):
+            key = key[5:]
+        out[int(key) if key.isdigit() else key] = int(size) if size.isdigit() else size  # bytes, or '20GiB' 
+    if not out:
+        raise LayerfoldError("--device-memory is empty (example: 0=20GiB,cpu=64GiB)")
+    return out
 
 
 def embedded_model_path() -> Path:
@@ -96,6 +164,7 @@ def load_model(
     device: str = "auto",
     trust_remote_code: bool = False,
     lazy: bool = False,
+    placement: Placement | None = None,
 ) -> LoadedModel:
     """Load a causal LM and its tokenizer.
 
@@ -106,6 +175,9 @@ def load_model(
     With ``lazy=True`` the decoder layers' weights stay on disk until the calibration pass
     asks for them, one layer at a time (``models.lazy``); only safetensors folders (including
     the converted copy of a GGUF file) can be read that way, anything else loads fully.
+
+    With a ``placement`` accelerate spreads the model over the visible GPUs, the CPU and an
+    offload folder (``--device-map``); ``device`` is then ignored.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -138,7 +210,14 @@ def load_model(
     common = {"trust_remote_code": trust_remote_code}
     if gguf_file:
         common["gguf_file"] = gguf_file
+    if placement is not None:
+        if placement.device_map not in DEVICE_MAP_STRATEGIES:
+            raise LayerfoldError(f"--device-map must be one of {', '.join(DEVICE_MAP_STRATEGIES)}")
+        lazy = False  # accelerate loads and places the weights itself
     if local_dir is not None and read_shared_config(local_dir) is not None:
+        if placement is not None:
+            raise LayerfoldError(f"{name}: a model with shared layers cannot be loaded with --device-map; "
+                                 "unfold it first (layerfold export --unfold)")
         return _load_shared(local_dir, name, torch_dtype, dev)
     try:
         config = AutoConfig.from_pretrained(where, **common)
@@ -162,10 +241,11 @@ def load_model(
         elif cached is not None and (cached / "config.json").is_file():
             # a previous run already dequantized this GGUF file: read its safetensors copy
             tokenizer = AutoTokenizer.from_pretrained(cached)
-            model = AutoModelForCausalLM.from_pretrained(cached, dtype=torch_dtype, use_safetensors=True)
+            model = AutoModelForCausalLM.from_pretrained(cached, dtype=torch_dtype, use_safetensors=True,
+                                                         **(placement.kwargs() if placement else {}))
         else:
             tokenizer = AutoTokenizer.from_pretrained(where, **common)
-            kwargs = dict(common, dtype=torch_dtype)
+            kwargs = dict(common, dtype=torch_dtype, **(placement.kwargs() if placement else {}))
             if not gguf_file:
                 kwargs["use_safetensors"] = True
             model = AutoModelForCausalLM.from_pretrained(where, **kwargs)
@@ -178,7 +258,7 @@ def load_model(
     except Exception as e:
         raise LayerfoldError(f"cannot load {name}: {_first_line(e)}") from None
 
-    if getattr(model, "_layerfold_weights", None) is None:
+    if getattr(model, "_layerfold_weights", None) is None and not is_dispatched(model):
         model.to(dev)
     model.eval()
     if tokenizer.pad_token_id is None:

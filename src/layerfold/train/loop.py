@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from ..errors import LayerfoldError
+from ..models.loading import input_device
 from .capture import layer_outputs, model_layers
 from .losses import Loss, LossInputs
 from .teacher import OnTheFlyTeacher, TeacherCache
@@ -113,6 +114,12 @@ def select_trainable(model: nn.Module, trainable: Trainable) -> list[tuple[str, 
     chosen = [(n, p) for n, p in named if p.requires_grad]
     if not chosen:
         raise LayerfoldError("nothing to train: no parameter is trainable")
+    offloaded = [n for n, p in chosen if p.device.type == "meta"]
+    if offloaded:
+        # accelerate reloads offloaded weights from their store on every call: updates would be lost
+        raise LayerfoldError(
+            f"cannot train offloaded weights ({offloaded[0]}{' and others' if len(offloaded) > 1 else ''}); "
+            "train LoRA adapters instead (--heal-train lora) or give the device map more memory (--device-memory)")
     return chosen
 
 
@@ -194,7 +201,7 @@ def train(
 
     params = select_trainable(student, trainable)
     names = [n for n, _ in params]
-    device = params[0][1].device
+    device = input_device(student)  # where the ids go; a device map moves them on from there
     decay = [p for _, p in params if p.dim() >= 2]
     no_decay = [p for _, p in params if p.dim() < 2]
     optimizer = torch.optim.AdamW(

@@ -68,7 +68,8 @@ class NextTokenLoss(Loss):
 
     def __call__(self, x: LossInputs) -> torch.Tensor:
         logits = x.logits[:, :-1].float()
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x.input_ids[:, 1:].reshape(-1))
+        targets = x.input_ids[:, 1:].to(logits.device)  # under a device map the head may sit elsewhere
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
 
 
 @dataclass
@@ -93,14 +94,15 @@ class LogitKL(Loss):
             raise ValueError("LogitKL needs a teacher")
         tau = self.temperature
         log_q = torch.log_softmax(x.logits.float() / tau, dim=-1)
+        dev = log_q.device
         if t.logits is not None:
-            log_p = torch.log_softmax(t.logits.float() / tau, dim=-1)
+            log_p = torch.log_softmax(t.logits.to(dev).float() / tau, dim=-1)
             kl = (log_p.exp() * (log_p - log_q)).sum(-1)
         else:
             if abs(t.temperature - tau) > 1e-9:
                 raise ValueError(f"the teacher cache was built at temperature {t.temperature}, not {tau}")
-            log_p_k = t.topk_values.float() / tau - t.logsumexp.float().unsqueeze(-1)
-            log_q_k = log_q.gather(-1, t.topk_indices.long())
+            log_p_k = t.topk_values.to(dev).float() / tau - t.logsumexp.to(dev).float().unsqueeze(-1)
+            log_q_k = log_q.gather(-1, t.topk_indices.to(dev).long())
             p_k = log_p_k.exp()
             kl = (p_k * (log_p_k - log_q_k)).sum(-1)
             # the rest of the vocabulary as one outcome
@@ -141,11 +143,11 @@ class HiddenMSE(Loss):
         total = x.logits.new_zeros((), dtype=torch.float32)
         for s, t in self.layer_map.items():
             hs = x.hidden[s % x.num_layers]
-            ht = x.teacher.hidden[t % x.teacher.num_layers].float()
+            ht = x.teacher.hidden[t % x.teacher.num_layers].to(hs.device).float()  # layers may sit on other devices
             err = F.mse_loss(hs.float(), ht)
             if self.relative:
                 err = err / ht.pow(2).mean().clamp_min(1e-12)
-            total = total + err
+            total = total + err.to(total.device)
         return total / max(1, len(self.layer_map))
 
     def describe(self) -> dict:

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ..data.calibration import _model_fingerprint, cache_dir
+from ..models.loading import input_device
 from .capture import layer_outputs, model_layers
 from .losses import TeacherOutputs
 
@@ -121,7 +122,7 @@ def build_teacher_cache(
         indices = mm(tmp / "indices.npy", "w+", np.int32, (n, t, topk))
         lse = mm(tmp / "lse.npy", "w+", np.float32, (n, t))
         hidden = {l: mm(tmp / f"hidden_{l}.npy", "w+", np.float16, (n, t, hidden_size)) for l in layers}
-        dev = next(model.parameters()).device
+        dev = input_device(model)
         for start in tqdm(range(0, n, batch_size), desc="teacher cache", unit="batch", disable=not progress):
             ids = data[start : start + batch_size].to(dev)
             with layer_outputs(layer_list, layers, detach=True) as hs:
