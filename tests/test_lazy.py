@@ -124,6 +124,9 @@ def test_streamed_streamline_equals_in_memory(replacement, tiny_model_dir, text_
                                      streamline=so)
     _same_weights(outs["eager"], outs["lazy"])
     assert _meta_layers(lazy) >= 3  # only the replacement holds weights of its own
+    # the untied input embeddings went back to disk while the replacement trained, and were
+    # saved from the input's files (the equality above)
+    assert lazy.model.get_input_embeddings().weight.device.type == "meta"
 
 
 def test_compress_streams_by_default(tiny_model_dir, text_file, tmp_path, monkeypatch):

@@ -52,6 +52,23 @@ class LayerInputs:
 @torch.no_grad()
 def capture_layer_inputs(model: nn.Module, arch: Architecture, input_ids: torch.Tensor) -> LayerInputs:
     """Run the base model with recorders in place of layers; return layer 0's input and all kwargs."""
+    store = _record(model, arch, input_ids=input_ids)
+    hidden = store[0][0]
+    calls = [(args, kwargs) for _, args, kwargs in store]
+    return LayerInputs(hidden=hidden, calls=calls)
+
+
+@torch.no_grad()
+def layer_arguments(model: nn.Module, arch: Architecture, shape: tuple[int, int], device: torch.device,
+                    dtype: torch.dtype) -> list[tuple[tuple, dict]]:
+    """Per layer, the arguments besides the hidden states that the model passes for a batch of
+    full rows of this shape: the causal mask, rotary cos/sin and positions. They depend on the
+    shape only, not on the tokens, so zeros stand in for the embeddings (which may be on disk)."""
+    embeds = torch.zeros(*shape, model.config.hidden_size, dtype=dtype, device=device)
+    return [(args, kwargs) for _, args, kwargs in _record(model, arch, inputs_embeds=embeds)]
+
+
+def _record(model: nn.Module, arch: Architecture, **inputs) -> list:
     layers = decoder_layers(model, arch)
     store: list = []
     originals = list(layers)
@@ -59,13 +76,11 @@ def capture_layer_inputs(model: nn.Module, arch: Architecture, input_ids: torch.
         layers[i] = _Recorder(originals[i], store)
     try:
         base = get_path(model, arch.base_model)
-        base(input_ids=input_ids, use_cache=False)
+        base(**inputs, use_cache=False)
     finally:
         for i, layer in enumerate(originals):
             layers[i] = layer
-    hidden = store[0][0]
-    calls = [(args, kwargs) for _, args, kwargs in store]
-    return LayerInputs(hidden=hidden, calls=calls)
+    return store
 
 
 def run_layer(layer: nn.Module, hidden: torch.Tensor, call: tuple[tuple, dict]) -> torch.Tensor:

@@ -27,7 +27,7 @@ from torch import nn
 from ..data.pairs import STORAGE_DTYPES, PairStore
 from ..errors import LayerfoldError
 from ..importance import LayerScores
-from ..importance.layer_pass import capture_layer_inputs, layer_pass, run_layer
+from ..importance.layer_pass import layer_arguments, layer_pass, run_layer
 from ..models.architectures import Architecture
 from ..models.lazy import layer_weights, materialize, return_freed_memory
 from ..models.surgery import decoder_layers, decoder_parameters, replace_block
@@ -202,11 +202,15 @@ def train_mse(
     device = next(replacement.parameters()).device
     dtype = next(replacement.parameters()).dtype
     train_rows, val_rows = split_rows(store.samples, opts.val_fraction, opts.seed)
+    calls: dict[tuple, tuple] = {}
 
     def loss_of(rows) -> torch.Tensor:
         x, y, ids = store.read(rows)
-        # the layer's own arguments (causal mask, rotary cos/sin, position ids), as the model gives them
-        call = capture_layer_inputs(model, arch, ids.to(device)).calls[index]
+        # the layer's own arguments (causal mask, rotary cos/sin, position ids), as the model gives
+        # them; they depend on the batch shape only, so they are made once per shape
+        if ids.shape not in calls:
+            calls[ids.shape] = layer_arguments(model, arch, tuple(ids.shape), device, dtype)[index]
+        call = calls[ids.shape]
         pred = run_layer(replacement, x.to(device, dtype), call).float()
         y = y.to(device)
         if opts.loss == "mse-normed":
@@ -350,6 +354,7 @@ def streamline(
         t = time.perf_counter()
         try:
             if opts.loss in PAIR_LOSSES:
+                weights.park_input_embeddings()  # training reads cached pairs: no pass needs them now
                 result_fit = train_mse(model, arch, start, store, opts, log_path=log_path, progress=progress)
             else:
                 result_fit = train_in_place(model, arch, start, ids, opts, teacher=teacher,

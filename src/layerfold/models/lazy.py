@@ -66,15 +66,34 @@ class LayerWeights:
                  deferred: list[str] | None = None):
         self.model, self.arch, self.source = model, arch, source
         self.dtype, self.device = dtype, device
-        self.deferred = list(deferred or [])  # tensors outside the layers left on disk (an untied head)
+        self.deferred = list(deferred or [])  # tensors outside the layers left on disk (an untied head, ...)
 
     def load_deferred(self) -> None:
-        """Read the tensors outside the layers that only generation needs (an untied output head)."""
+        """Read the tensors outside the layers left on disk (an untied output head, parked embeddings)."""
         if self.source is None or not self.deferred:
             return
         state = self.source.load(self.deferred, self.dtype, self.device)
         self.model.load_state_dict(state, strict=False, assign=True)
         self.deferred = []
+
+    def park_input_embeddings(self) -> bool:
+        """Send the input embeddings back to disk once no pass needs them any more (before a
+        replacement trains on cached pairs): on a big vocabulary they are the largest tensor
+        outside the layers. They come back like the deferred head, for generation or saving.
+        Tied embeddings stay (the head is the same tensor). Returns whether they were parked."""
+        emb = self.model.get_input_embeddings()
+        head = self.model.get_output_embeddings()
+        if self.source is None or emb is None or emb.weight.device.type == "meta":
+            return False
+        if head is not None and head.weight is emb.weight:
+            return False
+        names = [n for n, q in self.model.named_parameters() if q is emb.weight]
+        if not names or any(n not in self.source.files for n in names):
+            return False
+        emb.weight = nn.Parameter(emb.weight.to("meta"), requires_grad=emb.weight.requires_grad)
+        self.deferred.extend(names)
+        return_freed_memory()
+        return True
 
     @property
     def lazy(self) -> bool:
