@@ -53,6 +53,15 @@ def test_unsupported_architecture_lists_supported(capsys, tmp_path):
     _one_line_error(code, err, "unsupported architecture 'gpt2'", "llama", "qwen3", "olmo2")
 
 
+def test_model_folder_without_tokenizer(capsys, tmp_path):
+    from conftest import build_tiny
+
+    build_tiny("llama", layers=2).save_pretrained(tmp_path / "m")
+    code, _, err = _run(capsys, "compress", str(tmp_path / "m"), "-o", str(tmp_path / "o"))
+    _one_line_error(code, err, "no tokenizer in the folder", "tokenizer.json")
+    assert not (tmp_path / "o").exists()
+
+
 @pytest.mark.parametrize("sparsity", ["1.2", "120%", "0", "-0.5"])
 def test_bad_sparsity(capsys, tiny_model_dir, text_file, tmp_path, sparsity):
     code, _, err = _run(capsys, "-q", "compress", tiny_model_dir("llama"), "--sparsity", sparsity,

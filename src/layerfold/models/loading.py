@@ -226,6 +226,8 @@ def load_model(
     except Exception as e:  # hub unreachable, repo missing, unreadable file
         raise LayerfoldError(f"cannot read the config of {name}: {_first_line(e)}") from None
     arch = architecture_for(config)
+    if local_dir is not None:
+        _check_tokenizer_files(local_dir, name)
 
     cached = _gguf_cache_dir(Path(where) / gguf_file, torch_dtype) if gguf_file else None
     weights_dir = local_dir or (cached if cached is not None and (cached / "config.json").is_file() else None)
@@ -351,5 +353,19 @@ def _forget_gguf_quantization(model) -> None:
 
 
 def _first_line(e: Exception) -> str:
-    text = str(e).strip() or type(e).__name__
-    return text.splitlines()[0]
+    """An exception's message on one line (a first line that announces a list takes the list)."""
+    lines = [l.strip() for l in (str(e).strip() or type(e).__name__).splitlines() if l.strip()]
+    text = lines[0]
+    if text.endswith(":") and len(lines) > 1:
+        text = " ".join([text, *lines[1:4]])
+    return text if len(text) <= 400 else text[:397] + "..."
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model", "tokenizer_config.json")
+
+
+def _check_tokenizer_files(folder: Path, name: str) -> None:
+    """A model folder saved without its tokenizer fails deep inside transformers; say so plainly."""
+    if not any((folder / f).is_file() for f in TOKENIZER_FILES):
+        raise LayerfoldError(f"{name}: no tokenizer in the folder (none of {', '.join(TOKENIZER_FILES)}); "
+                             "copy the tokenizer files of the original model into it")
