@@ -15,7 +15,9 @@ A variant is ``METHOD[:OPTION...][+HEALING]``:
                                              N epochs (default 1) (layer|swiglu|ffn|none;
                                              mse|mse-normed|lm|kl)
     foldgpt[:noshare][:notail][:mean][:gN]   FoldGPT: gates, removal, sharing groups of N
-                                             (default 2); ``+cure`` is its own healing
+                                             (default 2); ``+cure`` is its own healing; gate
+                                             training: ``:bw50`` budget weight, ``:glr0.2``
+                                             learning rate, ``:pw2`` polarising weight
     +RECIPE                                  then heal with a recipe of RECIPES
 
 Results go to ``--work`` as ``VARIANT.json`` (what was done, healing history, sample text)
@@ -184,14 +186,18 @@ class Runner:
     def curve_point(self, model) -> dict:
         return {"ppl": perplexity(model, self.original.tokenizer, self.docs, batch_size=4).perplexity}
 
-    def gates(self, n_remove: int) -> GateResult:
-        """FoldGPT's gate ranking, trained once per budget and cached (it is the slow part)."""
-        path = self.work / f"gates-remove{n_remove}-steps{self.args.gate_steps}.json"
+    def gates(self, n_remove: int, **changes) -> GateResult:
+        """FoldGPT's gate ranking, trained once per budget and settings and cached (it is the slow part).
+
+        ``changes`` override ``GateOptions`` fields (variant options ``bw50``: budget weight,
+        ``glr0.2``: learning rate, ``pw2``: polarising weight)."""
+        extra = "".join(f"-{k}{v:g}" for k, v in sorted(changes.items()))
+        path = self.work / f"gates-remove{n_remove}-steps{self.args.gate_steps}{extra}.json"
         if path.exists():
             d = load_json(path)
             return GateResult([math.nan if g is None else g for g in d["gates"]], d["removed"], d["rounds"],
                               d["options"])
-        opts = replace(FoldGPTOptions().gates, steps=self.args.gate_steps)
+        opts = replace(FoldGPTOptions().gates, steps=self.args.gate_steps, **changes)
         t = time.perf_counter()
         g = gate_ranking(self.original.model, self.original.arch, self.calib, n_remove, opts)
         save_json(path, {**g.to_dict(), "seconds": time.perf_counter() - t})
@@ -236,8 +242,15 @@ class Runner:
             cure = healing == "cure"
             heal_ids = self.healing_text()[0] if cure else None
             fo = FoldGPTOptions()
+            gate_changes = {}
             for o in options:
-                if o == "noshare":
+                if o.startswith("bw"):
+                    gate_changes["budget_weight"] = float(o[2:])
+                elif o.startswith("glr"):
+                    gate_changes["lr"] = float(o[3:])
+                elif o.startswith("pw"):
+                    gate_changes["polar_weight"] = float(o[2:])
+                elif o == "noshare":
                     fo = replace(fo, group_size=1)
                 elif o == "mean":
                     fo = replace(fo, share_init="mean")
@@ -248,7 +261,7 @@ class Runner:
             with torch.enable_grad():
                 fr = fold(student, self.calib, self.args.remove, fo, cure_ids=heal_ids,
                           log_file=str(self.work / f"{variant}.log.jsonl") if cure else None,
-                          gates=self.gates(self.args.remove))
+                          gates=self.gates(self.args.remove, **gate_changes))
             record.update(removed=fr.removed, groups=fr.groups, params_stored=fr.params_stored,
                           gates=fr.gates.gates)
             if cure:
