@@ -117,6 +117,7 @@ def fit(
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             opt.step()
+            opt.zero_grad(set_to_none=True)  # no gradients held through validation and saving the best state
             sched.step()
             step += 1
             bar.update(1)
@@ -135,6 +136,9 @@ def fit(
                         "seconds": time.perf_counter() - t0})
     finally:
         bar.close()
+        opt.state.clear()  # the moments go before the best state comes back: one layer's peak less
+        for p in params:
+            p.grad = None
         best.restore()
         module.train(was_training)
         seconds = time.perf_counter() - t0
@@ -150,7 +154,7 @@ class _BestState:
 
     def __init__(self, module, folder: Path | None):
         self.module = module
-        self.path = Path(folder) / "best_state.safetensors" if folder is not None else None
+        self.path = Path(folder) / "best_state.pt" if folder is not None else None
         self.state = None
         self.keep()
 
@@ -158,19 +162,18 @@ class _BestState:
         if self.path is None:
             self.state = copy.deepcopy(self.module.state_dict())
             return
-        from safetensors.torch import save_file
-
+        # torch.save writes tensor by tensor (safetensors' save_file first builds the whole file
+        # in memory: one more copy of the layer at the peak of training)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().cpu().contiguous() for k, v in self.module.state_dict().items()}
+        state = {k: v.detach().cpu() for k, v in self.module.state_dict().items()}
         tmp = self.path.with_suffix(".tmp")
-        save_file(state, str(tmp))
+        torch.save(state, tmp)
         tmp.replace(self.path)
 
     def restore(self) -> None:
         if self.path is None:
             self.module.load_state_dict(self.state)
             return
-        from safetensors.torch import load_file
-
-        self.module.load_state_dict(load_file(str(self.path)))
+        # memory-mapped: the values are copied into the module's tensors straight from the file
+        self.module.load_state_dict(torch.load(self.path, mmap=True, weights_only=True))
         self.path.unlink(missing_ok=True)
