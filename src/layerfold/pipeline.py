@@ -10,7 +10,7 @@ import json
 import re
 import shlex
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from .data.calibration import CalibrationSpec, load_calibration
@@ -191,9 +191,8 @@ def _streamline_flags(o: StreamlineOptions) -> list[str]:
     return parts
 
 
-def _load(opts: ModelOptions, lazy: bool = False, source: str | None | object = ...) -> LoadedModel:
-    """Load ``opts.model`` (or ``source``, e.g. a teacher, with the same loading options)."""
-    return load_model(opts.model if source is ... else source, dtype=opts.dtype, device=opts.device,
+def _load(opts: ModelOptions, lazy: bool = False) -> LoadedModel:
+    return load_model(opts.model, dtype=opts.dtype, device=opts.device,
                       trust_remote_code=opts.trust_remote_code, lazy=lazy, placement=opts.placement)
 
 
@@ -757,7 +756,7 @@ def heal_model(opts: HealModelOptions) -> HealModelResult:
         # the teacher first: its outputs are cached on disk, and then it leaves memory before
         # the student arrives, so the two never need room together (big models, device maps)
         t = time.perf_counter()
-        teacher = _load(opts.model, source=opts.teacher)
+        teacher = _load(replace(opts.model, model=opts.teacher))  # the student's loading options
         seconds["load teacher"] = time.perf_counter() - t
         t = time.perf_counter()
         ids = healing_data(opts.heal, teacher)
