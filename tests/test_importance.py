@@ -69,3 +69,39 @@ def test_layers_for_target(remove, sparsity, expected):
 def test_bad_targets_are_refused(remove, sparsity):
     with pytest.raises(LayerfoldError):
         pruning.layers_for_target(8, remove, sparsity)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "gemma2", "gemma3_text", "phi3", "olmo2"])
+def test_layer_arguments_from_zero_embeddings_equal_those_of_real_tokens(model_type):
+    """Streamline's replacement trains with each layer's mask and rotary tables made from the
+    batch shape alone (the embeddings may be back on disk): they must be what real tokens get."""
+    from conftest import build_tiny
+    from layerfold.importance.layer_pass import capture_layer_inputs, layer_arguments
+    from layerfold.models.architectures import architecture_for
+
+    model = build_tiny(model_type, layers=3)
+    arch = architecture_for(model.config)
+    ids = torch.randint(3, 250, (2, 12), generator=torch.Generator().manual_seed(0))
+    real = capture_layer_inputs(model, arch, ids).calls
+    shaped = layer_arguments(model, arch, tuple(ids.shape), torch.device("cpu"), torch.float32)
+    assert len(real) == len(shaped) == 3
+
+    def flat(x):
+        if isinstance(x, torch.Tensor):
+            return [x]
+        if isinstance(x, (tuple, list)):
+            return [t for v in x for t in flat(v)]
+        if isinstance(x, dict):
+            return [t for k in sorted(x) for t in flat(x[k])]
+        return [x]
+
+    for (ra, rk), (sa, sk) in zip(real, shaped):
+        assert sorted(rk) == sorted(sk)
+        tensors = 0
+        for r, s in zip(flat((ra, rk)), flat((sa, sk)), strict=True):
+            if isinstance(r, torch.Tensor):
+                assert torch.equal(r, s)
+                tensors += 1
+            elif not callable(r) and type(r).__module__ == "builtins":
+                assert r == s
+        assert tensors >= 2  # at least the rotary cos and sin (and positions or a mask)
