@@ -281,3 +281,13 @@ def test_choices_of_very_different_lengths_score_as_alone():
     assert stats.forward_passes > 2  # the suffixes really were split
     for a, b in zip(_flat(fast), _flat(slow)):
         assert a.loglik == pytest.approx(b.loglik, abs=1e-4)
+
+
+def test_peak_memory_is_the_models_not_the_whole_process():
+    from layerfold.eval.cost import measure_cost
+
+    model = build_tiny("llama")
+    unrelated = torch.ones(64 * 2**20)  # 256 MiB the process holds for other reasons
+    cost = measure_cost(model, prefill_tokens=16, decode_tokens=4, repeats=1)
+    assert cost.weight_bytes <= cost.peak_memory_bytes < cost.weight_bytes + 128 * 2**20
+    del unrelated

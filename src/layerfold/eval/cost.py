@@ -2,9 +2,11 @@
 
 Speed is measured on batch 1: prefill is one forward over ``prefill_tokens`` tokens (the
 median of ``repeats`` runs after a warm-up); decode generates ``decode_tokens`` tokens one at
-a time with the KV cache after a short prompt. Peak memory on CPU is the process's resident
-set size sampled every few milliseconds during those runs (the weights included), on CUDA the
-allocator's peak.
+a time with the KV cache after a short prompt. Peak memory is what running the model needs:
+on CUDA the allocator's peak during those runs; on CPU the model's weight bytes plus the
+largest growth of the process's resident set over its level before the runs, sampled every
+few milliseconds. (The process's whole resident set would also count whatever else it holds:
+after healing in the same process, an allocator keeps gigabytes it no longer uses.)
 """
 
 from __future__ import annotations
@@ -83,18 +85,24 @@ def _rss_bytes() -> int:
 
 
 class _PeakMemory:
-    """Peak resident memory (CPU, sampled) or allocator peak (CUDA) over a with-block."""
+    """Allocator peak (CUDA), or growth of the resident set (CPU, sampled), over a with-block."""
 
     def __init__(self, device: torch.device):
         self.device = device
-        self.peak = 0
+        self.peak = self.start = 0
         self._stop = threading.Event()
 
     def __enter__(self):
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         else:
-            self.peak = _rss_bytes()
+            import gc
+
+            from ..models.lazy import return_freed_memory
+
+            gc.collect()
+            return_freed_memory()  # a clean start: growth from here is what the runs need
+            self.start = self.peak = _rss_bytes()
             self._thread = threading.Thread(target=self._sample, daemon=True)
             self._thread.start()
         return self
@@ -110,6 +118,12 @@ class _PeakMemory:
             self._stop.set()
             self._thread.join()
             self.peak = max(self.peak, _rss_bytes())
+
+    def model_peak(self, weight_bytes: int) -> int:
+        """Peak memory of running the model: its weights and what the runs added."""
+        if self.device.type == "cuda":
+            return self.peak
+        return weight_bytes + max(0, self.peak - self.start)
 
 
 def _sync(device):
@@ -147,6 +161,6 @@ def measure_cost(model, *, path=None, prefill_tokens: int = 256, decode_tokens: 
             cache, nxt = returned_cache(out), out.logits[:, -1:].argmax(-1)
         _sync(device)
         cost.decode_tokens_per_s = decode_tokens / (time.perf_counter() - t)
-    cost.peak_memory_bytes = mem.peak
+    cost.peak_memory_bytes = mem.model_peak(cost.weight_bytes)
     cost.prefill_tokens, cost.decode_tokens = prefill_tokens, decode_tokens
     return cost
