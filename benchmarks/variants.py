@@ -32,6 +32,7 @@ import copy
 import json
 import math
 import platform
+import shutil
 import sys
 import time
 from dataclasses import replace
@@ -232,8 +233,10 @@ class Runner:
             # trained on the healing text: the same data (and budget, at one epoch) as healing
             train_ids = self.healing_text()[0]
             with torch.enable_grad():
+                pairs_dir = self.work / f".pairs-{variant}"
                 sl = streamline(student.model, student.arch, train_ids, self.scores, so, remove=self.args.remove,
-                                work_dir=self.work / f".pairs-{variant}", progress=True)
+                                work_dir=pairs_dir, progress=True)
+                shutil.rmtree(pairs_dir, ignore_errors=True)  # streamline() deleted the pairs; not their folder
             record.update(removed=sl.removed, block=[sl.start, sl.window], block_cosine=sl.block_cosine,
                           replacement_params=sl.replacement_params, seconds=sl.seconds,
                           fit=None if sl.fit is None else {k: getattr(sl.fit, k) for k in
