@@ -211,3 +211,23 @@ def test_calibration_text_as_healing_text_is_only_for_compress(capsys, tiny_mode
     code = main(["heal", tiny_model_dir("llama"), "--heal-data", "calib", "-o", str(tmp_path / "x")])
     err = capsys.readouterr().err
     assert code == 2 and "only with `layerfold compress`" in err and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("train", ["lora", "layers"])
+def test_activation_checkpointing_changes_memory_not_the_result(tiny_model_dir, text_file, train):
+    results = []
+    for checkpointing in (False, True):
+        student, teacher = _pair(tiny_model_dir)
+        seen = []  # was checkpointing on while training?
+        r = heal(student, teacher, _opts(text_file, train=train, lora_rank=4, mse=0.5, mse_layers=2,
+                                         checkpointing=checkpointing),
+                 eval_fn=lambda m: seen.append(any(getattr(x, "gradient_checkpointing", False) for x in m.modules()))
+                 or {}, eval_every=1)
+        assert seen and all(s == checkpointing for s in seen)
+        # switched off again for the saved model
+        assert not any(getattr(m, "gradient_checkpointing", False) for m in student.model.modules())
+        results.append(([h["loss"] for h in r.train.history], student.model.state_dict()))
+    (loss_a, state_a), (loss_b, state_b) = results
+    assert loss_a == loss_b
+    for k in state_a:
+        torch.testing.assert_close(state_a[k], state_b[k], rtol=0, atol=0, msg=k)

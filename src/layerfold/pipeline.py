@@ -539,6 +539,8 @@ def heal_flags(h: HealOptions, d: HealOptions) -> list[str]:
         parts.append("--heal-no-norm")
     if not h.teacher_cache:
         parts.append("--no-teacher-cache")
+    if h.checkpointing:
+        parts.append("--heal-checkpointing")
     for name, flag in {"source": "--heal-data", "seq_len": "--heal-seq-len", "seed": "--heal-data-seed"}.items():
         value = getattr(h.data, name)
         if value != getattr(d.data, name):
