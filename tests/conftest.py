@@ -16,6 +16,16 @@ def pytest_configure(config):
 
     hf_logging.disable_progress_bar()
 
+@pytest.fixture
+def one_thread():
+    """Tiny models gain nothing from threads; on a shared 2-core machine torch's spinning
+    threads make them 5-50x slower. Modules of tiny-model tests use it for every test."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 VOCAB = 260  # 3 special tokens + 256 byte symbols (+1 spare)
 
 ARCH_CONFIGS = {

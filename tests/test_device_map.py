@@ -23,12 +23,7 @@ from layerfold.pipeline import HealModelOptions, ModelOptions, heal_model
 LAYER_BYTES = 150_000  # one decoder layer of the tiny Llama in fp32 is 148 kB
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread
 
 
 def _placement(tmp_path) -> Placement:

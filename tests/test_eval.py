@@ -18,14 +18,7 @@ from layerfold.eval.scoring import score_examples, score_examples_naive, suffix_
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # tiny models gain nothing from threads, and on a shared 2-core machine torch's
-    # spinning threads make them 5-15x slower
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread
 
 
 EXAMPLES = [

@@ -20,12 +20,7 @@ from layerfold.models.loading import load_model
 from layerfold.models.surgery import remove_layers
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread
 
 
 def _opts(text_file, **kw):
@@ -231,3 +226,13 @@ def test_activation_checkpointing_changes_memory_not_the_result(tiny_model_dir, 
     assert loss_a == loss_b
     for k in state_a:
         torch.testing.assert_close(state_a[k], state_b[k], rtol=0, atol=0, msg=k)
+
+
+def test_heal_refuses_a_missing_student_before_loading_the_teacher(capsys, tmp_path, monkeypatch):
+    import layerfold.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "_load", lambda *a, **k: pytest.fail("nothing should be loaded"))
+    code = main(["-q", "heal", str(tmp_path / "nope"), "--heal-tokens", "128", "-o", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and "no such file or folder" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()

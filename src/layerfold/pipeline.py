@@ -22,7 +22,7 @@ from .importance.gates import GateOptions
 from .methods.foldgpt import FoldGPTOptions
 from .methods.streamline import StreamlineOptions, StreamlineResult
 from .models.card import model_card
-from .models.loading import EMBEDDED_NAME, LoadedModel, Placement, load_model
+from .models.loading import EMBEDDED_NAME, LoadedModel, Placement, load_model, locate_model
 from .models.saving import folder_bytes, save_model_folder
 from .models.surgery import count_parameters, decoder_layers, remove_layers
 
@@ -752,6 +752,7 @@ def heal_model(opts: HealModelOptions) -> HealModelResult:
         raise LayerfoldError("give the compressed model folder to heal")
     out = Path(opts.output or f"{Path(opts.model.model.rstrip('/')).name}-healed")
     check_output_dir(out, opts.force, protect=Path(opts.model.model) if Path(opts.model.model).is_dir() else None)
+    locate_model(opts.model.model)  # a student path that is not a model fails now, not after the teacher's work
     seconds: dict[str, float] = {}
     teacher = ids = prepared = None
     if opts.heal.needs_teacher:

@@ -157,6 +157,35 @@ def _quiet_transformers():
     transformers.logging.set_verbosity_error()
 
 
+def locate_model(source: str | os.PathLike | None) -> tuple[str, str | None, str, str, Path | None]:
+    """Where a model comes from, checked without reading it: (where, GGUF file name, name,
+    base model, local folder). Raises a one-line error for a path that is not a model; a hub
+    id is only checked for its form (that needs the network)."""
+    gguf_file = None
+    local_dir = None
+    if source is None or str(source) in ("", "embedded", EMBEDDED_NAME):
+        path = embedded_model_path()
+        where, gguf_file, name = str(path.parent), path.name, EMBEDDED_NAME
+        base_model = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    else:
+        name = str(source)
+        path = Path(source).expanduser()
+        if path.is_file() and path.suffix.lower() == ".gguf":
+            where, gguf_file, base_model = str(path.parent), path.name, path.name
+        elif path.is_file():
+            raise LayerfoldError(f"{source}: a model is a folder, a hub id or a .gguf file")
+        elif path.is_dir():
+            if not (path / "config.json").is_file():
+                raise LayerfoldError(f"{source}: not a model folder (no config.json)")
+            where, base_model, local_dir = str(path), str(path), path
+        elif _HUB_ID.match(name) and not name.startswith((".", "/", "~")):
+            where, base_model = name, name
+        else:
+            raise LayerfoldError(f"{source}: no such file or folder")
+
+    return where, gguf_file, name, base_model, local_dir
+
+
 def load_model(
     source: str | os.PathLike | None = None,
     *,
@@ -185,27 +214,7 @@ def load_model(
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
 
-    gguf_file = None
-    local_dir = None
-    if source is None or str(source) in ("", "embedded", EMBEDDED_NAME):
-        path = embedded_model_path()
-        where, gguf_file, name = str(path.parent), path.name, EMBEDDED_NAME
-        base_model = "HuggingFaceTB/SmolLM2-135M-Instruct"
-    else:
-        name = str(source)
-        path = Path(source).expanduser()
-        if path.is_file() and path.suffix.lower() == ".gguf":
-            where, gguf_file, base_model = str(path.parent), path.name, path.name
-        elif path.is_file():
-            raise LayerfoldError(f"{source}: a model is a folder, a hub id or a .gguf file")
-        elif path.is_dir():
-            if not (path / "config.json").is_file():
-                raise LayerfoldError(f"{source}: not a model folder (no config.json)")
-            where, base_model, local_dir = str(path), str(path), path
-        elif _HUB_ID.match(name) and not name.startswith((".", "/", "~")):
-            where, base_model = name, name
-        else:
-            raise LayerfoldError(f"{source}: no such file or folder")
+    where, gguf_file, name, base_model, local_dir = locate_model(source)
 
     common = {"trust_remote_code": trust_remote_code}
     if gguf_file:

@@ -150,7 +150,7 @@ def fit(
 
 
 class _BestState:
-    """A copy of ``module``'s weights, in memory or in a safetensors file."""
+    """A copy of ``module``'s weights, in memory or in a file (``torch.save``, read back memory-mapped)."""
 
     def __init__(self, module, folder: Path | None):
         self.module = module
