@@ -14,14 +14,8 @@ from layerfold.errors import LayerfoldError
 from layerfold.models.architectures import ARCHITECTURES
 from layerfold.models.loading import load_model
 from layerfold.models.surgery import count_parameters
-from layerfold.nn.shared import (
-    MODELING_FILE,
-    adjacent_groups,
-    parse_groups,
-    save_shared_folder,
-    share_groups,
-    shared_parameter_map,
-)
+from layerfold.export.shared import MODELING_FILE, save_shared_folder
+from layerfold.nn.shared import adjacent_groups, parse_groups, share_groups, shared_parameter_map
 
 IDS = torch.tensor([[5, 17, 99, 3, 42, 8, 120, 64, 7, 11], [1, 2, 200, 31, 9, 77, 5, 5, 6, 250]])
 

@@ -4,8 +4,7 @@ The pipeline: load -> measure importance -> transform (prune, replace, share) ->
 evaluate -> save. The command line is a thin layer over these functions.
 """
 
-__version__ = "0.1.0"
-
+from ._version import __version__
 from .errors import LayerfoldError  # noqa: E402
 from .models.loading import load_model  # noqa: E402
 from .pipeline import AnalyzeOptions, CompressOptions, EvalOptions, analyze, compress  # noqa: E402

@@ -12,7 +12,7 @@ import os
 import sys
 import time
 
-from . import __version__
+from ._version import __version__
 from .data.calibration import CalibrationSpec
 from .errors import LayerfoldError
 from .healing import compress_defaults, heal_command_defaults

@@ -579,7 +579,7 @@ def _compress_foldgpt(opts: CompressOptions, loaded: LoadedModel, seconds: dict)
     import tempfile
 
     from .methods.foldgpt import fold
-    from .nn.shared import save_shared_folder
+    from .export.shared import save_shared_folder
 
     model, arch = loaded.model, loaded.arch
     n_layers = len(decoder_layers(model, arch))
@@ -673,7 +673,7 @@ class ExportOptions:
 def export(opts: ExportOptions, loaded: LoadedModel | None = None) -> dict:
     """Write a standard model folder: shared tensors materialised (``--unfold``)."""
     from .models.saving import check_output_dir
-    from .nn.shared import unfold
+    from .export.unfold import unfold
 
     if not opts.output:
         raise LayerfoldError("export needs an output folder (-o OUT)")
@@ -696,7 +696,7 @@ def export(opts: ExportOptions, loaded: LoadedModel | None = None) -> dict:
 
 
 def _version() -> str:
-    from . import __version__
+    from ._version import __version__
 
     return __version__
 

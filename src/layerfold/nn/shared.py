@@ -1,35 +1,19 @@
-"""Group parameter sharing (FoldGPT, METHODS.md section 3.2) and its storage.
+"""Group parameter sharing (FoldGPT, METHODS.md section 3.2): the transform.
 
 Adjacent decoder layers form groups; within a group every ``nn.Linear`` weight (the attention
 and MLP projections: all the large matrices) is one ``nn.Parameter`` object used by every
 member. Norms, biases and anything else stay per layer. Sharing divides the stored
 parameters of a group by its size; compute per token does not change.
 
-Storage. safetensors cannot alias tensors, so a shared model is saved with each shared
-tensor once, under the name of the group's first layer, and ``config.json`` lists the other
-names in ``layerfold_shared`` (target name -> stored name). Two loaders understand it:
-
-- layerfold's loader (``load_model``), which builds the base architecture and ties the
-  listed parameters after loading; no custom code runs;
-- ``AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)``, through a
-  ten-line ``modeling_layerfold_shared.py`` shipped in the folder and registered in
-  ``auto_map``: it subclasses the base class and adds the listed names to transformers'
-  own tied-weights mapping (``get_expanded_tied_weights_keys``), so transformers ties them
-  exactly as it ties embeddings and lm_head.
-
-The config's ``model_type`` is ``layerfold_shared`` (the base type is kept in
-``layerfold_base_model_type``). That is deliberate: with the base type, stock transformers
-without ``trust_remote_code`` would silently fall back to its own class and fill the missing
-shared tensors with random numbers; with an unknown type it refuses with a clear message.
-``unfold`` writes a standard model with every shared tensor materialised.
+How a shared model is stored and loaded (each shared tensor once, a sharing map in
+``config.json``) is ``layerfold.export.shared``; materialising the shared tensors again is
+``layerfold.export.unfold``.
 """
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -38,8 +22,6 @@ from ..errors import LayerfoldError
 from ..models.architectures import Architecture
 from ..models.surgery import decoder_layers
 
-SHARED_MODEL_TYPE = "layerfold_shared"
-MODELING_FILE = "modeling_layerfold_shared.py"
 SHARE_INITS = ("important", "mean")
 
 
@@ -184,151 +166,3 @@ def unshare(model: nn.Module, mapping: dict[str, str]) -> None:
         p = getattr(parent, attr)
         setattr(parent, attr, nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad))
 
-
-def stored_parameters(model: nn.Module) -> int:
-    """Parameters stored on disk: each shared or tied tensor once."""
-    from ..models.surgery import count_parameters
-
-    return count_parameters(model)
-
-
-# -- storage -----------------------------------------------------------------------------
-
-_MODELING_TEMPLATE = '''"""Weight sharing across decoder layers, written by layerfold.
-
-Some parameters of this model are stored once and used by several layers: config.json's
-``layerfold_shared`` maps each such name to the stored one. This class adds that map to
-transformers' tied-weights mechanism, so loading ties them like embeddings and lm_head.
-"""
-
-from transformers import {config_class} as _BaseConfig
-from transformers import {model_class} as _BaseModel
-
-
-class LayerfoldSharedConfig(_BaseConfig):
-    model_type = "{model_type}"
-
-
-class LayerfoldSharedForCausalLM(_BaseModel):
-    config_class = LayerfoldSharedConfig
-
-    def get_expanded_tied_weights_keys(self, all_submodels=False):
-        keys = super().get_expanded_tied_weights_keys(all_submodels=all_submodels)
-        keys.update(getattr(self.config, "layerfold_shared", None) or {{}})
-        return keys
-'''
-
-
-def modeling_file(model: nn.Module) -> str:
-    return _MODELING_TEMPLATE.format(
-        config_class=type(model.config).__name__,
-        model_class=type(model).__name__,
-        model_type=SHARED_MODEL_TYPE,
-    )
-
-
-def deduplicated_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The state dict with each shared storage once, under its first name."""
-    seen: set[tuple] = set()
-    out = {}
-    for name, t in model.state_dict().items():
-        key = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
-        if key in seen:
-            continue
-        seen.add(key)
-        out[name] = t
-    return out
-
-
-def shared_config_json(model: nn.Module, mapping: dict[str, str], groups: list[list[int]]) -> str:
-    """config.json of a shared model: the base config plus the sharing map and auto_map."""
-    d = model.config.to_dict()
-    base_type = d["model_type"]
-    d.update(
-        model_type=SHARED_MODEL_TYPE,
-        layerfold_base_model_type=base_type,
-        layerfold_shared=mapping,
-        layerfold_groups=groups,
-        architectures=["LayerfoldSharedForCausalLM"],
-        auto_map={
-            "AutoConfig": f"{MODELING_FILE[:-3]}.LayerfoldSharedConfig",
-            "AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.LayerfoldSharedForCausalLM",
-        },
-    )
-    return json.dumps(d, indent=2, sort_keys=True, default=str) + "\n"
-
-
-def read_shared_config(folder: Path) -> dict | None:
-    """The config.json of a layerfold shared model folder, or None for any other folder."""
-    path = Path(folder) / "config.json"
-    try:
-        d = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return d if d.get("model_type") == SHARED_MODEL_TYPE else None
-
-
-def base_config(shared: dict):
-    """The base architecture's config object for a shared folder's config.json."""
-    from transformers import AutoConfig
-
-    d = dict(shared)
-    base_type = d.pop("layerfold_base_model_type", None)
-    if not base_type:
-        raise LayerfoldError("shared model config has no layerfold_base_model_type")
-    for key in ("model_type", "auto_map", "architectures", "layerfold_groups"):
-        d.pop(key, None)
-    mapping = d.pop("layerfold_shared", {}) or {}
-    try:
-        cfg = AutoConfig.for_model(base_type, **d)
-    except ValueError as e:
-        raise LayerfoldError(f"shared model of unknown base type {base_type!r}: {e}") from None
-    return cfg, mapping
-
-
-def save_shared_folder(loaded, out: Path, *, card: str, extra_files: dict | None = None,
-                       force: bool = False) -> Path:
-    """Save a model whose layers share weights, each shared tensor once (see module doc).
-
-    A model without shared layers is saved as a standard folder.
-    """
-    from ..models.saving import save_model_folder
-
-    model = loaded.model
-    exclude = set(getattr(model, "all_tied_weights_keys", {}) or {})  # lm_head <- embeddings
-    mapping = shared_parameter_map(model, exclude=exclude)
-    if not mapping:
-        return save_model_folder(loaded, out, card=card, extra_files=extra_files, force=force)
-    groups = _groups_from_map(mapping, len(decoder_layers(model, loaded.arch)), loaded.arch)
-    files = {
-        "config.json": shared_config_json(model, mapping, groups),
-        MODELING_FILE: modeling_file(model),
-        **(extra_files or {}),
-    }
-    return save_model_folder(loaded, out, card=card, extra_files=files, force=force,
-                             state_dict=deduplicated_state_dict(model))
-
-
-def _groups_from_map(mapping: dict[str, str], num_layers: int, arch: Architecture) -> list[list[int]]:
-    owner = list(range(num_layers))
-    prefix = re.escape(arch.layers) + r"\.(\d+)\."
-    for target, source in mapping.items():
-        t, s = re.match(prefix, target), re.match(prefix, source)
-        if t and s:
-            owner[int(t[1])] = int(s[1])
-    groups: dict[int, list[int]] = {}
-    for l, o in enumerate(owner):
-        groups.setdefault(o, []).append(l)
-    return sorted(groups.values())
-
-
-def unfold(loaded) -> int:
-    """Materialise every shared tensor in place (a standard model); returns how many."""
-    model = loaded.model
-    exclude = set(getattr(model, "all_tied_weights_keys", {}) or {})
-    mapping = shared_parameter_map(model, exclude=exclude)
-    unshare(model, mapping)
-    for key in ("layerfold_shared", "layerfold_groups", "layerfold_base_model_type", "auto_map"):
-        if hasattr(model.config, key):
-            delattr(model.config, key)
-    return len(mapping)

@@ -1,0 +1,18 @@
+"""Unfold: write a shared-weight model as a standard one, every shared tensor materialised,
+for tools that cannot express sharing."""
+
+from __future__ import annotations
+
+from ..nn.shared import shared_parameter_map, unshare
+
+
+def unfold(loaded) -> int:
+    """Materialise every shared tensor in place (a standard model); returns how many."""
+    model = loaded.model
+    exclude = set(getattr(model, "all_tied_weights_keys", {}) or {})
+    mapping = shared_parameter_map(model, exclude=exclude)
+    unshare(model, mapping)
+    for key in ("layerfold_shared", "layerfold_groups", "layerfold_base_model_type", "auto_map"):
+        if hasattr(model.config, key):
+            delattr(model.config, key)
+    return len(mapping)
