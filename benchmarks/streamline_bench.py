@@ -30,7 +30,6 @@ from layerfold.methods import pruning
 from layerfold.methods.streamline import StreamlineOptions, block_window, choose_block, collect_pairs, streamline
 from layerfold.models.loading import load_model
 from layerfold.models.surgery import count_parameters, decoder_layers, decoder_parameters, remove_layers
-from layerfold.train.fit import TrainConfig
 
 
 def reset_peak() -> None:
@@ -127,7 +126,7 @@ def main() -> None:
                 lm = loss in ("lm", "kl")
                 opts = StreamlineOptions(
                     replacement=kind, loss=loss, train_tokens=args.lm_tokens if lm else args.mse_tokens,
-                    batch_size=4, train=TrainConfig(eval_every=2 if lm else 15),
+                    batch_size=4, eval_every=2 if lm else 15,
                 )
                 log = work / f"{name}.jsonl"
                 r = streamline(model, arch, ids, scores, opts, remove=args.remove, work_dir=work,

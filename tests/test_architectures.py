@@ -16,6 +16,8 @@ from layerfold.importance.layer_pass import final_hidden_states
 from layerfold.models.architectures import architecture_for, get_path
 from layerfold.models.compat import cache_kwargs, returned_cache
 from layerfold.models.surgery import remove_layers
+from layerfold.methods.plan import SelectionOptions
+from layerfold.models.saving import OutputOptions
 from layerfold.pipeline import ModelOptions
 
 ARCHS = sorted(ARCH_CONFIGS)
@@ -90,10 +92,9 @@ def test_compress_save_reload_generate(model_type, method, tiny_model_dir, text_
     r = compress(
         CompressOptions(
             model=ModelOptions(model=src),
-            calibration=CalibrationSpec(source=text_file, samples=4, seq_len=32),
-            method=method,
-            remove=2,
-            output=str(out),
+            data=CalibrationSpec(source=text_file, samples=4, seq_len=32),
+            selection=SelectionOptions(method=method, remove=2),
+            output=OutputOptions(str(out)),
             progress=False,
         )
     )

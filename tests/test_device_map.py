@@ -18,6 +18,7 @@ from layerfold.data.calibration import CalibrationSpec
 from layerfold.errors import LayerfoldError
 from layerfold.healing import HealOptions
 from layerfold.models.loading import Placement, load_model, parse_device_memory
+from layerfold.models.saving import OutputOptions
 from layerfold.pipeline import HealModelOptions, ModelOptions, heal_model
 
 LAYER_BYTES = 150_000  # one decoder layer of the tiny Llama in fp32 is 148 kB
@@ -69,7 +70,7 @@ def test_lora_healing_with_disk_offload_equals_healing_in_memory(tiny_model_dir,
     for name, placement in [("memory", None), ("offload", _placement(tmp_path))]:
         opts = HealModelOptions(model=ModelOptions(model=pruned_dir, dtype="fp32", device="cpu",
                                                    placement=placement),
-                                teacher=tiny_model_dir("llama"), heal=heal_opts, output=str(tmp_path / name))
+                                teacher=tiny_model_dir("llama"), healing=heal_opts, output=OutputOptions(str(tmp_path / name)))
         r = heal_model(opts)
         assert r.heal["loss_last"] < r.heal["loss_first"]
         outs[name] = _weights(r.output)
@@ -85,7 +86,7 @@ def test_offloaded_layers_cannot_be_fully_trained(tiny_model_dir, pruned_dir, te
     heal_opts = HealOptions(tokens=4 * 32, data=CalibrationSpec(source=text_file, seq_len=32, seed=1),
                             batch_size=4, train="layers", layers="last:1", progress=False)
     opts = HealModelOptions(model=ModelOptions(model=pruned_dir, dtype="fp32", placement=_placement(tmp_path)),
-                            teacher=tiny_model_dir("llama"), heal=heal_opts, output=str(tmp_path / "out"))
+                            teacher=tiny_model_dir("llama"), healing=heal_opts, output=OutputOptions(str(tmp_path / "out")))
     with pytest.raises(LayerfoldError, match="cannot train offloaded weights"):
         heal_model(opts)
     assert not (tmp_path / "out").exists()

@@ -62,11 +62,13 @@ def test_streamed_pruning_save_equals_in_memory(model_type, tiny_model_dir, tmp_
         torch.testing.assert_close(a(ids).logits, b(ids).logits, rtol=0, atol=0)
 
 
-def _compress_both_ways(src, text_file, tmp_path, **kw):
+def _compress_both_ways(src, text_file, tmp_path, repair=None, **selection):
     """compress() from a model loaded in memory and from one it streams itself: both folders."""
     from layerfold import CompressOptions, compress
     from layerfold.data.calibration import CalibrationSpec
     from layerfold.healing import HealOptions
+    from layerfold.methods.plan import SelectionOptions
+    from layerfold.models.saving import OutputOptions
     from layerfold.pipeline import EvalOptions, ModelOptions
 
     outs, lazy_loaded = {}, None
@@ -74,9 +76,10 @@ def _compress_both_ways(src, text_file, tmp_path, **kw):
         loaded = load_model(src, lazy=(mode == "lazy"))
         if mode == "lazy":
             lazy_loaded = loaded
-        opts = CompressOptions(model=ModelOptions(src), calibration=CalibrationSpec(source=text_file, samples=6, seq_len=16),
-                               output=str(tmp_path / mode), progress=False, heal=HealOptions(tokens=0),
-                               evaluation=EvalOptions(enabled=False), **kw)
+        opts = CompressOptions(model=ModelOptions(src), data=CalibrationSpec(source=text_file, samples=6, seq_len=16),
+                               output=OutputOptions(str(tmp_path / mode)), progress=False, healing=HealOptions(tokens=0),
+                               evaluation=EvalOptions(enabled=False), selection=SelectionOptions(**selection),
+                               **({"repair": repair} if repair else {}))
         outs[mode] = compress(opts, loaded=loaded).output
     return outs, lazy_loaded
 
@@ -121,7 +124,7 @@ def test_streamed_streamline_equals_in_memory(replacement, tiny_model_dir, text_
 
     so = StreamlineOptions(replacement=replacement, ffn_width=16, train_tokens=64)
     outs, lazy = _compress_both_ways(tiny_model_dir("qwen2"), text_file, tmp_path, method="streamline", remove=2,
-                                     streamline=so)
+                                     repair=so)
     _same_weights(outs["eager"], outs["lazy"])
     assert _meta_layers(lazy) >= 3  # only the replacement holds weights of its own
     # the untied input embeddings went back to disk while the replacement trained, and were

@@ -20,8 +20,10 @@ from layerfold.methods.streamline import (
 from layerfold.models.architectures import ARCHITECTURES
 from layerfold.models.surgery import decoder_layers
 from layerfold.nn.replacements import ReplacementSpec, build_replacement
+from layerfold.methods.plan import SelectionOptions
+from layerfold.models.saving import OutputOptions
 from layerfold.pipeline import CompressOptions, ModelOptions, compress
-from layerfold.train.fit import TrainConfig, lr_factor
+from layerfold.train import TrainConfig, lr_factor
 
 
 def _ids(n=12, T=16, seed=0):
@@ -87,9 +89,9 @@ def test_sparsity_reports_exact_parameters(tmp_path, tiny_model_dir, text_file):
     loaded = load_model(tiny_model_dir("llama"))
     per_layer = sum(p.numel() for p in decoder_layers(loaded.model, loaded.arch)[0].parameters())
     r = compress(CompressOptions(
-        model=ModelOptions(tiny_model_dir("llama")), method="streamline", sparsity=0.3,
-        calibration=CalibrationSpec(source=text_file, samples=6, seq_len=16), output=str(tmp_path / "o"),
-        progress=False, streamline=StreamlineOptions(replacement="ffn", ffn_width=16, train_tokens=32),
+        model=ModelOptions(tiny_model_dir("llama")), selection=SelectionOptions(method="streamline", sparsity=0.3),
+        data=CalibrationSpec(source=text_file, samples=6, seq_len=16), output=OutputOptions(str(tmp_path / "o")),
+        progress=False, repair=StreamlineOptions(replacement="ffn", ffn_width=16, train_tokens=32),
     ), loaded=loaded)
     sl = r.streamline
     ffn = 2 * 64 * 16 + 16 + 64 + 64  # up, up bias, down bias, norm
@@ -142,7 +144,7 @@ def test_decoder_replacement_call_is_causal():
 
 
 def test_lr_schedule_warms_up_then_decays_to_min():
-    cfg = TrainConfig(lr=2e-4, min_lr=5e-5, warmup=0.1)
+    cfg = TrainConfig(lr=2e-4, min_lr_ratio=0.25, warmup_steps=10)
     f = [lr_factor(s, 100, cfg) for s in range(100)]
     assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(f[9:], f[10:]))
@@ -156,8 +158,7 @@ def test_mse_training_lowers_validation_loss(tmp_path, replacement, loss):
     arch = ARCHITECTURES["llama"]
     ids = _ids(20, 16)
     scores = measure_similarity(model, arch, ids, progress=False)
-    opts = StreamlineOptions(replacement=replacement, loss=loss, epochs=4, batch_size=4,
-                             train=TrainConfig(lr=2e-3, min_lr=5e-4))
+    opts = StreamlineOptions(replacement=replacement, loss=loss, epochs=4, batch_size=4, lr=2e-3, min_lr=5e-4)
     log = tmp_path / "log.jsonl"
     r = streamline(model, arch, ids, scores, opts, remove=2, work_dir=tmp_path, log_path=log, progress=False)
     # an attention-free replacement cannot copy a random block's attention: it only improves
@@ -178,7 +179,7 @@ def test_in_place_training_changes_only_the_replacement(tmp_path, loss):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     ids = _ids(16, 16)
     scores = measure_similarity(model, arch, ids, progress=False)
-    opts = StreamlineOptions(loss=loss, epochs=4, batch_size=4, train=TrainConfig(lr=2e-3, min_lr=5e-4))
+    opts = StreamlineOptions(loss=loss, epochs=4, batch_size=4, lr=2e-3, min_lr=5e-4)
     r = streamline(model, arch, ids, scores, opts, remove=2, work_dir=tmp_path, progress=False)
     assert r.fit.best_val < r.fit.first_val
     layers = decoder_layers(model, arch)
@@ -204,9 +205,9 @@ def test_saved_model_reloads_with_same_logits(tmp_path, tiny_model_dir, text_fil
 
     loaded = load_model(tiny_model_dir(model_type))
     r = compress(CompressOptions(
-        model=ModelOptions(tiny_model_dir(model_type)), method="streamline", remove=2,
-        calibration=CalibrationSpec(source=text_file, samples=6, seq_len=16), output=str(tmp_path / "o"),
-        progress=False, streamline=StreamlineOptions(replacement=replacement, train_tokens=64),
+        model=ModelOptions(tiny_model_dir(model_type)), selection=SelectionOptions(method="streamline", remove=2),
+        data=CalibrationSpec(source=text_file, samples=6, seq_len=16), output=OutputOptions(str(tmp_path / "o")),
+        progress=False, repair=StreamlineOptions(replacement=replacement, train_tokens=64),
     ), loaded=loaded)
     assert (r.output / "training_log.jsonl").exists() == (replacement != "none")
     reloaded = AutoModelForCausalLM.from_pretrained(r.output, trust_remote_code=replacement == "ffn").eval()
@@ -254,7 +255,7 @@ def test_cli_rejects_training_nothing(tmp_path, tiny_model_dir, text_file, capsy
 
 
 def test_fit_keeps_the_best_state_on_disk_as_in_memory(tmp_path):
-    from layerfold.train.fit import fit
+    from layerfold.train import fit
 
     def run(best_state_dir):
         torch.manual_seed(0)
@@ -262,9 +263,9 @@ def test_fit_keeps_the_best_state_on_disk_as_in_memory(tmp_path):
         x = torch.randn(32, 4)
         y = x @ torch.randn(4, 4)
         scripted = iter([5.0, 4.0, 3.0, 1.0] + [2.0] * 20)  # validation losses: step 3 is the best
-        r = fit(module, lambda b: torch.nn.functional.mse_loss(module(x[b]), y[b]), lambda: next(scripted),
-                iter([slice(0, 16), slice(16, 32)] * 5), 10, TrainConfig(eval_every=1), progress=False,
-                best_state_dir=best_state_dir)
+        r = fit(module, lambda rows, autocast: torch.nn.functional.mse_loss(module(x[rows]), y[rows]),
+                TrainConfig(steps=10, batch_size=16, lr=2e-4, eval_every=1, progress=False), rows=32,
+                validate=lambda: next(scripted), best_state_dir=best_state_dir)
         final = module(x).detach()
         return r, module.weight.detach().clone(), final
 

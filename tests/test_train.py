@@ -170,3 +170,43 @@ def test_bad_inputs_are_user_errors():
         train(model, _data(), TrainConfig(steps=1, progress=False), [NextTokenLoss()], trainable=lambda n, p: False)
     with pytest.raises(LayerfoldError, match="at least 1"):
         train(model, _data(), TrainConfig(steps=0, progress=False), [NextTokenLoss()])
+
+
+def test_replacement_training_resumes_to_the_same_best_state(tmp_path):
+    """LLM-Streamline's pair regression through the one loop: validation, the best state kept,
+    and a run killed after a checkpoint resumes to the same replacement as an uninterrupted one."""
+    from layerfold.data.pairs import PairStore
+    from layerfold.methods.streamline import PairRegression, collect_pairs, split_rows
+    from layerfold.models.architectures import ARCHITECTURES
+    from layerfold.train import fit, mean_loss
+
+    arch = ARCHITECTURES["llama"]
+    ids = _data(rows=10, seq=16)
+    store = PairStore(tmp_path / "pairs", 10, 16, 64, "fp32")
+    collect_pairs(build_tiny("llama"), arch, ids, 1, 3, store, progress=False)
+
+    def run(folder, kill_at=None, resume=False):
+        model = build_tiny("llama")
+        remove_layers(model, arch, [2, 3])  # layer 1 stands in for the block 1..3
+        objective = PairRegression(model, arch, 1, store, normed=False)
+        train_rows, val_rows = split_rows(10, 0.2, 0)
+        cfg = TrainConfig(steps=6, batch_size=2, grad_accum=2, lr=3e-3, warmup_steps=1, eval_every=2,
+                          checkpoint_dir=str(folder), checkpoint_every=2, resume=resume, progress=False)
+
+        def on_step(step, record):
+            if step == kill_at:
+                raise _Killed
+
+        r = fit(objective.layer, objective, cfg, rows=train_rows, validate=mean_loss(objective, val_rows, 2),
+                on_step=on_step)
+        return objective.layer, r
+
+    straight, r_straight = run(tmp_path / "a")
+    assert r_straight.best_val < r_straight.first_val
+    with pytest.raises(_Killed):
+        run(tmp_path / "b", kill_at=5)
+    resumed, r_resumed = run(tmp_path / "b", resume=True)
+    assert r_resumed.resumed_from == 4
+    assert (r_resumed.best_step, r_resumed.best_val) == (r_straight.best_step, r_straight.best_val)
+    for (n, a), (_, b) in zip(straight.named_parameters(), resumed.named_parameters()):
+        assert torch.equal(a, b), n

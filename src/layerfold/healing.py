@@ -34,6 +34,7 @@ import copy
 import math
 import re
 import time
+from pathlib import Path
 from dataclasses import asdict, dataclass, field, replace
 
 import torch
@@ -44,6 +45,7 @@ from .data.guard import check_not_eval_data
 from .errors import LayerfoldError
 from .models.loading import LoadedModel, input_device
 from .train import (
+    Checkpoints,
     HiddenMSE,
     LogitKL,
     NextTokenLoss,
@@ -67,39 +69,67 @@ CALIBRATION_TEXT = "calib"  # --heal-data calib: heal on the calibration text (c
 class HealOptions:
     """One healing recipe. ``tokens`` is the budget; 0 means no healing."""
 
-    tokens: int = 0
-    data: CalibrationSpec = field(default_factory=lambda: CalibrationSpec(seed=HEAL_SEED))
-    # samples in ``data`` is ignored: the token budget sets how many rows are read (one pass),
-    # unless ``rows`` caps them (the rows are then repeated in further passes)
-    rows: int = 0
-    train: str = "lora"
-    layers: str = "last:3"  # layers fully trained in 'layers' modes: 'last:K', 'all' or '3,4,7'
-    lm_head: str = "auto"
-    train_norm: bool = True  # the final norm (a few hundred parameters)
-    lora_rank: int = 16
-    lora_alpha: float = 32.0
-    lora_modules: str = "all-linear"  # or comma-separated names, e.g. q_proj,v_proj
-    ce: float = 0.0
-    kl: float = 1.0
-    mse: float = 0.0
-    mse_layers: int = 3  # tail layers aligned by the mse loss
-    temperature: float = 1.0
-    teacher_cache: bool = True  # top-k logits on disk instead of a live teacher
-    topk: int = 64
-    batch_size: int = 8
-    grad_accum: int = 1
-    lr: float | None = None  # default: 5e-4 for lora (benchmarks/healing.md), 1e-4 when whole layers train
-    warmup: float = 0.05  # fraction of steps
-    precision: str = "fp32"
-    # recompute each layer's activations in the backward pass instead of keeping them: less
-    # memory, about a third more compute, the same result
-    checkpointing: bool = False
-    seed: int = 0
-    checkpoint_dir: str | None = None
-    checkpoint_every: int = 0
-    resume: bool = False
-    log_file: str | None = None
-    progress: bool = True
+    tokens: int = field(default=0, metadata={
+        "help": "healing token budget; 0: no healing", "consts": {"--no-heal": (0, "no healing (the same as --heal-tokens 0)")}})
+    data: CalibrationSpec = field(default_factory=lambda: CalibrationSpec(seed=HEAL_SEED), metadata={
+        "help": "the healing text",
+        "prefix": "heal-data-", "flags": {"source": "--heal-data", "seq_len": "--heal-seq-len"},
+        "helps": {"source": "'self' (the original model writes the text), 'calib' (compress only: the calibration "
+                            "text, already written and cached) or a .txt/.jsonl file; evaluation files are refused",
+                  "seq_len": "tokens per healing sequence",
+                  "seed": "seed of self-written healing text (calibration uses 0, so healing text differs)"},
+        "exclude": ("samples",), "aliases": {"text_field": ("--text-field",)}})
+    # samples in ``data`` is not an option: the token budget sets how many rows are read (one
+    # pass), unless ``rows`` caps them (the rows are then repeated in further passes)
+    rows: int = field(default=0, metadata={
+        "help": "distinct healing sequences; fewer than the budget needs are repeated (0: one pass, no repeats)"})
+    train: str = field(default="lora", metadata={
+        "help": "lora: LoRA adapters merged at the end; layers: full fine-tune of --heal-layers; or both",
+        "choices": TRAIN_MODES})
+    layers: str = field(default="last:3", metadata={
+        "help": "layers fully trained by 'layers' modes: last:K, all, none, or indices like 3,4,7"})
+    lm_head: str = field(default="auto", metadata={
+        "help": "auto: train lm_head if it is its own matrix, freeze it if tied to the embeddings; untie: give it "
+                "its own matrix (+vocab x hidden parameters)", "choices": LM_HEAD_MODES})
+    train_norm: bool = field(default=True, metadata={"help": "do not train the final norm", "flag": "--heal-no-norm"})
+    lora_rank: int = field(default=16, metadata={"help": "LoRA rank", "flag": "--lora-rank"})
+    lora_alpha: float = field(default=32.0, metadata={
+        "help": "LoRA scaling numerator (scale = alpha / rank)", "flag": "--lora-alpha"})
+    lora_modules: str = field(default="all-linear", metadata={
+        "help": "modules that get LoRA: all-linear or comma-separated names (q_proj,v_proj,...)",
+        "flag": "--lora-modules"})
+    ce: float = field(default=0.0, metadata={"help": "weight of the next-token loss"})
+    kl: float = field(default=1.0, metadata={"help": "weight of the KL to the teacher's logits"})
+    mse: float = field(default=0.0, metadata={
+        "help": "weight of the (relative) MSE between the last layers' outputs of student and teacher"})
+    mse_layers: int = field(default=3, metadata={"help": "tail layers aligned by --heal-mse"})
+    temperature: float = field(default=1.0, metadata={"help": "distillation temperature"})
+    teacher_cache: bool = field(default=True, metadata={
+        "help": "run the teacher on every batch instead of caching its top-k logits on disk",
+        "flag": "--no-teacher-cache"})
+    topk: int = field(default=64, metadata={"help": "teacher logits kept per token in the cache"})
+    batch_size: int = field(default=8, metadata={"help": "sequences per micro-batch"})
+    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step", "flag": "--grad-accum"})
+    lr: float | None = field(default=None, metadata={
+        "help": "learning rate (default: 5e-4 for lora, benchmarks/healing.md; 1e-4 when whole layers train)"})
+    warmup: float = field(default=0.05, metadata={"help": "fraction of the steps spent warming up linearly"})
+    precision: str = field(default="fp32", metadata={
+        "help": "bf16 autocast (fast on GPUs and recent CPUs) or fp32", "choices": ("fp32", "bf16")})
+    checkpointing: bool = field(default=False, metadata={
+        "help": "recompute layer activations in the backward pass: less memory, about a third more time, "
+                "the same result"})
+    seed: int = field(default=0, metadata={"help": "seed of batch order and LoRA init"})
+    checkpoint_dir: str | None = field(default=None, metadata={
+        "help": "folder for training checkpoints of every training stage (needed by --resume)",
+        "flag": "--checkpoint-dir", "path": True})
+    checkpoint_every: int = field(default=0, metadata={
+        "help": "optimizer steps between checkpoints; 0: none (10 when --checkpoint-dir is given)",
+        "flag": "--checkpoint-every"})
+    resume: bool = field(default=False, metadata={
+        "help": "continue a killed run from --checkpoint-dir (same settings give the same result)", "flag": "--resume"})
+    log_file: str | None = field(default=None, metadata={
+        "help": "JSON-lines training log (one record per step)", "flag": "--heal-log", "path": True})
+    progress: bool = field(default=True, metadata={"schema": False})
 
     @property
     def enabled(self) -> bool:
@@ -114,7 +144,16 @@ class HealOptions:
             return self.lr
         return 5e-4 if self.train == "lora" else 1e-4
 
+    def checkpoints(self, subfolder: str | None = None) -> Checkpoints:
+        """Where a training stage of this run checkpoints (every 10 steps unless told otherwise)."""
+        folder = self.checkpoint_dir
+        if folder and subfolder:
+            folder = str(Path(folder) / subfolder)
+        return Checkpoints(folder, self.checkpoint_every or (10 if folder else 0), self.resume)
+
     def validate(self) -> None:
+        if self.resume and not self.checkpoint_dir:
+            raise LayerfoldError("--resume needs --checkpoint-dir")
         if self.tokens < 0:
             raise LayerfoldError(f"--heal-tokens must not be negative (got {self.tokens})")
         if self.train not in TRAIN_MODES:
@@ -342,8 +381,7 @@ def heal(
     config = TrainConfig(
         steps=steps, batch_size=opts.batch_size, grad_accum=opts.grad_accum, lr=opts.learning_rate(),
         warmup_steps=int(math.floor(opts.warmup * steps)), precision=opts.precision, seed=opts.seed,
-        checkpoint_dir=opts.checkpoint_dir, checkpoint_every=opts.checkpoint_every, resume=opts.resume,
-        log_file=opts.log_file, progress=opts.progress, desc="healing", eval_every=eval_every,
+        **opts.checkpoints().settings(), log_file=opts.log_file, progress=opts.progress, desc="healing", eval_every=eval_every,
     )
     t = time.perf_counter()
     result = train(trained_model, ids, config, losses, teacher=prepared_teacher, trainable=None,

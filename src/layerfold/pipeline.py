@@ -13,137 +13,23 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from .data.calibration import CalibrationSpec, load_calibration
+from . import recipe as recipes
+from .data.calibration import load_calibration
 from .errors import LayerfoldError
-from .healing import HealOptions, compress_defaults, heal_command_defaults
-from .importance import DEFAULT_ACTIVATION_BYTES, LayerScores, measure_similarity
+from .eval.evaluate import EvalOptions
+from .healing import HealOptions
+from .importance import LayerScores, measure_similarity
 from .methods import pruning
-from .importance.gates import GateOptions
-from .methods.foldgpt import FoldGPTOptions
+from .methods.plan import METHODS
 from .methods.streamline import StreamlineOptions, StreamlineResult
 from .models.card import model_card
-from .models.loading import EMBEDDED_NAME, LoadedModel, Placement, load_model, locate_model
+from .models.loading import EMBEDDED_NAME, LoadedModel, ModelOptions, load_model, locate_model
 from .models.saving import folder_bytes, save_model_folder
 from .models.surgery import count_parameters, decoder_layers, remove_layers
+from .recipe import AnalyzeOptions, CompressOptions, EvaluateOptions, ExportOptions, HealModelOptions
 
-METHODS = ("streamline", "streamline-block", "bi", "angular", "last-n", "foldgpt")
-DEFAULT_METHOD = "bi"  # best measured on the embedded model (benchmarks/healing.md)
-
-
-@dataclass
-class ModelOptions:
-    model: str | None = None  # None: the embedded SmolLM2-135M-Instruct
-    dtype: str = "auto"
-    device: str = "auto"
-    trust_remote_code: bool = False
-    placement: Placement | None = None  # an accelerate device map (``--device-map``); replaces ``device``
-
-
-@dataclass
-class AnalyzeOptions:
-    model: ModelOptions = field(default_factory=ModelOptions)
-    calibration: CalibrationSpec = field(default_factory=CalibrationSpec)
-    batch_size: int = 8
-    progress: bool = True
-    gates: GateOptions | None = None  # also train FoldGPT gates (``analyze --gates``)
-    gate_remove: int | None = None  # the gates' budget: layers to remove (default 25%)
-    max_memory: int = DEFAULT_ACTIVATION_BYTES  # activations of the calibration pass held at once
-
-
-@dataclass
-class EvalOptions:
-    """What ``compress`` measures before and after, for the report in the output folder.
-
-    By default only perplexity on the first ``ppl_limit`` LAMBADA documents (when the shared
-    data folder is found) and the cost figures, so the main job stays fast.
-    """
-
-    tasks: list[str] = field(default_factory=list)  # e.g. ["piqa", "winogrande"]
-    limit: int | None = None  # first N examples of each task
-    ppl: list[str] | None = None  # None: lambada_openai if the data folder has it
-    ppl_limit: int = 20
-    data_dir: str | None = None
-    enabled: bool = True  # False: no evaluation at all
-    report: bool = True  # write report.html and figures/ into the output folder
-    batch_size: int = 8
-
-    def evaluate_kwargs(self) -> dict | None:
-        """Arguments for ``layerfold.eval.evaluate``, or None when nothing is to be measured."""
-        if not self.enabled:
-            return None
-        from .eval.tasks import data_dir, resolve_task_path
-
-        ppl = self.ppl
-        if ppl is None:
-            ppl = []
-            root = data_dir(self.data_dir)
-            if root is not None:
-                try:
-                    resolve_task_path("lambada_openai", root)
-                    ppl = ["lambada_openai"]
-                except LayerfoldError:
-                    pass
-        return dict(tasks=list(self.tasks), ppl=list(ppl), limit=self.limit, ppl_limit=self.ppl_limit,
-                    data_dir=self.data_dir, batch_size=self.batch_size, speed_tokens=(64, 16))
-
-
-@dataclass
-class CompressOptions:
-    model: ModelOptions = field(default_factory=ModelOptions)
-    calibration: CalibrationSpec = field(default_factory=CalibrationSpec)
-    method: str = DEFAULT_METHOD
-    remove: int | None = None
-    sparsity: float | None = None
-    output: str | None = None
-    force: bool = False
-    batch_size: int = 8
-    max_memory: int = DEFAULT_ACTIVATION_BYTES  # activations of the calibration pass held at once
-    progress: bool = True
-    streamline: StreamlineOptions = field(default_factory=StreamlineOptions)
-    evaluation: EvalOptions = field(default_factory=EvalOptions)
-    heal: HealOptions = field(default_factory=compress_defaults)
-    foldgpt: FoldGPTOptions = field(default_factory=FoldGPTOptions)
-
-    def command(self) -> str:
-        """The equivalent command line, written into the output's model card."""
-        parts = ["layerfold", "compress"]
-        if self.model.model:
-            parts.append(self.model.model)
-        parts += ["--method", self.method]
-        if self.remove is not None:
-            parts += ["--remove", str(self.remove)]
-        if self.sparsity is not None:
-            parts += ["--sparsity", f"{self.sparsity:g}"]
-        defaults = CalibrationSpec()
-        flags = {"source": "--calib", "samples": "--calib-samples", "seq_len": "--seq-len",
-                 "text_field": "--text-field", "seed": "--seed"}
-        for name, flag in flags.items():
-            value = getattr(self.calibration, name)
-            if value != getattr(defaults, name):
-                parts += [flag, str(value)]
-        if self.method == "foldgpt":
-            parts += _foldgpt_flags(self.foldgpt)
-        if self.model.dtype != "auto":
-            parts += ["--dtype", self.model.dtype]
-        if self.method == "streamline":
-            parts += _streamline_flags(self.streamline)
-        ev = self.evaluation
-        if ev.tasks:
-            parts += ["--eval-tasks", ",".join(ev.tasks)]
-        if ev.limit is not None:
-            parts += ["--eval-limit", str(ev.limit)]
-        if not ev.enabled:
-            parts.append("--no-eval")
-        if self.method == "foldgpt":
-            pass  # its cure is its healing (the --cure-* flags)
-        elif self.heal.enabled:
-            parts += heal_flags(self.heal, compress_defaults())
-        elif compress_defaults().enabled:
-            parts.append("--no-heal")
-        if self.output:
-            parts += ["-o", self.output]
-        return shlex.join(parts)
-
+__all__ = ["AnalyzeOptions", "CompressOptions", "EvalOptions", "EvaluateOptions", "ExportOptions",
+           "HealModelOptions", "ModelOptions", "analyze", "compress", "evaluate_model", "export", "heal_model"]
 
 @dataclass
 class AnalyzeResult:
@@ -173,24 +59,6 @@ class CompressResult:
     extra: dict = field(default_factory=dict)
 
 
-def _streamline_flags(o: StreamlineOptions) -> list[str]:
-    """The flags that differ from their defaults, for the recorded command."""
-    d = StreamlineOptions()
-    flags = {"replacement": "--replacement", "loss": "--loss", "ffn_width": "--ffn-width",
-             "ffn_activation": "--ffn-activation", "epochs": "--epochs", "train_tokens": "--train-tokens",
-             "batch_size": "--train-batch-size", "val_fraction": "--val-fraction", "pair_dtype": "--pair-dtype"}
-    parts = []
-    for name, flag in flags.items():
-        value = getattr(o, name)
-        if value != getattr(d, name):
-            parts += [flag, f"{value:g}" if isinstance(value, float) else str(value)]
-    for name, flag in {"lr": "--lr", "min_lr": "--min-lr"}.items():
-        value = getattr(o.train, name)
-        if value != getattr(d.train, name):
-            parts += [flag, f"{value:g}"]
-    return parts
-
-
 def _load(opts: ModelOptions, lazy: bool = False) -> LoadedModel:
     return load_model(opts.model, dtype=opts.dtype, device=opts.device,
                       trust_remote_code=opts.trust_remote_code, lazy=lazy, placement=opts.placement)
@@ -203,9 +71,9 @@ def analyze(opts: AnalyzeOptions, loaded: LoadedModel | None = None) -> AnalyzeR
     # model, so it is made (or read from its cache) before that
     # gates train through the whole model at once, so they need every layer in memory
     loaded = loaded or _load(opts.model, lazy=opts.gates is None)
-    ids = load_calibration(opts.calibration, loaded, progress=opts.progress)
+    ids = load_calibration(opts.data, loaded, progress=opts.progress)
     scores = measure_similarity(
-        loaded.model, loaded.arch, ids, batch_size=opts.batch_size, max_activation_bytes=opts.max_memory,
+        loaded.model, loaded.arch, ids, batch_size=opts.layer_pass.batch_size, max_activation_bytes=opts.layer_pass.max_memory,
         progress=opts.progress,
     )
     if opts.gates is not None:
@@ -228,47 +96,49 @@ def default_output_name(source: str, method: str, n_remove: int) -> str:
 
 
 def compress(opts: CompressOptions, loaded: LoadedModel | None = None) -> CompressResult:
-    """Remove layers by ``opts.method`` (and, for ``streamline``, train a replacement for them);
+    """Remove layers by ``opts.selection.method`` (and, for ``streamline``, train a replacement for them);
     save a stock-loadable model folder."""
-    if opts.method not in METHODS:
-        raise LayerfoldError(f"unknown method {opts.method!r}; choose from {', '.join(METHODS)}")
-    opts.calibration.validate()
-    if opts.heal.enabled:
-        opts.heal.validate()
-    pruning.check_target(opts.remove, opts.sparsity)
-    if opts.method == "streamline":
-        opts.streamline.validate()
-    if opts.method == "foldgpt":
+    if opts.selection.method not in METHODS:
+        raise LayerfoldError(f"unknown method {opts.selection.method!r}; choose from {', '.join(METHODS)}")
+    opts.data.validate()
+    opts.layer_pass.validate()
+    opts.evaluation.validate()
+    if opts.healing.enabled:
+        opts.healing.validate()
+    pruning.check_target(opts.selection.remove, opts.selection.sparsity)
+    if opts.selection.method == "streamline":
+        opts.repair.validate()
+    if opts.selection.method == "foldgpt":
         opts.foldgpt.validate()
-    if opts.output:
+    if opts.output.path:
         from .models.saving import check_output_dir
 
-        check_output_dir(Path(opts.output), opts.force)  # fail before any slow work
+        check_output_dir(Path(opts.output.path), opts.output.force)  # fail before any slow work
     seconds: dict[str, float] = {}
     t = time.perf_counter()
     # layer-streamed: weights stay on disk until a layer is used, so importance, pair
     # collection and saving need about one layer in memory (FoldGPT trains all gates at once)
-    loaded = loaded or _load(opts.model, lazy=opts.method != "foldgpt")
+    loaded = loaded or _load(opts.model, lazy=opts.selection.method != "foldgpt")
     seconds["load"] = time.perf_counter() - t
-    if opts.method == "foldgpt":
+    if opts.selection.method == "foldgpt":
         return _compress_foldgpt(opts, loaded, seconds)
     model, arch = loaded.model, loaded.arch
     n_layers = len(decoder_layers(model, arch))
     params_before = count_parameters(model)
 
     scores = ids = None
-    if opts.method != "last-n":
+    if opts.selection.method != "last-n":
         t = time.perf_counter()
-        ids = load_calibration(opts.calibration, loaded, progress=opts.progress)
+        ids = load_calibration(opts.data, loaded, progress=opts.progress)
         seconds["calibration"] = time.perf_counter() - t
         t = time.perf_counter()
-        scores = measure_similarity(model, arch, ids, batch_size=opts.batch_size,
-                                    max_activation_bytes=opts.max_memory, progress=opts.progress)
+        scores = measure_similarity(model, arch, ids, batch_size=opts.layer_pass.batch_size,
+                                    max_activation_bytes=opts.layer_pass.max_memory, progress=opts.progress)
         seconds["importance"] = time.perf_counter() - t
 
     eval_kw = opts.evaluation.evaluate_kwargs()
     eval_before = eval_after = None
-    if eval_kw is not None or opts.heal.enabled:
+    if eval_kw is not None or opts.healing.enabled:
         # evaluating the original and teaching the healed model need all of it at once
         from .models.lazy import materialize
 
@@ -286,7 +156,7 @@ def compress(opts: CompressOptions, loaded: LoadedModel | None = None) -> Compre
         seconds["eval_before"] = time.perf_counter() - t
 
     heal_ids = heal_teacher = None
-    if opts.heal.enabled:
+    if opts.healing.enabled:
         # the healing text and the teacher's answers come from the original, before surgery
         from .healing import healing_data, prepare_teacher, teacher_copy
 
@@ -294,46 +164,46 @@ def compress(opts: CompressOptions, loaded: LoadedModel | None = None) -> Compre
         from .healing import CALIBRATION_TEXT
 
         t = time.perf_counter()
-        if opts.heal.data.source == CALIBRATION_TEXT:
-            check_not_eval_data(opts.calibration.source)  # never heal on evaluation data
-            heal_ids = ids if ids is not None else load_calibration(opts.calibration, loaded, progress=opts.progress)
+        if opts.healing.data.source == CALIBRATION_TEXT:
+            check_not_eval_data(opts.data.source)  # never heal on evaluation data
+            heal_ids = ids if ids is not None else load_calibration(opts.data, loaded, progress=opts.progress)
         else:
-            heal_ids = healing_data(opts.heal, loaded)
+            heal_ids = healing_data(opts.healing, loaded)
         seconds["heal_data"] = time.perf_counter() - t
         t = time.perf_counter()
-        if opts.heal.needs_teacher:
-            if opts.heal.teacher_cache:
-                heal_teacher = prepare_teacher(opts.heal, loaded, heal_ids)
+        if opts.healing.needs_teacher:
+            if opts.healing.teacher_cache:
+                heal_teacher = prepare_teacher(opts.healing, loaded, heal_ids)
             else:
                 heal_teacher = teacher_copy(loaded).model
         seconds["heal_teacher"] = time.perf_counter() - t
 
     extra_files: dict[str, str] = {}
     sl = None
-    if opts.method == "streamline":
+    if opts.selection.method == "streamline":
         sl, extra_files = _streamline(opts, loaded, ids, scores)
         seconds.update(sl.seconds)
         remove, layer_map = sl.removed, sl.layer_map
         n_remove = len(remove)
     else:
-        n_remove = pruning.layers_for_target(n_layers, opts.remove, opts.sparsity)
-        if opts.method == "last-n":
+        n_remove = pruning.layers_for_target(n_layers, opts.selection.remove, opts.selection.sparsity)
+        if opts.selection.method == "last-n":
             remove = pruning.last_layers(n_layers, n_remove)
         else:
-            remove = pruning.PRUNING_METHODS[opts.method](scores, n_remove)
+            remove = pruning.PRUNING_METHODS[opts.selection.method](scores, n_remove)
         layer_map = list(remove_layers(model, arch, remove))
 
     heal_summary = None
-    if opts.heal.enabled:
+    if opts.healing.enabled:
         from .healing import heal
 
         t = time.perf_counter()
-        healed = heal(loaded, None, opts.heal, ids=heal_ids, prepared_teacher=heal_teacher)
+        healed = heal(loaded, None, opts.healing, ids=heal_ids, prepared_teacher=heal_teacher)
         seconds["heal"] = time.perf_counter() - t
         heal_summary = healed.summary()
         model = loaded.model
     params_after = count_parameters(model)
-    out = Path(opts.output or default_output_name(loaded.source, opts.method, n_remove))
+    out = Path(opts.output.path or default_output_name(loaded.source, opts.selection.method, n_remove))
     if eval_kw is not None:
         from .eval import evaluate
 
@@ -343,20 +213,20 @@ def compress(opts: CompressOptions, loaded: LoadedModel | None = None) -> Compre
         seconds["eval_after"] = time.perf_counter() - t
 
     recipe = {
-        "method": opts.method,
+        "method": opts.selection.method,
         "remove": n_remove,
-        "sparsity": opts.sparsity,
+        "sparsity": opts.selection.sparsity,
         "removed_layers": remove,
-        "calibration": asdict(opts.calibration) if scores is not None else None,
+        "calibration": asdict(opts.data) if scores is not None else None,
         "dtype": opts.model.dtype,
-        "heal": opts.heal.recipe() if opts.heal.enabled else None,
+        "heal": opts.healing.recipe() if opts.healing.enabled else None,
     }
-    summary = f"Removed {n_remove} of {n_layers} decoder layers by `{opts.method}`; " + (
+    summary = f"Removed {n_remove} of {n_layers} decoder layers by `{opts.selection.method}`; " + (
         heal_sentence(heal_summary) if heal_summary else "no retraining."
     )
     if sl is not None:
-        recipe["streamline"] = _streamline_record(opts.streamline, sl)
-        summary = _streamline_summary(opts.streamline, sl, n_layers)
+        recipe["streamline"] = _streamline_record(opts.repair, sl)
+        summary = _streamline_summary(opts.repair, sl, n_layers)
         if heal_summary:
             summary += " Then " + heal_sentence(heal_summary)
     if eval_after is not None:
@@ -370,6 +240,7 @@ def compress(opts: CompressOptions, loaded: LoadedModel | None = None) -> Compre
         params_after=params_after,
         layers_before=n_layers,
         summary=summary,
+        recipe_yaml=recipes.to_yaml(opts),
     )
     record = {
         "layerfold_version": _version(),
@@ -386,8 +257,9 @@ def compress(opts: CompressOptions, loaded: LoadedModel | None = None) -> Compre
         "heal": heal_summary,
     }
     extra_files["layerfold.json"] = json.dumps(record, indent=2, default=str) + "\n"
+    extra_files[recipes.RECIPE_FILE] = recipes.to_yaml(opts)
     t = time.perf_counter()
-    out = save_model_folder(loaded, out, card=card, extra_files=extra_files, force=opts.force)
+    out = save_model_folder(loaded, out, card=card, extra_files=extra_files, force=opts.output.force)
     seconds["save"] = time.perf_counter() - t
     report = None
     if eval_after is not None and eval_after.cost is not None:
@@ -396,7 +268,7 @@ def compress(opts: CompressOptions, loaded: LoadedModel | None = None) -> Compre
         report = _write_report(out, record, eval_before, eval_after)
     return CompressResult(
         output=out,
-        method=opts.method,
+        method=opts.selection.method,
         removed=remove,
         layer_map=layer_map,
         layers_before=n_layers,
@@ -445,19 +317,20 @@ def _streamline(opts: CompressOptions, loaded: LoadedModel, ids, scores) -> tupl
     from .methods.streamline import streamline
     from .nn.portable import portable_files
 
-    so = opts.streamline
+    so = opts.repair
     # pairs go beside the output (same disk, never a RAM-backed /tmp) unless told otherwise
     if so.pairs_dir:
         base = Path(so.pairs_dir).expanduser()
     else:
-        base = Path(opts.output).expanduser().resolve().parent if opts.output else Path.cwd()
+        base = Path(opts.output.path).expanduser().resolve().parent if opts.output.path else Path.cwd()
     base.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".layerfold-streamline-{os.getpid()}-", dir=base))
     try:
         log_path = work / "training_log.jsonl"
         result = streamline(
-            loaded.model, loaded.arch, ids, scores, so, remove=opts.remove, sparsity=opts.sparsity,
-            work_dir=work, log_path=log_path, progress=opts.progress, batch_size=opts.batch_size,
+            loaded.model, loaded.arch, ids, scores, so, remove=opts.selection.remove, sparsity=opts.selection.sparsity,
+            work_dir=work, log_path=log_path, progress=opts.progress, batch_size=opts.layer_pass.batch_size,
+            checkpoints=opts.healing.checkpoints("replacement"),
         )
         files = {"training_log.jsonl": log_path.read_text()} if log_path.exists() else {}
         files.update(portable_files(loaded.model, loaded.arch))
@@ -494,8 +367,9 @@ def _streamline_record(so: StreamlineOptions, sl: StreamlineResult) -> dict:
         "pair_tokens": sl.pair_tokens,
         "pair_bytes": sl.pair_bytes,
         "pair_dtype": so.pair_dtype if sl.pair_tokens else None,
-        "train": asdict(so.train) | {"epochs": so.epochs, "train_tokens": so.train_tokens,
-                                     "batch_size": so.batch_size, "val_fraction": so.val_fraction},
+        "train": {k: getattr(so, k) for k in ("lr", "min_lr", "weight_decay", "warmup", "grad_clip", "epochs",
+                                              "train_tokens", "batch_size", "grad_accum", "val_fraction",
+                                              "precision", "seed")},
         "steps": fit.steps if fit else 0,
         "first_val_loss": fit.first_val if fit else None,
         "best_val_loss": fit.best_val if fit else None,
@@ -523,55 +397,6 @@ def heal_sentence(summary: dict) -> str:
             f"{summary['trainable_parameters']:,} trainable parameters) with the original model as teacher.")
 
 
-def heal_flags(h: HealOptions, d: HealOptions) -> list[str]:
-    """The command-line flags that reproduce a healing recipe (those off the command's defaults ``d``)."""
-    parts = ["--heal-tokens", str(h.tokens)]
-    flags = {"train": "--heal-train", "layers": "--heal-layers", "lm_head": "--heal-lm-head",
-             "lora_rank": "--lora-rank", "lora_alpha": "--lora-alpha", "lora_modules": "--lora-modules",
-             "ce": "--heal-ce", "kl": "--heal-kl", "mse": "--heal-mse", "mse_layers": "--heal-mse-layers",
-             "temperature": "--heal-temperature", "topk": "--heal-topk", "batch_size": "--heal-batch-size",
-             "grad_accum": "--grad-accum", "rows": "--heal-rows", "lr": "--heal-lr", "precision": "--heal-precision", "seed": "--heal-seed"}
-    for name, flag in flags.items():
-        value = getattr(h, name)
-        if value != getattr(d, name):
-            parts += [flag, f"{value:g}" if isinstance(value, float) else str(value)]
-    if not h.train_norm:
-        parts.append("--heal-no-norm")
-    if not h.teacher_cache:
-        parts.append("--no-teacher-cache")
-    if h.checkpointing:
-        parts.append("--heal-checkpointing")
-    for name, flag in {"source": "--heal-data", "seq_len": "--heal-seq-len", "seed": "--heal-data-seed"}.items():
-        value = getattr(h.data, name)
-        if value != getattr(d.data, name):
-            parts += [flag, str(value)]
-    return parts
-
-
-_FOLDGPT_FLAGS = {
-    "group_size": "--group-size", "groups": "--groups", "share_init": "--share-init",
-    "gates.steps": "--gate-steps", "gates.lr": "--gate-lr", "gates.rounds": "--gate-rounds",
-    "gates.budget_weight": "--budget-weight", "gates.polar_weight": "--polar-weight",
-    "cure.steps": "--cure-steps", "cure.lr": "--cure-lr", "cure.samples": "--cure-samples",
-    "cure.batch_size": "--cure-batch-size", "cure.kl_weight": "--kl-weight",
-    "cure.tail_layers": "--tail-layers", "cure.tail_weight": "--tail-weight",
-}
-
-def _foldgpt_flags(o: FoldGPTOptions) -> list[str]:
-    """The flags that differ from the defaults, for the model card's command line."""
-    default = FoldGPTOptions()
-    parts = []
-    for key, flag in _FOLDGPT_FLAGS.items():
-        value = _dig(o, key)
-        if value != _dig(default, key):
-            parts += [flag, str(value)]
-    return parts
-
-def _dig(obj, path: str):
-    for part in path.split("."):
-        obj = getattr(obj, part)
-    return obj
-
 def _compress_foldgpt(opts: CompressOptions, loaded: LoadedModel, seconds: dict) -> CompressResult:
     """Gate, remove, share, cure, save (METHODS.md section 3)."""
     import dataclasses
@@ -583,22 +408,23 @@ def _compress_foldgpt(opts: CompressOptions, loaded: LoadedModel, seconds: dict)
 
     model, arch = loaded.model, loaded.arch
     n_layers = len(decoder_layers(model, arch))
-    n_remove = pruning.layers_for_target(n_layers, opts.remove, opts.sparsity)
+    n_remove = pruning.layers_for_target(n_layers, opts.selection.remove, opts.selection.sparsity)
     fo = opts.foldgpt
     name = f"foldgpt-g{fo.group_size}" if not fo.groups else "foldgpt"
-    out = Path(opts.output or default_output_name(loaded.source, name, n_remove))
+    out = Path(opts.output.path or default_output_name(loaded.source, name, n_remove))
     t = time.perf_counter()
-    ids = load_calibration(opts.calibration, loaded, progress=opts.progress)
+    ids = load_calibration(opts.data, loaded, progress=opts.progress)
     cure_ids = None
     if fo.cure.steps > 0:
         # fresh text for the cure (another seed), so the gates and the cure see different samples
-        spec = dataclasses.replace(opts.calibration, samples=fo.cure.samples, seed=opts.calibration.seed + 1)
+        spec = dataclasses.replace(opts.data, samples=fo.cure.samples, seed=opts.data.seed + 1)
         cure_ids = load_calibration(spec, loaded, progress=opts.progress)
     seconds["calibration"] = time.perf_counter() - t
     with tempfile.TemporaryDirectory() as tmp:
         log_path = Path(tmp) / "training_log.jsonl"
         t = time.perf_counter()
-        r = fold(loaded, ids, n_remove, fo, cure_ids=cure_ids, log_file=str(log_path), progress=opts.progress)
+        r = fold(loaded, ids, n_remove, fo, cure_ids=cure_ids, log_file=str(log_path), progress=opts.progress,
+                 checkpoints=opts.healing.checkpoints())
         seconds["foldgpt"] = time.perf_counter() - t
         cure_log = log_path.read_text(encoding="utf-8") if log_path.exists() else ""
     gate_log = "".join(
@@ -607,13 +433,13 @@ def _compress_foldgpt(opts: CompressOptions, loaded: LoadedModel, seconds: dict)
     recipe = {
         "method": "foldgpt",
         "remove": n_remove,
-        "sparsity": opts.sparsity,
+        "sparsity": opts.selection.sparsity,
         "removed_layers": r.removed,
         "groups": r.groups,
         "share_init": fo.share_init,
         "gates": asdict(fo.gates),
         "cure": asdict(fo.cure) if fo.cure.steps > 0 else None,
-        "calibration": asdict(opts.calibration),
+        "calibration": asdict(opts.data),
         "dtype": opts.model.dtype,
     }
     shared = sum(len(g) for g in r.groups if len(g) > 1)
@@ -630,6 +456,7 @@ def _compress_foldgpt(opts: CompressOptions, loaded: LoadedModel, seconds: dict)
     card = model_card(
         base_model=loaded.base_model, command=opts.command(), recipe=recipe, layer_map=list(r.kept),
         params_before=r.params_before, params_after=r.params_stored, layers_before=n_layers, summary=summary,
+        recipe_yaml=recipes.to_yaml(opts),
     )
     record = {
         "layerfold_version": _version(),
@@ -653,7 +480,8 @@ def _compress_foldgpt(opts: CompressOptions, loaded: LoadedModel, seconds: dict)
     if cure_log:
         files["training_log.jsonl"] = cure_log
     files["layerfold.json"] = json.dumps(record, indent=2, default=str) + "\n"
-    out = save_shared_folder(loaded, out, card=card, extra_files=files, force=opts.force)
+    files[recipes.RECIPE_FILE] = recipes.to_yaml(opts)
+    out = save_shared_folder(loaded, out, card=card, extra_files=files, force=opts.output.force)
     seconds["save"] = time.perf_counter() - t
     return CompressResult(
         output=out, method="foldgpt", removed=r.removed, layer_map=list(r.kept), layers_before=n_layers,
@@ -663,34 +491,27 @@ def _compress_foldgpt(opts: CompressOptions, loaded: LoadedModel, seconds: dict)
                "cure": record["cure"]},
     )
 
-@dataclass
-class ExportOptions:
-    model: ModelOptions = field(default_factory=ModelOptions)
-    unfold: bool = True
-    output: str | None = None
-    force: bool = False
-
 def export(opts: ExportOptions, loaded: LoadedModel | None = None) -> dict:
     """Write a standard model folder: shared tensors materialised (``--unfold``)."""
     from .models.saving import check_output_dir
     from .export.unfold import unfold
 
-    if not opts.output:
+    if not opts.output.path:
         raise LayerfoldError("export needs an output folder (-o OUT)")
     if not opts.unfold:
         raise LayerfoldError("export knows one format so far: --unfold (a standard model folder)")
-    check_output_dir(Path(opts.output), opts.force)
+    check_output_dir(Path(opts.output.path), opts.output.force)
     loaded = loaded or _load(opts.model)
     stored = count_parameters(loaded.model)
     n = unfold(loaded)
     card = model_card(
-        base_model=loaded.base_model, command=shlex.join(["layerfold", "export", loaded.source, "--unfold", "-o", opts.output]),
+        base_model=loaded.base_model, command=shlex.join(["layerfold", "export", loaded.source, "--unfold", "-o", opts.output.path]),
         recipe={"method": "unfold", "unshared_tensors": n}, layer_map=list(range(len(decoder_layers(loaded.model, loaded.arch)))),
         params_before=stored, params_after=count_parameters(loaded.model),
         layers_before=len(decoder_layers(loaded.model, loaded.arch)),
         summary=f"Unfolded: {n} shared weight tensors written out per layer, for tools that cannot express sharing.",
     )
-    out = save_model_folder(loaded, Path(opts.output), card=card, force=opts.force)
+    out = save_model_folder(loaded, Path(opts.output.path), card=card, force=opts.output.force)
     return {"output": out, "unshared_tensors": n, "params_stored_before": stored,
             "params_after": count_parameters(loaded.model), "bytes_on_disk": folder_bytes(out)}
 
@@ -699,33 +520,6 @@ def _version() -> str:
     from ._version import __version__
 
     return __version__
-
-
-@dataclass
-class HealModelOptions:
-    """``layerfold heal``: heal an already compressed model folder against its original."""
-
-    model: ModelOptions = field(default_factory=ModelOptions)
-    teacher: str | None = None  # the original model; None: the embedded model
-    no_teacher: bool = False  # heal with the next-token loss only
-    heal: HealOptions = field(default_factory=heal_command_defaults)
-    output: str | None = None
-    force: bool = False
-
-    def command(self) -> str:
-        parts = ["layerfold", "heal"]
-        if self.model.model:
-            parts.append(self.model.model)
-        if self.no_teacher:
-            parts.append("--no-teacher")
-        elif self.teacher:
-            parts += ["--teacher", self.teacher]
-        parts += heal_flags(self.heal, heal_command_defaults())
-        if self.output:
-            parts += ["-o", self.output]
-        return shlex.join(parts)
-
-
 
 
 @dataclass
@@ -741,29 +535,29 @@ def heal_model(opts: HealModelOptions) -> HealModelResult:
     from .healing import CALIBRATION_TEXT, heal, healing_data, prepare_teacher
     from .models.saving import check_output_dir
 
-    opts.heal.validate()
-    if opts.heal.data.source == CALIBRATION_TEXT:
+    opts.healing.validate()
+    if opts.healing.data.source == CALIBRATION_TEXT:
         raise LayerfoldError("--heal-data calib (the calibration text) works only with `layerfold compress`")
-    if not opts.heal.enabled:
+    if not opts.healing.enabled:
         raise LayerfoldError("--heal-tokens must be positive for layerfold heal")
     if opts.no_teacher:
-        opts.heal = replace_heal_losses_without_teacher(opts.heal)
+        opts.healing = replace_heal_losses_without_teacher(opts.healing)
     if opts.model.model is None:
         raise LayerfoldError("give the compressed model folder to heal")
-    out = Path(opts.output or f"{Path(opts.model.model.rstrip('/')).name}-healed")
-    check_output_dir(out, opts.force, protect=Path(opts.model.model) if Path(opts.model.model).is_dir() else None)
+    out = Path(opts.output.path or f"{Path(opts.model.model.rstrip('/')).name}-healed")
+    check_output_dir(out, opts.output.force, protect=Path(opts.model.model) if Path(opts.model.model).is_dir() else None)
     locate_model(opts.model.model)  # a student path that is not a model fails now, not after the teacher's work
     seconds: dict[str, float] = {}
     teacher = ids = prepared = None
-    if opts.heal.needs_teacher:
+    if opts.healing.needs_teacher:
         # the teacher first: its outputs are cached on disk, and then it leaves memory before
         # the student arrives, so the two never need room together (big models, device maps)
         t = time.perf_counter()
         teacher = _load(replace(opts.model, model=opts.teacher))  # the student's loading options
         seconds["load teacher"] = time.perf_counter() - t
         t = time.perf_counter()
-        ids = healing_data(opts.heal, teacher)
-        prepared = prepare_teacher(opts.heal, teacher, ids)
+        ids = healing_data(opts.healing, teacher)
+        prepared = prepare_teacher(opts.healing, teacher, ids)
         seconds["teacher outputs"] = time.perf_counter() - t
     t = time.perf_counter()
     student = _load(opts.model)
@@ -771,21 +565,21 @@ def heal_model(opts: HealModelOptions) -> HealModelResult:
     if teacher is not None and teacher.tokenizer.get_vocab() != student.tokenizer.get_vocab():
         raise LayerfoldError("the teacher and the student use different tokenizers")
     teacher_base = teacher.base_model if teacher is not None else None
-    if opts.heal.teacher_cache:
+    if opts.healing.teacher_cache:
         teacher = None
         _free_memory()
     previous = {}
     if student.local_dir is not None and (student.local_dir / "layerfold.json").is_file():
         previous = json.loads((student.local_dir / "layerfold.json").read_text())
     t = time.perf_counter()
-    result = heal(student, teacher, opts.heal, ids=ids, prepared_teacher=prepared)
+    result = heal(student, teacher, opts.healing, ids=ids, prepared_teacher=prepared)
     seconds["heal"] = time.perf_counter() - t
     summary = result.summary()
     n_layers = len(decoder_layers(student.model, student.arch))
     layer_map = previous.get("layer_map") or list(range(n_layers))
     params = count_parameters(student.model)
     recipe = dict(previous.get("recipe") or {"method": "healed"})
-    recipe["heal"] = opts.heal.recipe()
+    recipe["heal"] = opts.healing.recipe()
     base = previous.get("base_model") or teacher_base or student.base_model
     card = model_card(
         base_model=base, command=opts.command(), recipe=recipe, layer_map=layer_map,
@@ -797,7 +591,7 @@ def heal_model(opts: HealModelOptions) -> HealModelResult:
                   command=opts.command(), recipe=recipe, layer_map=layer_map, heal=summary,
                   params_after=params)
     t = time.perf_counter()
-    out = save_model_folder(student, out, card=card, force=opts.force,
+    out = save_model_folder(student, out, card=card, force=opts.output.force,
                             extra_files={"layerfold.json": json.dumps(record, indent=2, default=str) + "\n"})
     seconds["save"] = time.perf_counter() - t
     return HealModelResult(out, summary, params, seconds)
@@ -818,6 +612,35 @@ def _free_memory() -> None:
 
 
 def replace_heal_losses_without_teacher(h: HealOptions) -> HealOptions:
-    from dataclasses import replace
-
     return replace(h, ce=h.ce or 1.0, kl=0.0, mse=0.0)
+
+
+def evaluate_model(opts: EvaluateOptions):
+    """``layerfold eval``: the model's result, and its reference's (evaluated the same way, or
+    read from its JSON result) when one is given: (reference or None, result)."""
+    import os
+
+    from .eval import EvalResult, evaluate
+
+    if opts.batch_size < 1:
+        raise LayerfoldError(f"--batch-size must be at least 1 (got {opts.batch_size})")
+    kw = dict(tasks=list(opts.tasks), ppl=list(opts.ppl), limit=opts.limit, batch_size=opts.batch_size,
+              data_dir=opts.data_dir, ppl_window=opts.ppl_window, ppl_stride=opts.ppl_stride,
+              ppl_limit=opts.ppl_limit, speed=opts.speed, progress=opts.progress)
+    reference = None
+    if opts.reference:
+        if opts.reference.endswith(".json") and os.path.isfile(opts.reference):
+            reference = EvalResult.load(opts.reference)
+        else:
+            source = None if opts.reference == "embedded" else opts.reference
+            reference = evaluate(_load(replace(opts.model, model=source)), **kw)
+            if opts.reference_json:
+                reference.save(opts.reference_json)
+    loaded = _load(opts.model)
+    result = evaluate(loaded, reference=reference, **kw)
+    if opts.lm_eval:
+        from .eval.lm_eval_bridge import run_lm_eval
+
+        result.settings["lm_eval"] = run_lm_eval(loaded, list(opts.lm_eval), limit=opts.limit,
+                                                 batch_size=opts.batch_size, data_dir=opts.data_dir)
+    return reference, result

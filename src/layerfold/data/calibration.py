@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -37,14 +37,16 @@ SELF_PROMPTS = (
 class CalibrationSpec:
     """Where calibration text comes from and how much of it to use."""
 
-    source: str = "self"  # "self", a .txt/.jsonl path, or a datasets name ("hf:name[:config]")
-    samples: int = 32
-    seq_len: int = 256
-    text_field: str = "text"  # the field of a .jsonl file (or data set) holding the text
-    split: str = "train"
-    seed: int = 0
-    temperature: float = 1.0
-    top_p: float = 0.95
+    source: str = field(default="self", metadata={
+        "help": "'self' (the model writes its own text; cached), a .txt or .jsonl file, "
+                "or hf:NAME[:CONFIG] for a Hugging Face data set", "path": True})
+    samples: int = field(default=32, metadata={"help": "number of sequences"})
+    seq_len: int = field(default=256, metadata={"help": "tokens per sequence"})
+    text_field: str = field(default="text", metadata={"help": "the text field of a .jsonl file or data set"})
+    split: str = field(default="train", metadata={"help": "data set split (hf: sources)"})
+    seed: int = field(default=0, metadata={"help": "seed of self-written text"})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature of self-written text"})
+    top_p: float = field(default=0.95, metadata={"help": "nucleus sampling threshold of self-written text"})
 
     def validate(self) -> None:
         if self.samples < 1:

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from ..models.compat import cache_kwargs, returned_cache
+from ..models.surgery import count_parameters
 
 
 @dataclass
@@ -35,17 +36,6 @@ class Cost:
     decode_tokens: int = 0
     device: str = "cpu"
     threads: int = 0
-
-
-def count_unique_parameters(model) -> int:
-    """Parameters, counting a tensor shared by several modules once."""
-    seen: set[int] = set()
-    total = 0
-    for p in model.parameters():  # parameters() already de-duplicates shared Parameters
-        if id(p) not in seen:
-            seen.add(id(p))
-            total += p.numel()
-    return total
 
 
 def weight_bytes(model) -> int:
@@ -135,7 +125,7 @@ def _sync(device):
 def measure_cost(model, *, path=None, prefill_tokens: int = 256, decode_tokens: int = 32,
                  repeats: int = 3, speed: bool = True) -> Cost:
     device = next(model.parameters()).device
-    cost = Cost(count_unique_parameters(model), weight_bytes(model), disk_bytes(path), None, None, None,
+    cost = Cost(count_parameters(model), weight_bytes(model), disk_bytes(path), None, None, None,
                 device=str(device), threads=torch.get_num_threads())
     if not speed:
         return cost

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import LayerfoldError
@@ -13,8 +14,55 @@ from .perplexity import perplexity, read_documents
 from .result import EvalResult, TaskResult, language_modeling_result, multiple_choice_result
 from .scoring import score_examples
 from .tasks import LANGUAGE_MODELING, Task, load_task, resolve_task_path, task_name
+from .tasks import data_dir as find_data_dir
 
 DEFAULT_PPL_WINDOW = 512
+
+
+@dataclass
+class EvalOptions:
+    """What ``compress`` measures before and after, for the report in the output folder.
+
+    By default only perplexity on the first ``ppl_limit`` LAMBADA documents (when the shared
+    data folder is found) and the cost figures, so the main job stays fast.
+    """
+
+    tasks: list[str] = field(default_factory=list, metadata={
+        "help": "tasks (piqa, winogrande, ... or .jsonl paths) to measure before and after "
+                "(default: none; only perplexity on a slice of LAMBADA if the data folder is found)"})
+    limit: int | None = field(default=None, metadata={"help": "first N examples of each task (default: all)"})
+    ppl: list[str] | None = field(default=None, metadata={
+        "help": "perplexity texts (default: lambada_openai if found; '' for none)"})
+    ppl_limit: int = field(default=20, metadata={"help": "documents of each perplexity text", "flag": "--eval-ppl-docs"})
+    data_dir: str | None = field(default=None, metadata={
+        "help": "folder holding tasks/*.jsonl (default: $LAYERFOLD_DATA, else ../shared/data if present)",
+        "flag": "--data-dir", "path": True})
+    enabled: bool = field(default=True, metadata={"help": "measure nothing before and after", "flag": "--no-eval"})
+    report: bool = field(default=True, metadata={"help": "do not write report.html and figures/", "flag": "--no-report"})
+    batch_size: int = field(default=8, metadata={"help": "examples per forward pass (results do not depend on it)"})
+
+    def validate(self) -> None:
+        if self.limit is not None and self.limit < 1:
+            raise LayerfoldError(f"--eval-limit must be at least 1 (got {self.limit})")
+        if self.batch_size < 1:
+            raise LayerfoldError(f"--eval-batch-size must be at least 1 (got {self.batch_size})")
+
+    def evaluate_kwargs(self) -> dict | None:
+        """Arguments for :func:`evaluate`, or None when nothing is to be measured."""
+        if not self.enabled:
+            return None
+        ppl = self.ppl
+        if ppl is None:
+            ppl = []
+            root = find_data_dir(self.data_dir)
+            if root is not None:
+                try:
+                    resolve_task_path("lambada_openai", root)
+                    ppl = ["lambada_openai"]
+                except LayerfoldError:
+                    pass
+        return dict(tasks=list(self.tasks), ppl=list(ppl), limit=self.limit, ppl_limit=self.ppl_limit,
+                    data_dir=self.data_dir, batch_size=self.batch_size, speed_tokens=(64, 16))
 
 
 def _as_model(model, tokenizer):

@@ -5,10 +5,7 @@ from __future__ import annotations
 import torch
 
 from .criteria import LayerScores, SimilarityObserver
-from .layer_pass import layer_pass
-
-
-DEFAULT_ACTIVATION_BYTES = 2 * 2**30
+from .layer_pass import DEFAULT_ACTIVATION_BYTES, LayerPassOptions, layer_pass
 
 
 def measure_similarity(
@@ -49,4 +46,4 @@ def measure_similarity(
     return obs.scores()
 
 
-__all__ = ["DEFAULT_ACTIVATION_BYTES", "LayerScores", "measure_similarity"]
+__all__ = ["DEFAULT_ACTIVATION_BYTES", "LayerPassOptions", "LayerScores", "measure_similarity"]

@@ -12,7 +12,7 @@ weights at a time.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -20,6 +20,27 @@ from torch import nn
 from ..models.architectures import Architecture, get_path
 from ..models.lazy import layer_weights
 from ..models.surgery import decoder_layers
+from ..schema import format_size, parse_size
+
+DEFAULT_ACTIVATION_BYTES = 2 * 2**30
+
+
+@dataclass
+class LayerPassOptions:
+    """How the layer-by-layer calibration pass runs (importance scores, training pairs)."""
+
+    batch_size: int = field(default=8, metadata={"help": "sequences per forward pass", "flag": "--batch-size"})
+    max_memory: int = field(default=DEFAULT_ACTIVATION_BYTES, metadata={
+        "help": "memory for the calibration pass's activations (e.g. 512MiB, 8GB): batches that fit go through "
+                "each layer together, so each layer's weights are read once per such chunk",
+        "flag": "--max-memory", "parse": parse_size, "show": format_size,
+        "allowed": "a memory size like 512MiB or 2GB"})
+
+    def validate(self) -> None:
+        from ..errors import LayerfoldError
+
+        if self.batch_size < 1:
+            raise LayerfoldError(f"--batch-size must be at least 1 (got {self.batch_size})")
 
 
 class _Recorder(nn.Module):

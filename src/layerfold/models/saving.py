@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -23,6 +24,17 @@ if TYPE_CHECKING:
     from .loading import LoadedModel
 
 INDEX_NAME = "model.safetensors.index.json"
+
+
+@dataclass
+class OutputOptions:
+    """Where the result goes."""
+
+    path: str | None = field(default=None, metadata={
+        "help": "output folder (default: ./<model>-<method>-minus<N>)", "flag": "--output", "aliases": ("-o",),
+        "path": True})
+    force: bool = field(default=False, metadata={"help": "replace an existing non-empty output folder",
+                                                 "flag": "--force"})
 
 
 def check_output_dir(out: Path, force: bool, protect: Path | None = None) -> None:
@@ -90,10 +102,12 @@ def save_model_folder(
     """
     check_output_dir(out, force, protect=loaded.local_dir)
 
+    from accelerate.utils import convert_file_size_to_int
+
     def write(tmp: Path) -> None:
         model = loaded.model
         if getattr(model, "_layerfold_weights", None) is not None and state_dict is None:
-            save_streamed(model, loaded.arch, tmp, max_shard_bytes=_parse_size(max_shard_size))
+            save_streamed(model, loaded.arch, tmp, max_shard_bytes=convert_file_size_to_int(max_shard_size))
         else:
             model.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size, state_dict=state_dict)
             _ensure_index(tmp)
@@ -112,15 +126,6 @@ def save_model_folder(
                 path.write_text(content, encoding="utf-8")
 
     return write_atomically(out, force, write)
-
-
-def _parse_size(text: str) -> int:
-    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
-    t = text.strip().upper()
-    for unit, factor in sorted(units.items(), key=lambda kv: -len(kv[0])):
-        if t.endswith(unit):
-            return int(float(t[: -len(unit)]) * factor)
-    return int(t)
 
 
 # Streamed saving holds one shard in memory at a time, so its shards are kept small.

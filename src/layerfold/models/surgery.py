@@ -8,7 +8,7 @@ smaller config and the same weights.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import nn
@@ -98,11 +98,16 @@ def _rewrite_config(config, arch: Architecture, source: Sequence[int], old_count
             setattr(config, key, sum(1 for i in source if i < threshold))
 
 
-def count_parameters(model: nn.Module) -> int:
-    """Distinct parameters (tied or shared tensors counted once)."""
+def count_parameters(model: nn.Module | Iterable[torch.Tensor]) -> int:
+    """Distinct parameters of a module (or of some tensors): tied or shared tensors count once.
+
+    The one parameter count of layerfold: reports, plans, replacements and training all use it.
+    Tensors on the meta device (layers a streamed model has not read) count by their shape.
+    """
+    tensors = model.parameters() if isinstance(model, nn.Module) else model
     seen: set[int] = set()
     total = 0
-    for p in model.parameters():
+    for p in tensors:
         if id(p) not in seen:
             seen.add(id(p))
             total += p.numel()
@@ -111,7 +116,7 @@ def count_parameters(model: nn.Module) -> int:
 
 def decoder_parameters(model: nn.Module, arch: Architecture) -> list[int]:
     """Parameter count of each decoder layer."""
-    return [sum(p.numel() for p in layer.parameters()) for layer in decoder_layers(model, arch)]
+    return [count_parameters(layer) for layer in decoder_layers(model, arch)]
 
 
 @torch.no_grad()

@@ -107,6 +107,3 @@ def build_replacement(block_first: nn.Module, config, arch: Architecture, spec: 
         silence_attention(layer, arch)
     return layer
 
-
-def parameter_count(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())

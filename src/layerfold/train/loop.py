@@ -1,26 +1,33 @@
-"""The one training loop of layerfold: healing, FoldGPT's cure, LLM-Streamline's LM variant.
+"""The one training loop of layerfold: healing, FoldGPT's cure, LLM-Streamline's replacement.
 
-``train(student, data, config, losses, teacher=..., trainable=...)`` runs AdamW with a
-warmup + cosine schedule over fixed-length token rows, with gradient accumulation, optional
-bf16 autocast, gradient clipping, progress (loss, tokens/s, ETA), a JSON-lines log, and
-checkpoints that make ``resume=True`` continue a killed run to exactly the result of an
-uninterrupted one.
+``fit(model, objective, config, rows=...)`` minimises ``objective(rows)`` over the trainable
+parameters of ``model`` with AdamW and transformers' warmup + cosine schedule, gradient
+accumulation, optional bf16 autocast, gradient clipping, progress (loss, tokens/s, ETA), a
+JSON-lines log, optional validation with best-state keeping, and checkpoints that make
+``resume=True`` continue a killed run to exactly the result of an uninterrupted one.
 
-Why resuming is exact: the batch of micro-step ``m`` is a pure function of ``m`` and the
+What is trained on is the objective's business: :class:`Distillation` runs a whole model on
+token rows and sums :mod:`~layerfold.train.losses` (next-token loss, KL to a teacher, hidden
+MSE); LLM-Streamline's pair regression (``methods.streamline.PairRegression``) runs one layer
+on cached (input, output) pairs. ``train(student, data, config, losses, teacher=...)`` is the
+shorthand for the first.
+
+Why resuming is exact: the rows of micro-step ``m`` are a pure function of ``m`` and the
 seed (rows are read in a seeded permutation per pass over the data), checkpoints are taken
 only at optimizer-step boundaries, and a checkpoint holds everything else that changes: the
-trainable tensors, the optimizer and scheduler state, the RNG state and the history.
+trainable tensors, the optimizer and scheduler state, the RNG state, the history and the best
+validation state.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
-import math
 import os
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -28,11 +35,13 @@ from torch import nn
 
 from ..errors import LayerfoldError
 from ..models.loading import input_device
+from ..models.surgery import count_parameters
 from .capture import layer_outputs, model_layers
 from .losses import Loss, LossInputs
 from .teacher import OnTheFlyTeacher, TeacherCache
 
 CHECKPOINT_NAME = "checkpoint.pt"
+BEST_STATE_NAME = "best_state.pt"
 
 
 @dataclass
@@ -43,18 +52,18 @@ class TrainConfig:
     batch_size: int = 8  # rows per micro-batch
     grad_accum: int = 1  # micro-batches per optimizer step
     lr: float = 1e-4
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
     min_lr_ratio: float = 0.1  # the cosine schedule ends at lr * min_lr_ratio
+    weight_decay: float = 0.0  # AdamW's, on matrices only (norms and biases are not decayed)
+    warmup_steps: int = 0  # linear warmup: step s of it runs at lr * (s + 1) / warmup_steps
     max_grad_norm: float | None = 1.0
     precision: str = "fp32"  # "fp32", or "bf16" autocast (trainable weights stay in their dtype)
     seed: int = 0
+    eval_every: int = 0  # steps between validations and ``eval_fn`` calls; 0: only at the end
     # bookkeeping (not part of the fingerprint)
     checkpoint_dir: str | None = None
     checkpoint_every: int = 0  # optimizer steps between checkpoints; 0: none
     resume: bool = False
     log_file: str | None = None
-    eval_every: int = 0  # optimizer steps between calls of ``eval_fn``; 0: only at the end
     progress: bool = True
     desc: str = "training"
 
@@ -66,21 +75,41 @@ class TrainConfig:
                 raise LayerfoldError(f"training {name.replace('_', ' ')} must be at least 1 (got {getattr(self, name)})")
         if not self.lr > 0:
             raise LayerfoldError(f"learning rate must be positive (got {self.lr})")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise LayerfoldError(f"the final learning rate must be between 0 and the peak (ratio {self.min_lr_ratio})")
+        if self.warmup_steps < 0:
+            raise LayerfoldError(f"warmup steps must not be negative (got {self.warmup_steps})")
         if self.precision not in ("fp32", "bf16"):
             raise LayerfoldError(f"precision must be fp32 or bf16 (got {self.precision!r})")
         if self.resume and not self.checkpoint_dir:
             raise LayerfoldError("resuming needs a checkpoint folder")
 
+    def rows_per_step(self) -> int:
+        return self.batch_size * self.grad_accum
+
     def tokens_per_step(self, seq_len: int) -> int:
-        return self.batch_size * self.grad_accum * seq_len
+        return self.rows_per_step() * seq_len
 
     def result_fields(self) -> dict:
         return {k: v for k, v in asdict(self).items() if k not in self._BOOKKEEPING}
 
 
+@dataclass
+class Checkpoints:
+    """Where a training stage writes its checkpoints (``--checkpoint-dir``) and whether it resumes."""
+
+    folder: str | None = None
+    every: int = 0
+    resume: bool = False
+
+    def settings(self) -> dict:
+        return {"checkpoint_dir": self.folder, "checkpoint_every": self.every if self.folder else 0,
+                "resume": self.resume}
+
+
 def steps_for_tokens(tokens: int, batch_size: int, grad_accum: int, seq_len: int) -> int:
     """Optimizer steps that consume at least ``tokens`` tokens."""
-    return max(1, math.ceil(tokens / (batch_size * grad_accum * seq_len)))
+    return max(1, -(-tokens // (batch_size * grad_accum * seq_len)))
 
 
 @dataclass
@@ -89,9 +118,13 @@ class TrainResult:
     tokens: int
     seconds: float  # wall time of this process's share (a resumed run counts only its part)
     loss: float  # total loss of the last step
-    history: list[dict] = field(default_factory=list)  # one record per optimizer step (+ evals)
+    history: list[dict] = field(default_factory=list)  # one record per optimizer step (+ validations)
     resumed_from: int | None = None  # the step a resumed run started at
     trainable_parameters: int = 0
+    # with validation: the loss before training, the best one and its step (whose state was kept)
+    first_val: float | None = None
+    best_val: float | None = None
+    best_step: int | None = None
 
 
 Trainable = Callable[[str, nn.Parameter], bool] | Iterable[str] | None
@@ -123,11 +156,121 @@ def select_trainable(model: nn.Module, trainable: Trainable) -> list[tuple[str, 
     return chosen
 
 
-class _Rows:
-    """Rows of micro-batch ``m``: a stream of seeded permutations of the data, one per pass."""
+# -- what is trained on -------------------------------------------------------------------
 
-    def __init__(self, n_rows: int, batch_size: int, seed: int):
-        self.n, self.b, self.seed = n_rows, batch_size, seed
+
+class Objective:
+    """The loss of a batch: ``objective(rows, autocast) -> (total, {term name: value})``.
+
+    ``rows`` index the training rows; ``autocast`` is the precision context the forward
+    passes run in. ``tokens_per_row`` counts tokens for the log; ``describe()`` identifies
+    the objective (its data included) in the resume fingerprint.
+    """
+
+    tokens_per_row: int = 1
+
+    def __call__(self, rows: list[int], autocast) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:  # pragma: no cover
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        return {"kind": type(self).__name__}
+
+
+def data_digest(data: torch.Tensor) -> str:
+    return hashlib.sha256(data.detach().cpu().numpy().tobytes()).hexdigest()
+
+
+class Distillation(Objective):
+    """A whole model on token rows ``data`` [N, T]: sum(weight * loss) over ``losses``, with
+    the teacher's outputs (a model run on the fly, an :class:`OnTheFlyTeacher`, or a
+    :class:`TeacherCache` built on the same rows) where a loss asks for them."""
+
+    def __init__(self, student: nn.Module, data: torch.Tensor, losses: Sequence[Loss], *,
+                 teacher: nn.Module | OnTheFlyTeacher | TeacherCache | None = None, arch=None):
+        if not losses:
+            raise LayerfoldError("no loss to train on")
+        if data.dim() != 2 or data.shape[0] < 1 or data.shape[1] < 2:
+            raise LayerfoldError(f"training data must be [rows, seq_len >= 2] token ids (got {tuple(data.shape)})")
+        if isinstance(teacher, nn.Module):
+            teacher = OnTheFlyTeacher(teacher, arch)
+        if teacher is None and any(l.needs_teacher_logits or l.teacher_layers(1) for l in losses):
+            raise LayerfoldError(f"losses {[l.name for l in losses]} need a teacher")
+        if isinstance(teacher, TeacherCache) and teacher.meta["rows"] != data.shape[0]:
+            raise LayerfoldError("the teacher cache was built on different data")
+        self.student, self.data, self.losses, self.teacher = student, data, list(losses), teacher
+        self.layers = model_layers(student, arch)
+        self.num_layers = len(self.layers)
+        self.student_layers = set().union(*(l.student_layers(self.num_layers) for l in self.losses))
+        self.teacher_layers = (set().union(*(l.teacher_layers(teacher.num_layers) for l in self.losses))
+                               if teacher else set())
+        self.need_logits = any(l.needs_teacher_logits for l in self.losses)
+        self.temperature = next((l.temperature for l in self.losses if hasattr(l, "temperature")), 1.0)
+        self.device = input_device(student)  # where the ids go; a device map moves them on from there
+        self.tokens_per_row = data.shape[1]
+        self.rows = data.shape[0]
+
+    def __call__(self, rows, autocast):
+        ids = self.data[rows].to(self.device)
+        with autocast:
+            t_out = (self.teacher.outputs(ids, rows, self.teacher_layers, self.need_logits, self.temperature)
+                     if self.teacher else None)
+            with layer_outputs(self.layers, self.student_layers) as hidden:
+                logits = self.student(input_ids=ids).logits
+        x = LossInputs(input_ids=ids, logits=logits, hidden=hidden, num_layers=self.num_layers, teacher=t_out)
+        terms = {loss.name: loss(x) for loss in self.losses}
+        total = sum(loss.weight * terms[loss.name] for loss in self.losses)
+        return total, terms
+
+    def describe(self) -> dict:
+        return {"kind": "distillation", "data": [list(self.data.shape), data_digest(self.data)],
+                "losses": [l.describe() for l in self.losses], "teacher": self.teacher is not None}
+
+
+def mean_loss(objective: Objective, rows: Sequence[int], batch_size: int) -> Callable[[], float]:
+    """A validation: the objective's mean total loss over ``rows`` (weighted by batch size)."""
+    rows = list(rows)
+
+    def validate() -> float:
+        total = 0.0
+        for i in range(0, len(rows), batch_size):
+            batch = rows[i : i + batch_size]
+            value, _ = objective(batch, contextlib.nullcontext())
+            total += value.item() * len(batch)
+        return total / len(rows)
+
+    return validate
+
+
+# -- the schedule ------------------------------------------------------------------------
+
+
+def _scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warmup, then a cosine down to ``lr * min_lr_ratio`` at the last step: transformers'
+    curve, except that its warmup starts at 0 (a step spent at lr 0): here warmup step s runs
+    at (s + 1) / warmup_steps, so the last warmup step reaches the peak."""
+    from transformers import get_cosine_with_min_lr_schedule_with_warmup
+
+    warm = config.warmup_steps
+    curve = get_cosine_with_min_lr_schedule_with_warmup(
+        optimizer, warm, config.steps, min_lr_rate=config.min_lr_ratio).lr_lambdas[0]
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: curve(s + 1) if s < warm else curve(s))
+
+
+def lr_factor(step: int, total: int, config: TrainConfig) -> float:
+    """The multiple of ``config.lr`` that optimizer step ``step`` of a ``total``-step run uses."""
+    probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=config.lr)
+    return _scheduler(probe, replace(config, steps=total)).lr_lambdas[0](step)
+
+
+# -- the loop ----------------------------------------------------------------------------
+
+
+class _Rows:
+    """Rows of micro-batch ``m``: a stream of seeded permutations of ``rows``, one per pass."""
+
+    def __init__(self, rows: Sequence[int], batch_size: int, seed: int):
+        self.rows, self.b, self.seed = list(rows), batch_size, seed
+        self.n = len(self.rows)
         self._perms: dict[int, list[int]] = {}
 
     def _perm(self, epoch: int) -> list[int]:
@@ -137,87 +280,101 @@ class _Rows:
         return self._perms[epoch]
 
     def __call__(self, m: int) -> list[int]:
-        return [self._perm(p // self.n)[p % self.n] for p in range(m * self.b, (m + 1) * self.b)]
+        return [self.rows[self._perm(p // self.n)[p % self.n]] for p in range(m * self.b, (m + 1) * self.b)]
 
 
-def _schedule(config: TrainConfig) -> Callable[[int], float]:
-    def factor(step: int) -> float:
-        if step < config.warmup_steps:
-            return (step + 1) / (config.warmup_steps + 1)
-        span = max(1, config.steps - config.warmup_steps)
-        progress = min(1.0, (step - config.warmup_steps) / span)
-        return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+class _BestState:
+    """The trainable tensors at the best validation so far, in memory or in a file
+    (``torch.save`` writes tensor by tensor; read back memory-mapped)."""
 
-    return factor
+    def __init__(self, params: list[tuple[str, nn.Parameter]], folder: Path | None):
+        self.params = params
+        self.path = Path(folder) / BEST_STATE_NAME if folder is not None else None
+        self.state: dict[str, torch.Tensor] | None = None
+
+    def keep(self, tensors: dict[str, torch.Tensor] | None = None) -> None:
+        tensors = tensors if tensors is not None else {n: p.detach() for n, p in self.params}
+        if self.path is None:
+            self.state = {n: t.detach().clone() for n, t in tensors.items()}
+            return
+        # torch.save writes tensor by tensor (safetensors' save_file first builds the whole file
+        # in memory: one more copy of the layer at the peak of training)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        torch.save({n: t.detach().cpu() for n, t in tensors.items()}, tmp)
+        tmp.replace(self.path)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        if self.path is None:
+            return self.state
+        return torch.load(self.path, mmap=True, weights_only=True)
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        state = self.tensors()
+        for n, p in self.params:
+            p.copy_(state[n])
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
 
 
-def _fingerprint(config, data, losses, names, teacher) -> str:
-    blob = json.dumps(
-        [config.result_fields(), list(data.shape), hashlib.sha256(data.cpu().numpy().tobytes()).hexdigest(),
-         [l.describe() for l in losses], names, teacher is not None],
-        sort_keys=True, default=str,
-    )
+def _fingerprint(config: TrainConfig, objective, rows: list[int], names: list[str], validated: bool) -> str:
+    blob = json.dumps([config.result_fields(), objective.describe() if hasattr(objective, "describe") else None,
+                       hashlib.sha256(json.dumps(rows).encode()).hexdigest(), names, validated],
+                      sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def train(
-    student: nn.Module,
-    data: torch.Tensor,
+def fit(
+    model: nn.Module,
+    objective: Objective | Callable,
     config: TrainConfig,
-    losses: list[Loss],
     *,
-    teacher: nn.Module | OnTheFlyTeacher | TeacherCache | None = None,
+    rows: int | Sequence[int],
     trainable: Trainable = None,
-    arch=None,
+    validate: Callable[[], float] | None = None,
+    best_state_dir: Path | None = None,
     eval_fn: Callable[[nn.Module], dict] | None = None,
     on_step: Callable[[int, dict], None] | None = None,
+    log_header: dict | None = None,
 ) -> TrainResult:
-    """Train ``student`` on the token rows ``data`` [N, T] to minimise sum(weight * loss).
+    """Train the parameters of ``model`` chosen by ``trainable`` (see :func:`select_trainable`)
+    to minimise ``objective`` over ``rows`` (a count, or the row indices to train on).
 
-    ``teacher`` is a model (run on the fly), an :class:`OnTheFlyTeacher`, a
-    :class:`TeacherCache` built on the same ``data``, or None. ``trainable`` picks the
-    parameters (see :func:`select_trainable`). ``eval_fn(model) -> dict`` is called every
-    ``config.eval_every`` steps and at the end (in eval mode, without gradients); its
-    numbers join the history. ``on_step(step, record)`` runs after each optimizer step.
+    ``validate() -> float`` (lower is better) runs before training, every ``config.eval_every``
+    steps and at the end, in eval mode without gradients; the state of the best validation is
+    kept (in memory, or in ``best_state_dir``) and restored at the end. ``eval_fn(model) ->
+    dict`` runs on the same steps and its numbers join the step's record. ``on_step(step,
+    record)`` runs after each optimizer step. With ``log_header`` the log starts with it (a
+    ``config`` record) and ends with a ``done`` record.
     """
     config.validate()
-    if not losses:
-        raise LayerfoldError("no loss to train on")
-    if data.dim() != 2 or data.shape[0] < 1 or data.shape[1] < 2:
-        raise LayerfoldError(f"training data must be [rows, seq_len >= 2] token ids (got {tuple(data.shape)})")
-    if isinstance(teacher, nn.Module):
-        teacher = OnTheFlyTeacher(teacher, arch)
-    if teacher is None and any(l.needs_teacher_logits or l.teacher_layers(1) for l in losses):
-        raise LayerfoldError(f"losses {[l.name for l in losses]} need a teacher")
-    if isinstance(teacher, TeacherCache) and teacher.meta["rows"] != data.shape[0]:
-        raise LayerfoldError("the teacher cache was built on different data")
-
-    layers = model_layers(student, arch)
-    n_layers = len(layers)
-    student_layers = set().union(*(l.student_layers(n_layers) for l in losses))
-    teacher_layers = set().union(*(l.teacher_layers(teacher.num_layers) for l in losses)) if teacher else set()
-    need_logits = any(l.needs_teacher_logits for l in losses)
-    temperature = next((getattr(l, "temperature") for l in losses if hasattr(l, "temperature")), 1.0)
-
-    params = select_trainable(student, trainable)
+    train_rows = list(range(rows)) if isinstance(rows, int) else list(rows)
+    if not train_rows:
+        raise LayerfoldError("no training rows")
+    params = select_trainable(model, trainable)
     names = [n for n, _ in params]
-    device = input_device(student)  # where the ids go; a device map moves them on from there
     decay = [p for _, p in params if p.dim() >= 2]
     no_decay = [p for _, p in params if p.dim() < 2]
+    # foreach=False: the multi-tensor update allocates temporaries as large as the parameters,
+    # which for one big layer of a streamed model is a peak worth avoiding (speed is the same)
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=config.lr,
+        lr=config.lr, foreach=False,
     )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(config))
-    fingerprint = _fingerprint(config, data, losses, names, teacher)
-    rows_of = _Rows(data.shape[0], config.batch_size, config.seed)
-    seq_len = data.shape[1]
+    scheduler = _scheduler(optimizer, config)
+    fingerprint = _fingerprint(config, objective, train_rows, names, validate is not None)
+    rows_of = _Rows(train_rows, config.batch_size, config.seed)
+    tokens_per_step = config.rows_per_step() * getattr(objective, "tokens_per_row", 1)
+    best = _BestState(params, best_state_dir) if validate is not None else None
+    log = Path(config.log_file) if config.log_file else None
 
     torch.manual_seed(config.seed)
     start, history, resumed_from = 0, [], None
+    first_val = best_val = best_step = None
     ckpt_path = Path(config.checkpoint_dir) / CHECKPOINT_NAME if config.checkpoint_dir else None
     if config.resume and ckpt_path is not None and ckpt_path.is_file():
-        state = torch.load(ckpt_path, map_location=device, weights_only=True)
+        state = torch.load(ckpt_path, map_location=input_device(model), weights_only=True)
         if state["fingerprint"] != fingerprint:
             raise LayerfoldError(
                 f"{ckpt_path}: the checkpoint belongs to a different run (other settings, data or model); "
@@ -232,54 +389,70 @@ def train(
         torch.set_rng_state(state["rng"])
         start = resumed_from = state["step"]
         history = json.loads(state["history"])
-    if config.log_file:
+        if best is not None:
+            first_val, best_val, best_step = state["validation"]
+            best.keep(state["best"])
+    if log is not None:
         # the log always equals the history: a resumed run rewrites what the killed one logged
-        _write_log(Path(config.log_file), history)
+        head = [{"event": "config", **log_header}] if log_header is not None else []
+        _write_log(log, head + history)
 
+    def validation(step: int) -> None:
+        nonlocal first_val, best_val, best_step
+        value = _quietly(model, validate)
+        if first_val is None:
+            first_val = best_val = value
+            best_step = step
+            best.keep()
+        elif value < best_val:
+            best_val, best_step = value, step
+            best.keep()
+        record = {"event": "val", "step": step, "val_loss": value, "best_val": best_val,
+                  "seconds": time.perf_counter() - t0}
+        history.append(record)
+        if log is not None:
+            _append_log(log, record)
+
+    t0 = time.perf_counter()
+    if best is not None and first_val is None:
+        validation(0)
+    device = input_device(model)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16")
-    student.train()
+    model.train()
     from tqdm.auto import tqdm
 
     bar = tqdm(total=config.steps, initial=start, desc=config.desc, unit="step", disable=not config.progress)
-    t0 = time.perf_counter()
     tokens_done_here = 0
-    record: dict = history[-1] if history else {}
+    record: dict = next((r for r in reversed(history) if r.get("event", "step") == "step"), {})
     try:
         for step in range(start, config.steps):
             t_step = time.perf_counter()
             optimizer.zero_grad(set_to_none=True)
-            terms: dict[str, float] = {l.name: 0.0 for l in losses}
+            terms: dict[str, float] = {}
             total_value = 0.0
             for a in range(config.grad_accum):
-                rows = rows_of(step * config.grad_accum + a)
-                ids = data[rows].to(device)
-                with autocast:
-                    t_out = teacher.outputs(ids, rows, teacher_layers, need_logits, temperature) if teacher else None
-                    with layer_outputs(layers, student_layers) as hidden:
-                        logits = student(input_ids=ids).logits
-                x = LossInputs(input_ids=ids, logits=logits, hidden=hidden, num_layers=n_layers, teacher=t_out)
-                total = None
-                for loss in losses:
-                    value = loss(x)
-                    terms[loss.name] += value.item() / config.grad_accum
-                    total = loss.weight * value if total is None else total + loss.weight * value
+                total, parts = _call(objective, rows_of(step * config.grad_accum + a), autocast)
                 if not torch.isfinite(total):
                     raise LayerfoldError(f"training diverged at step {step} (loss {total.item()}); lower the learning rate")
                 (total / config.grad_accum).backward()
                 total_value += total.item() / config.grad_accum
-                del x, logits, hidden, t_out, total
+                for name, value in parts.items():
+                    terms[name] = terms.get(name, 0.0) + value.item() / config.grad_accum
+                del total, parts
             grad_norm = None
             if config.max_grad_norm:
                 grad_norm = float(torch.nn.utils.clip_grad_norm_([p for _, p in params], config.max_grad_norm))
             lr = optimizer.param_groups[0]["lr"]
             optimizer.step()
+            optimizer.zero_grad(set_to_none=True)  # no gradients held through validation and checkpoints
             scheduler.step()
 
-            tokens_done_here += config.tokens_per_step(seq_len)
+            tokens_done_here += tokens_per_step
             elapsed = time.perf_counter() - t0
             record = {
+                "event": "step",
                 "step": step + 1,
-                "tokens": (step + 1) * config.tokens_per_step(seq_len),
+                "tokens": (step + 1) * tokens_per_step,
                 "loss": total_value,
                 **{f"loss_{k}": v for k, v in terms.items()},
                 "lr": lr,
@@ -288,47 +461,87 @@ def train(
                 "tokens_per_second": tokens_done_here / elapsed if elapsed > 0 else None,
             }
             last = step + 1 == config.steps
-            if eval_fn is not None and (last or (config.eval_every and (step + 1) % config.eval_every == 0)):
-                record["eval"] = _evaluate(student, eval_fn)
+            due = last or (config.eval_every and (step + 1) % config.eval_every == 0)
+            if eval_fn is not None and due:
+                record["eval"] = _quietly(model, lambda: eval_fn(model))
             history.append(record)
-            if config.log_file:
-                _append_log(Path(config.log_file), record)
-            bar.set_postfix(loss=f"{total_value:.4f}", tok_s=f"{record['tokens_per_second']:.0f}")
+            if log is not None:
+                _append_log(log, record)
+            if best is not None and due:
+                validation(step + 1)
+            bar.set_postfix(loss=f"{total_value:.4g}", tok_s=f"{record['tokens_per_second']:.0f}")
             bar.update(1)
             if ckpt_path is not None and config.checkpoint_every and ((step + 1) % config.checkpoint_every == 0 or last):
-                _save_checkpoint(ckpt_path, step + 1, params, optimizer, scheduler, history, fingerprint)
+                _save_checkpoint(ckpt_path, step + 1, params, optimizer, scheduler, history, fingerprint,
+                                 best, (first_val, best_val, best_step))
             if on_step is not None:
                 on_step(step + 1, record)
     finally:
         bar.close()
-        student.eval()
+        optimizer.state.clear()  # the moments go before the best state comes back: one layer's peak less
         for _, p in params:
             p.grad = None
+        if best is not None and best_val is not None:
+            best.restore()
+        model.eval()
 
+    seconds = time.perf_counter() - t0
+    if log is not None and log_header is not None:
+        _append_log(log, {"event": "done", "steps": config.steps, "best_step": best_step, "best_val": best_val,
+                          "first_val": first_val, "seconds": seconds})
     return TrainResult(
         steps=config.steps,
-        tokens=config.steps * config.tokens_per_step(seq_len),
-        seconds=time.perf_counter() - t0,
+        tokens=config.steps * tokens_per_step,
+        seconds=seconds,
         loss=record.get("loss", float("nan")),
         history=history,
         resumed_from=resumed_from,
-        trainable_parameters=sum(p.numel() for _, p in params),
+        trainable_parameters=count_parameters(p for _, p in params),
+        first_val=first_val,
+        best_val=best_val,
+        best_step=best_step,
     )
 
 
-def _evaluate(model: nn.Module, eval_fn) -> dict:
-    # an evaluation must not change the training's random stream, or resuming would differ
+def train(
+    student: nn.Module,
+    data: torch.Tensor,
+    config: TrainConfig,
+    losses: list[Loss],
+    *,
+    teacher: nn.Module | OnTheFlyTeacher | TeacherCache | None = None,
+    trainable: Trainable = None,
+    arch=None,
+    eval_fn: Callable[[nn.Module], dict] | None = None,
+    on_step: Callable[[int, dict], None] | None = None,
+) -> TrainResult:
+    """Train ``student`` on the token rows ``data`` [N, T] to minimise sum(weight * loss):
+    :func:`fit` with a :class:`Distillation` objective."""
+    config.validate()
+    objective = Distillation(student, data, losses, teacher=teacher, arch=arch)
+    return fit(student, objective, config, rows=objective.rows, trainable=trainable, eval_fn=eval_fn,
+               on_step=on_step)
+
+
+def _call(objective, rows: list[int], autocast) -> tuple[torch.Tensor, dict]:
+    out = objective(rows, autocast)
+    return out if isinstance(out, tuple) else (out, {})
+
+
+def _quietly(model: nn.Module, fn):
+    """``fn()`` in eval mode without gradients; it must not change the training's random
+    stream, or resuming would differ."""
     rng = torch.get_rng_state()
     model.eval()
     try:
         with torch.no_grad():
-            return eval_fn(model)
+            return fn()
     finally:
         model.train()
         torch.set_rng_state(rng)
 
 
-def _save_checkpoint(path: Path, step, params, optimizer, scheduler, history, fingerprint) -> None:
+def _save_checkpoint(path: Path, step, params, optimizer, scheduler, history, fingerprint, best, validation) -> None:
     state = {
         "step": step,
         "fingerprint": fingerprint,
@@ -338,16 +551,19 @@ def _save_checkpoint(path: Path, step, params, optimizer, scheduler, history, fi
         "rng": torch.get_rng_state(),
         "history": json.dumps(history),
     }
+    if best is not None:
+        state["validation"] = list(validation)
+        state["best"] = {n: t.detach().clone() for n, t in best.tensors().items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
     torch.save(state, tmp)
     os.replace(tmp, path)  # a kill during saving leaves the previous checkpoint intact
 
 
-def _write_log(path: Path, history: list[dict]) -> None:
+def _write_log(path: Path, records: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in history), encoding="utf-8")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
     os.replace(tmp, path)
 
 

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from ..eval.heldout import kl_terms
+
 
 @dataclass
 class TeacherOutputs:
@@ -96,8 +98,7 @@ class LogitKL(Loss):
         log_q = torch.log_softmax(x.logits.float() / tau, dim=-1)
         dev = log_q.device
         if t.logits is not None:
-            log_p = torch.log_softmax(t.logits.to(dev).float() / tau, dim=-1)
-            kl = (log_p.exp() * (log_p - log_q)).sum(-1)
+            kl = kl_terms(x.logits.float() / tau, torch.log_softmax(t.logits.to(dev).float() / tau, dim=-1))
         else:
             if abs(t.temperature - tau) > 1e-9:
                 raise ValueError(f"the teacher cache was built at temperature {t.temperature}, not {tau}")
