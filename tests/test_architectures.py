@@ -16,7 +16,7 @@ from layerfold.importance.layer_pass import final_hidden_states
 from layerfold.models.architectures import architecture_for, get_path
 from layerfold.models.compat import cache_kwargs, returned_cache
 from layerfold.models.surgery import remove_layers
-from layerfold.methods.plan import SelectionOptions
+from layerfold.methods.registry import SelectionOptions
 from layerfold.models.saving import OutputOptions
 from layerfold.pipeline import ModelOptions
 

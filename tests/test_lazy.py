@@ -67,7 +67,7 @@ def _compress_both_ways(src, text_file, tmp_path, repair=None, **selection):
     from layerfold import CompressOptions, compress
     from layerfold.data.calibration import CalibrationSpec
     from layerfold.healing import HealOptions
-    from layerfold.methods.plan import SelectionOptions
+    from layerfold.methods.registry import SelectionOptions
     from layerfold.models.saving import OutputOptions
     from layerfold.pipeline import EvalOptions, ModelOptions
 

@@ -20,7 +20,7 @@ from layerfold.methods.streamline import (
 from layerfold.models.architectures import ARCHITECTURES
 from layerfold.models.surgery import decoder_layers
 from layerfold.nn.replacements import ReplacementSpec, build_replacement
-from layerfold.methods.plan import SelectionOptions
+from layerfold.methods.registry import SelectionOptions
 from layerfold.models.saving import OutputOptions
 from layerfold.pipeline import CompressOptions, ModelOptions, compress
 from layerfold.train import TrainConfig, lr_factor

@@ -134,6 +134,9 @@ def _cmd_compress(opts: CompressOptions, glob: GlobalOptions) -> int:
 
     t0 = time.perf_counter()
     r = compress(opts)
+    if r.output is None:  # --dry-run
+        print(r.plan.describe())
+        return 0
     _print_compress(r, opts, time.perf_counter() - t0)
     return 0
 
@@ -148,7 +151,8 @@ def _cmd_run(opts: RunOptions, glob: GlobalOptions) -> int:
         recipe = dataclasses.replace(recipe, output=dataclasses.replace(
             recipe.output, path=opts.output if opts.output is not None else recipe.output.path,
             force=opts.force or recipe.output.force))
-    return _cmd_compress(_quiet(recipe, glob.quiet), glob)
+    handler = next(_HANDLERS[name] for name, (root, *_) in COMMANDS.items() if isinstance(recipe, root))
+    return handler(_quiet(recipe, glob.quiet), glob)
 
 
 def _print_compress(r, opts: CompressOptions, total: float) -> None:

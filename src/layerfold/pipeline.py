@@ -1,14 +1,24 @@
-"""The public entry points: ``analyze`` and ``compress``.
+"""The public entry points: ``analyze``, ``compress``, ``heal_model``, ``export``, ``evaluate_model``.
 
-Each takes one options dataclass (what the command line parses) and returns a result
-dataclass; printing is left to the caller.
+Each takes one options dataclass (``recipe.py``: what the command line parses and a YAML
+recipe holds) and returns a result dataclass; printing is left to the caller.
+
+``compress`` runs the same stages for every method:
+
+    load -> calibrate -> score -> plan -> (dry run) -> apply -> heal -> evaluate -> save
+
+The method decides what happens inside a stage (``methods.registry``): which layers the
+selection picks and from what evidence, what the repair puts in their place, whether kept
+layers then share weights (FoldGPT) and whether its cure is the healing.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
-import shlex
+import shutil
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -17,19 +27,29 @@ from . import recipe as recipes
 from .data.calibration import load_calibration
 from .errors import LayerfoldError
 from .eval.evaluate import EvalOptions
-from .healing import HealOptions
 from .importance import LayerScores, measure_similarity
-from .methods import pruning
-from .methods.plan import METHODS
-from .methods.streamline import StreamlineOptions, StreamlineResult
+from .methods.plan import Plan
+from .methods.registry import Applied, Evidence, apply_plan, layers_to_select, make_plan
+from .methods.streamline import StreamlineResult
 from .models.card import model_card
+from .models.layer_map import LayerMap
 from .models.loading import EMBEDDED_NAME, LoadedModel, ModelOptions, load_model, locate_model
-from .models.saving import folder_bytes, save_model_folder
-from .models.surgery import count_parameters, decoder_layers, remove_layers
+from .models.saving import check_output_dir, folder_bytes, save_model_folder
+from .models.surgery import count_parameters, decoder_layers
 from .recipe import AnalyzeOptions, CompressOptions, EvaluateOptions, ExportOptions, HealModelOptions
+from .report import record as records
 
 __all__ = ["AnalyzeOptions", "CompressOptions", "EvalOptions", "EvaluateOptions", "ExportOptions",
            "HealModelOptions", "ModelOptions", "analyze", "compress", "evaluate_model", "export", "heal_model"]
+
+
+def _load(opts: ModelOptions, lazy: bool = False) -> LoadedModel:
+    return load_model(opts.model, dtype=opts.dtype, device=opts.device,
+                      trust_remote_code=opts.trust_remote_code, lazy=lazy, placement=opts.placement)
+
+
+# -- analyze -----------------------------------------------------------------------------
+
 
 @dataclass
 class AnalyzeResult:
@@ -38,9 +58,34 @@ class AnalyzeResult:
     seconds: float
 
 
+def analyze(opts: AnalyzeOptions, loaded: LoadedModel | None = None) -> AnalyzeResult:
+    """Score every layer and block of a model by every criterion, in one calibration pass."""
+    from .methods import pruning
+
+    t0 = time.perf_counter()
+    opts.layer_pass.validate()
+    # layers are read from disk one at a time; gates train through the whole model at once
+    loaded = loaded or _load(opts.model, lazy=opts.gates is None)
+    ids = load_calibration(opts.data, loaded, progress=opts.progress)
+    scores = measure_similarity(loaded.model, loaded.arch, ids, batch_size=opts.layer_pass.batch_size,
+                                max_activation_bytes=opts.layer_pass.max_memory, progress=opts.progress)
+    if opts.gates is not None:
+        from .importance.gates import gate_ranking
+
+        n_remove = pruning.layers_for_target(scores.num_layers, opts.gate_remove, None)
+        g = gate_ranking(loaded.model, loaded.arch, ids, n_remove, opts.gates, progress=opts.progress)
+        scores.extra["gates"] = g.gates
+        scores.extra["gates_removed"] = sorted(g.removed)
+        scores.extra["gates_options"] = g.options
+    return AnalyzeResult(scores, loaded.source, time.perf_counter() - t0)
+
+
+# -- compress ----------------------------------------------------------------------------
+
+
 @dataclass
 class CompressResult:
-    output: Path
+    output: Path | None  # None after a dry run
     method: str
     removed: list[int]
     layer_map: list[int | None]
@@ -57,35 +102,7 @@ class CompressResult:
     report: Path | None = None
     heal: dict | None = None  # HealResult.summary() when the model was healed
     extra: dict = field(default_factory=dict)
-
-
-def _load(opts: ModelOptions, lazy: bool = False) -> LoadedModel:
-    return load_model(opts.model, dtype=opts.dtype, device=opts.device,
-                      trust_remote_code=opts.trust_remote_code, lazy=lazy, placement=opts.placement)
-
-
-def analyze(opts: AnalyzeOptions, loaded: LoadedModel | None = None) -> AnalyzeResult:
-    """Score every layer and block of a model by every criterion, in one calibration pass."""
-    t0 = time.perf_counter()
-    # layers are read from disk one at a time; self-generated calibration text needs the whole
-    # model, so it is made (or read from its cache) before that
-    # gates train through the whole model at once, so they need every layer in memory
-    loaded = loaded or _load(opts.model, lazy=opts.gates is None)
-    ids = load_calibration(opts.data, loaded, progress=opts.progress)
-    scores = measure_similarity(
-        loaded.model, loaded.arch, ids, batch_size=opts.layer_pass.batch_size, max_activation_bytes=opts.layer_pass.max_memory,
-        progress=opts.progress,
-    )
-    if opts.gates is not None:
-        from .importance.gates import gate_ranking
-
-        n = scores.num_layers
-        n_remove = pruning.layers_for_target(n, opts.gate_remove, None)
-        g = gate_ranking(loaded.model, loaded.arch, ids, n_remove, opts.gates, progress=opts.progress)
-        scores.extra["gates"] = g.gates
-        scores.extra["gates_removed"] = sorted(g.removed)
-        scores.extra["gates_options"] = g.options
-    return AnalyzeResult(scores, loaded.source, time.perf_counter() - t0)
+    plan: Plan | None = None
 
 
 def default_output_name(source: str, method: str, n_remove: int) -> str:
@@ -96,194 +113,391 @@ def default_output_name(source: str, method: str, n_remove: int) -> str:
 
 
 def compress(opts: CompressOptions, loaded: LoadedModel | None = None) -> CompressResult:
-    """Remove layers by ``opts.selection.method`` (and, for ``streamline``, train a replacement for them);
-    save a stock-loadable model folder."""
-    if opts.selection.method not in METHODS:
-        raise LayerfoldError(f"unknown method {opts.selection.method!r}; choose from {', '.join(METHODS)}")
-    opts.data.validate()
-    opts.layer_pass.validate()
-    opts.evaluation.validate()
-    if opts.healing.enabled:
-        opts.healing.validate()
-    pruning.check_target(opts.selection.remove, opts.selection.sparsity)
-    if opts.selection.method == "streamline":
-        opts.repair.validate()
-    if opts.selection.method == "foldgpt":
-        opts.foldgpt.validate()
-    if opts.output.path:
-        from .models.saving import check_output_dir
+    """Compress a model as ``opts`` says and save a complete model folder (with ``--dry-run``:
+    only plan). ``loaded``: the model, already loaded (it is changed in place)."""
+    run = _Compression(opts)
+    if opts.selection.scores and opts.output.dry_run:
+        return run.dry(run.plan(_skeleton(opts.model), run.saved_evidence()))
+    loaded = run.load(loaded)
+    ids = run.calibrate(loaded)
+    evidence = run.score(loaded, ids)
+    plan = run.plan(loaded, evidence)
+    if opts.output.dry_run:
+        return run.dry(plan)
+    before = run.evaluate_before(loaded)
+    healing = run.prepare_healing(loaded, ids)
+    applied = run.apply(loaded, plan, ids, evidence)
+    healed = run.heal(loaded, healing, applied)
+    after = run.evaluate_after(loaded, plan, before)
+    return run.save(loaded, plan, evidence, applied, healed, before, after)
 
-        check_output_dir(Path(opts.output.path), opts.output.force)  # fail before any slow work
-    seconds: dict[str, float] = {}
-    t = time.perf_counter()
-    # layer-streamed: weights stay on disk until a layer is used, so importance, pair
-    # collection and saving need about one layer in memory (FoldGPT trains all gates at once)
-    loaded = loaded or _load(opts.model, lazy=opts.selection.method != "foldgpt")
-    seconds["load"] = time.perf_counter() - t
-    if opts.selection.method == "foldgpt":
-        return _compress_foldgpt(opts, loaded, seconds)
-    model, arch = loaded.model, loaded.arch
-    n_layers = len(decoder_layers(model, arch))
-    params_before = count_parameters(model)
 
-    scores = ids = None
-    if opts.selection.method != "last-n":
+def _skeleton(opts: ModelOptions) -> LoadedModel:
+    from .models.loading import model_skeleton
+
+    return model_skeleton(opts.model, dtype=opts.dtype, device=opts.device, trust_remote_code=opts.trust_remote_code)
+
+
+@dataclass
+class _Healing:
+    """What healing needs from the original model, taken before surgery changes it."""
+
+    ids: object = None  # token rows
+    teacher: object = None  # a teacher cache, a frozen copy of the original, or None
+
+
+class _Compression:
+    """The stages of :func:`compress`, sharing the options and the stage timings."""
+
+    def __init__(self, opts: CompressOptions):
+        self.opts = opts
+        self.method, self.selection, self.repair = opts.selection.parts()
+        self.seconds: dict[str, float] = {}
+        self._check()
+
+    def _check(self) -> None:
+        """Every option, before any slow work."""
+        o = self.opts
+        o.data.validate()
+        o.layer_pass.validate()
+        o.selection.validate()
+        o.evaluation.validate()
+        if self.heals:
+            o.healing.validate()
+        if self.repair.name == "replacement":
+            o.repair.validate()
+        if self.method.share or self.method.cure:
+            o.foldgpt.validate()
+        if o.selection.scores and not Path(o.selection.scores).expanduser().is_file():
+            raise LayerfoldError(f"{o.selection.scores}: no such scores file (write one with layerfold analyze --json)")
+        if o.output.path and not o.output.dry_run:
+            check_output_dir(Path(o.output.path), o.output.force)
+
+    @property
+    def heals(self) -> bool:
+        return self.opts.healing.enabled and not self.method.cure
+
+    @property
+    def cures(self) -> bool:
+        return self.method.cure and self.opts.foldgpt.cure.steps > 0
+
+    def _timed(self, name: str, start: float) -> None:
+        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+    # load -> calibrate -> score -> plan ------------------------------------------------------
+
+    def load(self, loaded: LoadedModel | None) -> LoadedModel:
+        """Layer-streamed unless the whole model must be in memory at once (FoldGPT's gates and
+        sharing): weights stay on disk until a layer is used, so importance, pair collection
+        and saving need about one layer in memory."""
         t = time.perf_counter()
-        ids = load_calibration(opts.data, loaded, progress=opts.progress)
-        seconds["calibration"] = time.perf_counter() - t
-        t = time.perf_counter()
-        scores = measure_similarity(model, arch, ids, batch_size=opts.layer_pass.batch_size,
-                                    max_activation_bytes=opts.layer_pass.max_memory, progress=opts.progress)
-        seconds["importance"] = time.perf_counter() - t
+        lazy = self.selection.needs != "gates" and not self.method.share
+        loaded = loaded or _load(self.opts.model, lazy=lazy)
+        self._timed("load", t)
+        return loaded
 
-    eval_kw = opts.evaluation.evaluate_kwargs()
-    eval_before = eval_after = None
-    if eval_kw is not None or opts.healing.enabled:
-        # evaluating the original and teaching the healed model need all of it at once
+    def calibrate(self, loaded: LoadedModel):
+        """The calibration text, where the selection or the repair reads it."""
+        needs = (self.selection.needs != "nothing" and not self.opts.selection.scores) or self.repair.slots > 0
+        if not needs:
+            return None
+        t = time.perf_counter()
+        ids = load_calibration(self.opts.data, loaded, progress=self.opts.progress)
+        self._timed("calibration", t)
+        return ids
+
+    def saved_evidence(self) -> Evidence:
+        from .importance.gates import GateResult
+
+        path = Path(self.opts.selection.scores).expanduser()
+        try:
+            scores = LayerScores.from_dict(json.loads(path.read_text(encoding="utf-8")))
+        except (ValueError, KeyError, TypeError) as e:
+            raise LayerfoldError(f"{path}: not a scores file of layerfold analyze --json ({e})") from None
+        gates = None
+        if "gates" in scores.extra:
+            gates = GateResult([float("nan") if g is None else g for g in scores.extra["gates"]],
+                               list(scores.extra.get("gates_removed", [])))
+        return Evidence(scores, gates)
+
+    def score(self, loaded: LoadedModel, ids) -> Evidence:
+        o = self.opts
+        if o.selection.scores:
+            evidence = self.saved_evidence()
+            n = len(decoder_layers(loaded.model, loaded.arch))
+            if evidence.scores.num_layers != n:
+                raise LayerfoldError(f"{o.selection.scores}: scores of a {evidence.scores.num_layers}-layer model; "
+                                     f"this one has {n}")
+            return evidence
+        t = time.perf_counter()
+        evidence = Evidence()
+        if self.selection.needs == "scores":
+            evidence.scores = measure_similarity(loaded.model, loaded.arch, ids, batch_size=o.layer_pass.batch_size,
+                                                 max_activation_bytes=o.layer_pass.max_memory, progress=o.progress)
+            self._timed("importance", t)
+        elif self.selection.needs == "gates":
+            from .importance.gates import gate_ranking
+
+            n = layers_to_select(o, loaded.model, loaded.arch)
+            evidence.gates = gate_ranking(loaded.model, loaded.arch, ids, n, o.foldgpt.gates, progress=o.progress)
+            self._timed("gates", t)
+        return evidence
+
+    def plan(self, loaded: LoadedModel, evidence: Evidence) -> Plan:
+        plan = make_plan(self.opts, loaded.model, loaded.arch, evidence)
+        plan.stages = self._stages()
+        return plan
+
+    def _stages(self) -> list[str]:
+        o = self.opts
+        stages = ["load" + (" (layers streamed)" if self.selection.needs != "gates" and not self.method.share else "")]
+        if o.selection.scores:
+            stages.append(f"scores from {o.selection.scores}")
+        elif self.selection.needs == "scores":
+            stages += ["calibrate", "score (one layer-by-layer pass)"]
+        elif self.selection.needs == "gates":
+            stages += ["calibrate", f"train layer gates ({o.foldgpt.gates.steps} steps x {o.foldgpt.gates.rounds})"]
+        if o.evaluation.enabled:
+            stages.append("evaluate before")
+        if self.repair.name == "none":
+            stages.append("remove layers")
+        else:
+            stages.append(f"replace the block by a trained {o.repair.replacement} ({o.repair.loss} loss)")
+        if self.method.share:
+            stages.append("share weights")
+        if self.cures:
+            stages.append(f"cure ({o.foldgpt.cure.steps} steps)")
+        elif self.heals:
+            stages.append(f"heal ({o.healing.train}, {o.healing.tokens:,} tokens)")
+        if o.evaluation.enabled:
+            stages.append("evaluate after")
+        return stages + ["save"]
+
+    def dry(self, plan: Plan) -> CompressResult:
+        return CompressResult(output=None, method=plan.method, removed=plan.removed, layer_map=plan.layer_map.to_list(),
+                              layers_before=plan.layers_before, layers_after=plan.layers_after,
+                              params_before=plan.params_before, params_after=plan.params_after, bytes_on_disk=0,
+                              seconds=self.seconds, plan=plan)
+
+    # evaluate before -> apply -> heal -> evaluate after --------------------------------------
+
+    def _eval_kwargs(self):
+        return self.opts.evaluation.evaluate_kwargs()
+
+    def evaluate_before(self, loaded: LoadedModel):
+        """The original's figures (the whole model: a streamed one is read in for it)."""
+        kw = self._eval_kwargs()
+        if kw is None and not self.heals and not self.cures:
+            return None
         from .models.lazy import materialize
 
         t = time.perf_counter()
-        materialize(model, arch)
-        seconds["load"] += time.perf_counter() - t
-    if eval_kw is not None:
+        materialize(loaded.model, loaded.arch)  # evaluating and teaching need all of it at once
+        self._timed("load", t)
+        if kw is None:
+            return None
         from .eval import evaluate
 
         t = time.perf_counter()
-        eval_before = evaluate(loaded, name=loaded.source, progress=opts.progress, **eval_kw)
+        before = evaluate(loaded, name=loaded.source, progress=self.opts.progress, **kw)
         source = str(loaded.source)
-        if eval_before.cost and (source.startswith("embedded:") or source.lower().endswith(".gguf")):
-            eval_before.cost.bytes_on_disk = None  # a quantized GGUF file: not comparable to safetensors
-        seconds["eval_before"] = time.perf_counter() - t
+        if before.cost and (source.startswith("embedded:") or source.lower().endswith(".gguf")):
+            before.cost.bytes_on_disk = None  # a quantized GGUF file: not comparable to safetensors
+        self._timed("eval_before", t)
+        return before
 
-    heal_ids = heal_teacher = None
-    if opts.healing.enabled:
-        # the healing text and the teacher's answers come from the original, before surgery
-        from .healing import healing_data, prepare_teacher, teacher_copy
+    def prepare_healing(self, loaded: LoadedModel, ids) -> _Healing | None:
+        """The healing text and the teacher's answers come from the original, before surgery."""
+        from .healing import CALIBRATION_TEXT, healing_data, prepare_teacher, teacher_copy
 
-        from .data.guard import check_not_eval_data
-        from .healing import CALIBRATION_TEXT
-
+        o = self.opts
+        if not (self.cures or self.heals):
+            return None
         t = time.perf_counter()
-        if opts.healing.data.source == CALIBRATION_TEXT:
-            check_not_eval_data(opts.data.source)  # never heal on evaluation data
-            heal_ids = ids if ids is not None else load_calibration(opts.data, loaded, progress=opts.progress)
+        if self.cures:
+            # fresh text for the cure (another seed), so the gates and the cure see different samples
+            spec = replace(o.data, samples=o.foldgpt.cure.samples, seed=o.data.seed + 1)
+            healing = _Healing(load_calibration(spec, loaded, progress=o.progress), teacher_copy(loaded).model)
+            self._timed("heal_data", t)
+            return healing
+        if o.healing.data.source == CALIBRATION_TEXT:
+            from .data.guard import check_not_eval_data
+
+            check_not_eval_data(o.data.source)  # never heal on evaluation data
+            heal_ids = ids if ids is not None else load_calibration(o.data, loaded, progress=o.progress)
         else:
-            heal_ids = healing_data(opts.healing, loaded)
-        seconds["heal_data"] = time.perf_counter() - t
+            heal_ids = healing_data(o.healing, loaded)
+        self._timed("heal_data", t)
         t = time.perf_counter()
-        if opts.healing.needs_teacher:
-            if opts.healing.teacher_cache:
-                heal_teacher = prepare_teacher(opts.healing, loaded, heal_ids)
-            else:
-                heal_teacher = teacher_copy(loaded).model
-        seconds["heal_teacher"] = time.perf_counter() - t
+        teacher = None
+        if o.healing.needs_teacher:
+            teacher = (prepare_teacher(o.healing, loaded, heal_ids) if o.healing.teacher_cache
+                       else teacher_copy(loaded).model)
+        self._timed("heal_teacher", t)
+        return _Healing(heal_ids, teacher)
 
-    extra_files: dict[str, str] = {}
-    sl = None
-    if opts.selection.method == "streamline":
-        sl, extra_files = _streamline(opts, loaded, ids, scores)
-        seconds.update(sl.seconds)
-        remove, layer_map = sl.removed, sl.layer_map
-        n_remove = len(remove)
-    else:
-        n_remove = pruning.layers_for_target(n_layers, opts.selection.remove, opts.selection.sparsity)
-        if opts.selection.method == "last-n":
-            remove = pruning.last_layers(n_layers, n_remove)
+    def apply(self, loaded: LoadedModel, plan: Plan, ids, evidence: Evidence) -> Applied:
+        o = self.opts
+        # pairs go beside the output (same disk, never a RAM-backed /tmp) unless told otherwise
+        if o.repair.pairs_dir:
+            base = Path(o.repair.pairs_dir).expanduser()
         else:
-            remove = pruning.PRUNING_METHODS[opts.selection.method](scores, n_remove)
-        layer_map = list(remove_layers(model, arch, remove))
+            base = Path(o.output.path).expanduser().resolve().parent if o.output.path else Path.cwd()
+        base.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=f".layerfold-{plan.method}-{os.getpid()}-", dir=base))
+        try:
+            applied = apply_plan(plan, loaded, ids, o, evidence=evidence, work_dir=work,
+                                 checkpoints=o.healing.checkpoints("replacement"))
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        for k, v in applied.seconds.items():
+            self.seconds[k] = self.seconds.get(k, 0.0) + v
+        return applied
 
-    heal_summary = None
-    if opts.healing.enabled:
+    def heal(self, loaded: LoadedModel, healing: _Healing | None, applied: Applied) -> dict | None:
+        """Healing (or FoldGPT's cure): a short training of the changed model toward the original."""
+        if healing is None:
+            return None
+        o = self.opts
+        t = time.perf_counter()
+        if self.cures:
+            from .methods.foldgpt import run_cure
+
+            with tempfile.TemporaryDirectory() as tmp:
+                log = Path(tmp) / "training_log.jsonl"
+                cure = run_cure(loaded.model, healing.teacher, loaded.arch, healing.ids, o.foldgpt.cure,
+                                log_file=str(log), progress=o.progress, checkpoints=o.healing.checkpoints())
+                applied.files["training_log.jsonl"] = log.read_text(encoding="utf-8") if log.exists() else ""
+            healing.teacher = None
+            self._timed("cure", t)
+            return {"cure": {k: v for k, v in cure.items() if k != "history"}}
         from .healing import heal
 
-        t = time.perf_counter()
-        healed = heal(loaded, None, opts.healing, ids=heal_ids, prepared_teacher=heal_teacher)
-        seconds["heal"] = time.perf_counter() - t
-        heal_summary = healed.summary()
-        model = loaded.model
-    params_after = count_parameters(model)
-    out = Path(opts.output.path or default_output_name(loaded.source, opts.selection.method, n_remove))
-    if eval_kw is not None:
+        result = heal(loaded, None, o.healing, ids=healing.ids, prepared_teacher=healing.teacher)
+        self._timed("heal", t)
+        return {"heal": result.summary()}
+
+    def evaluate_after(self, loaded: LoadedModel, plan: Plan, before):
+        kw = self._eval_kwargs()
+        if kw is None:
+            return None
         from .eval import evaluate
 
         t = time.perf_counter()
-        eval_after = evaluate(model, loaded.tokenizer, name=str(out), reference=eval_before,
-                              progress=opts.progress, **eval_kw)
-        seconds["eval_after"] = time.perf_counter() - t
+        after = evaluate(loaded.model, loaded.tokenizer, name=str(self._output(loaded, plan)), reference=before,
+                         progress=self.opts.progress, **kw)
+        self._timed("eval_after", t)
+        return after
 
-    recipe = {
-        "method": opts.selection.method,
-        "remove": n_remove,
-        "sparsity": opts.selection.sparsity,
-        "removed_layers": remove,
-        "calibration": asdict(opts.data) if scores is not None else None,
-        "dtype": opts.model.dtype,
-        "heal": opts.healing.recipe() if opts.healing.enabled else None,
-    }
-    summary = f"Removed {n_remove} of {n_layers} decoder layers by `{opts.selection.method}`; " + (
-        heal_sentence(heal_summary) if heal_summary else "no retraining."
-    )
-    if sl is not None:
-        recipe["streamline"] = _streamline_record(opts.repair, sl)
-        summary = _streamline_summary(opts.repair, sl, n_layers)
-        if heal_summary:
-            summary += " Then " + heal_sentence(heal_summary)
-    if eval_after is not None:
-        summary += "\n\n" + _evaluation_table(eval_before, eval_after, opts.evaluation.limit)
-    card = model_card(
-        base_model=loaded.base_model,
-        command=opts.command(),
-        recipe=recipe,
-        layer_map=layer_map,
-        params_before=params_before,
-        params_after=params_after,
-        layers_before=n_layers,
-        summary=summary,
-        recipe_yaml=recipes.to_yaml(opts),
-    )
-    record = {
-        "layerfold_version": _version(),
-        "base_model": loaded.base_model,
-        "source": loaded.source,
-        "command": opts.command(),
-        "recipe": recipe,
-        "layer_map": layer_map,
-        "layers_before": n_layers,
-        "params_before": params_before,
-        "params_after": params_after,
-        "scores": scores.to_dict() if scores else None,
-        "evaluation": {"before": eval_before.summary(), "after": eval_after.summary()} if eval_after else None,
-        "heal": heal_summary,
-    }
-    extra_files["layerfold.json"] = json.dumps(record, indent=2, default=str) + "\n"
-    extra_files[recipes.RECIPE_FILE] = recipes.to_yaml(opts)
-    t = time.perf_counter()
-    out = save_model_folder(loaded, out, card=card, extra_files=extra_files, force=opts.output.force)
-    seconds["save"] = time.perf_counter() - t
-    report = None
-    if eval_after is not None and eval_after.cost is not None:
-        eval_after.cost.bytes_on_disk = folder_bytes(out)
-    if opts.evaluation.report:
-        report = _write_report(out, record, eval_before, eval_after)
-    return CompressResult(
-        output=out,
-        method=opts.selection.method,
-        removed=remove,
-        layer_map=layer_map,
-        layers_before=n_layers,
-        layers_after=len(layer_map),
-        params_before=params_before,
-        params_after=params_after,
-        bytes_on_disk=folder_bytes(out),
-        seconds=seconds,
-        scores=scores,
-        streamline=sl,
-        heal=heal_summary,
-        eval_before=eval_before,
-        eval_after=eval_after,
-        report=report,
-    )
+    # save -------------------------------------------------------------------------------
+
+    def _output(self, loaded: LoadedModel, plan: Plan) -> Path:
+        o = self.opts
+        name = plan.method
+        if self.method.share:
+            name = f"foldgpt-g{o.foldgpt.group_size}" if not o.foldgpt.groups else "foldgpt"
+        return Path(o.output.path or default_output_name(loaded.source, name, plan.layers_before - plan.layers_after))
+
+    def save(self, loaded, plan: Plan, evidence: Evidence, applied: Applied, healed, before, after) -> CompressResult:
+        o = self.opts
+        out = self._output(loaded, plan)
+        heal_summary = (healed or {}).get("heal")
+        cure = (healed or {}).get("cure")
+        params_after = count_parameters(loaded.model)
+        what = self._what_was_done(plan, evidence, applied, heal_summary)
+        summary = self._summary(plan, applied, heal_summary)
+        if after is not None:
+            summary += "\n\n" + records.evaluation_table(before, after, o.evaluation.limit)
+        recipe_yaml = recipes.to_yaml(o)
+        layer_map = applied.layer_map.to_list()
+        card = model_card(base_model=loaded.base_model, command=o.command(), recipe=what, layer_map=layer_map,
+                          params_before=plan.params_before, params_after=params_after,
+                          layers_before=plan.layers_before, summary=summary, recipe_yaml=recipe_yaml)
+        record = {
+            "layerfold_version": records.version(),
+            "base_model": loaded.base_model,
+            "source": loaded.source,
+            "command": o.command(),
+            "recipe": what,
+            "layer_map": layer_map,
+            "layers_before": plan.layers_before,
+            "params_before": plan.params_before,
+            "params_after": params_after,
+            "scores": evidence.scores.to_dict() if evidence.scores is not None and not o.selection.scores else None,
+            "evaluation": {"before": before.summary(), "after": after.summary()} if after else None,
+            "heal": heal_summary,
+            "plan": plan.to_dict(),
+            "options": recipes.schema.to_dict(recipes.absolute_paths(o)),
+            "peak_rss_mib": records.peak_rss_mib(),
+            "seconds": self.seconds,
+        }
+        if self.method.share:
+            record.update(params_after_removal=applied.params_after_removal, params_stored=params_after)
+        if evidence.gates is not None:
+            g = evidence.gates
+            record["gates"] = g.to_dict() | {"rounds": [{k: v for k, v in x.items() if k != "log"} for x in g.rounds]}
+        if cure is not None or self.method.cure:
+            record["cure"] = cure
+        files = dict(applied.files)
+        if evidence.gates is not None and evidence.gates.rounds:
+            files["gate_log.jsonl"] = "".join(json.dumps({"round": i + 1, **rec}) + "\n"
+                                              for i, rnd in enumerate(evidence.gates.rounds) for rec in rnd["log"])
+        if not files.get("training_log.jsonl", True):
+            files.pop("training_log.jsonl")
+        files["layerfold.json"] = json.dumps(record, indent=2, default=str) + "\n"
+        files[recipes.RECIPE_FILE] = recipe_yaml
+        t = time.perf_counter()
+        if plan.groups and any(len(g) > 1 for g in plan.groups):
+            from .export.shared import save_shared_folder
+
+            out = save_shared_folder(loaded, out, card=card, extra_files=files, force=o.output.force)
+        else:
+            out = save_model_folder(loaded, out, card=card, extra_files=files, force=o.output.force)
+        self._timed("save", t)
+        if after is not None and after.cost is not None:
+            after.cost.bytes_on_disk = folder_bytes(out)
+        report = _write_report(out, record, before, after) if o.evaluation.report else None
+        extra = {}
+        if self.method.share:
+            extra = {"groups": plan.groups, "gates": evidence.gates.gates if evidence.gates else None,
+                     "params_after_removal": record["params_after_removal"], "cure": record.get("cure")}
+        return CompressResult(
+            output=out, method=plan.method, removed=plan.removed, layer_map=layer_map,
+            layers_before=plan.layers_before, layers_after=plan.layers_after, params_before=plan.params_before,
+            params_after=params_after, bytes_on_disk=folder_bytes(out), seconds=self.seconds,
+            scores=evidence.scores, streamline=applied.streamline, eval_before=before, eval_after=after,
+            report=report, heal=heal_summary, extra=extra, plan=plan,
+        )
+
+    def _what_was_done(self, plan: Plan, evidence: Evidence, applied: Applied, heal_summary) -> dict:
+        """``layerfold.json``'s ``recipe``: what was done, in the shape earlier outputs use."""
+        o = self.opts
+        what = {
+            "method": plan.method,
+            "selection": plan.selection,
+            "repair": plan.repair,
+            "remove": plan.layers_before - plan.layers_after,
+            "sparsity": o.selection.sparsity,
+            "removed_layers": plan.removed,
+            "calibration": asdict(o.data) if self.selection.needs != "nothing" or self.repair.slots else None,
+            "dtype": o.model.dtype,
+            "heal": o.healing.recipe() if heal_summary else None,
+        }
+        if applied.streamline is not None:
+            what["streamline"] = records.streamline_record(o.repair, applied.streamline)
+        if self.method.share:
+            what.update(groups=plan.groups, share_init=o.foldgpt.share_init, gates=asdict(o.foldgpt.gates),
+                        cure=asdict(o.foldgpt.cure) if self.cures else None)
+        return what
+
+    def _summary(self, plan: Plan, applied: Applied, heal_summary) -> str:
+        if self.method.share:
+            return records.foldgpt_summary(plan, self.opts.foldgpt.cure.steps if self.cures else 0)
+        if applied.streamline is not None:
+            text = records.streamline_summary(self.opts.repair, applied.streamline, plan.layers_before)
+            return text + (" Then " + records.heal_sentence(heal_summary) if heal_summary else "")
+        return (f"Removed {len(plan.removed)} of {plan.layers_before} decoder layers by `{plan.method}`; "
+                + (records.heal_sentence(heal_summary) if heal_summary else "no retraining."))
 
 
 def _write_report(out: Path, record: dict, eval_before, eval_after) -> Path | None:
@@ -307,219 +521,7 @@ def _write_report(out: Path, record: dict, eval_before, eval_after) -> Path | No
         return None
 
 
-def _streamline(opts: CompressOptions, loaded: LoadedModel, ids, scores) -> tuple[StreamlineResult, dict]:
-    """Run LLM-Streamline in place on ``loaded.model``; returns its result and the files it adds
-    to the output folder (the training log, and model code where the replacement needs it)."""
-    import os
-    import shutil
-    import tempfile
-
-    from .methods.streamline import streamline
-    from .nn.portable import portable_files
-
-    so = opts.repair
-    # pairs go beside the output (same disk, never a RAM-backed /tmp) unless told otherwise
-    if so.pairs_dir:
-        base = Path(so.pairs_dir).expanduser()
-    else:
-        base = Path(opts.output.path).expanduser().resolve().parent if opts.output.path else Path.cwd()
-    base.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".layerfold-streamline-{os.getpid()}-", dir=base))
-    try:
-        log_path = work / "training_log.jsonl"
-        result = streamline(
-            loaded.model, loaded.arch, ids, scores, so, remove=opts.selection.remove, sparsity=opts.selection.sparsity,
-            work_dir=work, log_path=log_path, progress=opts.progress, batch_size=opts.layer_pass.batch_size,
-            checkpoints=opts.healing.checkpoints("replacement"),
-        )
-        files = {"training_log.jsonl": log_path.read_text()} if log_path.exists() else {}
-        files.update(portable_files(loaded.model, loaded.arch))
-        return result, files
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-
-
-def _evaluation_table(before, after, limit: int | None) -> str:
-    """Accuracy before and after, and stability against the original, as a Markdown table."""
-    rows = ["| task | original acc | compressed acc | stability |", "|---|---:|---:|---:|"]
-    for name, task in after.tasks.items():
-        o, c = before.tasks[name].metrics, task.metrics
-        if "acc" in o and "stability" in c:
-            rows.append(f"| {name} | {o['acc']:.3f} | {c['acc']:.3f} | {c['stability']:.3f} |")
-    if len(rows) == 2:
-        return ""
-    scope = f"first {limit} examples of each task" if limit else "all examples"
-    return f"Evaluation ({scope}; stability as in LLM-Streamline: confidence-weighted agreement " \
-           "with the original on which answers are right; `eval_after.json` has everything):\n\n" + "\n".join(rows)
-
-
-def _streamline_record(so: StreamlineOptions, sl: StreamlineResult) -> dict:
-    fit = sl.fit
-    return {
-        "replacement": so.replacement,
-        "loss": so.loss,
-        "ffn_width": so.ffn_width,
-        "ffn_activation": so.ffn_activation if so.replacement == "ffn" else None,
-        "block_start": sl.start,
-        "block_layers": sl.window,
-        "block_cosine": sl.block_cosine,
-        "replacement_parameters": sl.replacement_params,
-        "pair_tokens": sl.pair_tokens,
-        "pair_bytes": sl.pair_bytes,
-        "pair_dtype": so.pair_dtype if sl.pair_tokens else None,
-        "train": {k: getattr(so, k) for k in ("lr", "min_lr", "weight_decay", "warmup", "grad_clip", "epochs",
-                                              "train_tokens", "batch_size", "grad_accum", "val_fraction",
-                                              "precision", "seed")},
-        "steps": fit.steps if fit else 0,
-        "first_val_loss": fit.first_val if fit else None,
-        "best_val_loss": fit.best_val if fit else None,
-        "best_step": fit.best_step if fit else None,
-        "train_seconds": fit.seconds if fit else 0.0,
-    }
-
-
-def _streamline_summary(so: StreamlineOptions, sl: StreamlineResult, n_layers: int) -> str:
-    block = f"layers {sl.start}..{sl.start + sl.window - 1}"
-    if so.replacement == "none":
-        return (f"LLM-Streamline block choice without training: of the most redundant block ({block}, "
-                f"cosine {sl.block_cosine:.4f}) only the first layer is kept; {len(sl.removed)} of "
-                f"{n_layers} layers removed.")
-    fit = sl.fit
-    trained = (f"validation {so.loss} loss {fit.first_val:.4g} -> {fit.best_val:.4g} in {fit.steps} steps"
-               if fit else "untrained")
-    return (f"LLM-Streamline: the most redundant block ({block}, cosine {sl.block_cosine:.4f}) was replaced "
-            f"by one trained `{so.replacement}` replacement ({so.loss} loss; {trained}); "
-            f"{len(sl.removed)} of {n_layers} layers removed net. Training log: `training_log.jsonl`.")
-
-
-def heal_sentence(summary: dict) -> str:
-    return (f"healed on {summary['tokens']:,} tokens ({summary['trainable']}; "
-            f"{summary['trainable_parameters']:,} trainable parameters) with the original model as teacher.")
-
-
-def _compress_foldgpt(opts: CompressOptions, loaded: LoadedModel, seconds: dict) -> CompressResult:
-    """Gate, remove, share, cure, save (METHODS.md section 3)."""
-    import dataclasses
-    import resource
-    import tempfile
-
-    from .methods.foldgpt import fold
-    from .export.shared import save_shared_folder
-
-    model, arch = loaded.model, loaded.arch
-    n_layers = len(decoder_layers(model, arch))
-    n_remove = pruning.layers_for_target(n_layers, opts.selection.remove, opts.selection.sparsity)
-    fo = opts.foldgpt
-    name = f"foldgpt-g{fo.group_size}" if not fo.groups else "foldgpt"
-    out = Path(opts.output.path or default_output_name(loaded.source, name, n_remove))
-    t = time.perf_counter()
-    ids = load_calibration(opts.data, loaded, progress=opts.progress)
-    cure_ids = None
-    if fo.cure.steps > 0:
-        # fresh text for the cure (another seed), so the gates and the cure see different samples
-        spec = dataclasses.replace(opts.data, samples=fo.cure.samples, seed=opts.data.seed + 1)
-        cure_ids = load_calibration(spec, loaded, progress=opts.progress)
-    seconds["calibration"] = time.perf_counter() - t
-    with tempfile.TemporaryDirectory() as tmp:
-        log_path = Path(tmp) / "training_log.jsonl"
-        t = time.perf_counter()
-        r = fold(loaded, ids, n_remove, fo, cure_ids=cure_ids, log_file=str(log_path), progress=opts.progress,
-                 checkpoints=opts.healing.checkpoints())
-        seconds["foldgpt"] = time.perf_counter() - t
-        cure_log = log_path.read_text(encoding="utf-8") if log_path.exists() else ""
-    gate_log = "".join(
-        json.dumps({"round": i + 1, **rec}) + "\n" for i, rnd in enumerate(r.gates.rounds) for rec in rnd["log"]
-    )
-    recipe = {
-        "method": "foldgpt",
-        "remove": n_remove,
-        "sparsity": opts.selection.sparsity,
-        "removed_layers": r.removed,
-        "groups": r.groups,
-        "share_init": fo.share_init,
-        "gates": asdict(fo.gates),
-        "cure": asdict(fo.cure) if fo.cure.steps > 0 else None,
-        "calibration": asdict(opts.data),
-        "dtype": opts.model.dtype,
-    }
-    shared = sum(len(g) for g in r.groups if len(g) > 1)
-    summary = (
-        f"FoldGPT: removed {n_remove} of {n_layers} decoder layers by learned gates, then "
-        f"{shared} of the remaining {len(r.kept)} layers share their linear weights in groups "
-        f"({', '.join('-'.join(map(str, (g[0], g[-1]))) for g in r.groups if len(g) > 1) or 'none'}); "
-        + (f"cured for {fo.cure.steps} steps with logit KL + tail-layer distillation."
-           if fo.cure.steps > 0 else "no cure.")
-        + " Shared tensors are stored once: load with layerfold, or with "
-        "`AutoModelForCausalLM.from_pretrained(PATH, trust_remote_code=True)`; "
-        "`layerfold export PATH --unfold -o OUT` writes a standard model."
-    )
-    card = model_card(
-        base_model=loaded.base_model, command=opts.command(), recipe=recipe, layer_map=list(r.kept),
-        params_before=r.params_before, params_after=r.params_stored, layers_before=n_layers, summary=summary,
-        recipe_yaml=recipes.to_yaml(opts),
-    )
-    record = {
-        "layerfold_version": _version(),
-        "base_model": loaded.base_model,
-        "source": loaded.source,
-        "command": opts.command(),
-        "recipe": recipe,
-        "layer_map": list(r.kept),
-        "layers_before": n_layers,
-        "params_before": r.params_before,
-        "params_after_removal": r.params_after_removal,
-        "params_stored": r.params_stored,
-        "params_after": r.params_stored,
-        "gates": r.gates.to_dict() | {"rounds": [{k: v for k, v in x.items() if k != "log"} for x in r.gates.rounds]},
-        "cure": {k: v for k, v in r.cure.items() if k != "history"} if r.cure else None,
-        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "seconds": seconds,
-    }
-    t = time.perf_counter()
-    files = {"gate_log.jsonl": gate_log}
-    if cure_log:
-        files["training_log.jsonl"] = cure_log
-    files["layerfold.json"] = json.dumps(record, indent=2, default=str) + "\n"
-    files[recipes.RECIPE_FILE] = recipes.to_yaml(opts)
-    out = save_shared_folder(loaded, out, card=card, extra_files=files, force=opts.output.force)
-    seconds["save"] = time.perf_counter() - t
-    return CompressResult(
-        output=out, method="foldgpt", removed=r.removed, layer_map=list(r.kept), layers_before=n_layers,
-        layers_after=len(r.kept), params_before=r.params_before, params_after=r.params_stored,
-        bytes_on_disk=folder_bytes(out), seconds=seconds, scores=None,
-        extra={"groups": r.groups, "gates": r.gates.gates, "params_after_removal": r.params_after_removal,
-               "cure": record["cure"]},
-    )
-
-def export(opts: ExportOptions, loaded: LoadedModel | None = None) -> dict:
-    """Write a standard model folder: shared tensors materialised (``--unfold``)."""
-    from .models.saving import check_output_dir
-    from .export.unfold import unfold
-
-    if not opts.output.path:
-        raise LayerfoldError("export needs an output folder (-o OUT)")
-    if not opts.unfold:
-        raise LayerfoldError("export knows one format so far: --unfold (a standard model folder)")
-    check_output_dir(Path(opts.output.path), opts.output.force)
-    loaded = loaded or _load(opts.model)
-    stored = count_parameters(loaded.model)
-    n = unfold(loaded)
-    card = model_card(
-        base_model=loaded.base_model, command=shlex.join(["layerfold", "export", loaded.source, "--unfold", "-o", opts.output.path]),
-        recipe={"method": "unfold", "unshared_tensors": n}, layer_map=list(range(len(decoder_layers(loaded.model, loaded.arch)))),
-        params_before=stored, params_after=count_parameters(loaded.model),
-        layers_before=len(decoder_layers(loaded.model, loaded.arch)),
-        summary=f"Unfolded: {n} shared weight tensors written out per layer, for tools that cannot express sharing.",
-    )
-    out = save_model_folder(loaded, Path(opts.output.path), card=card, force=opts.output.force)
-    return {"output": out, "unshared_tensors": n, "params_stored_before": stored,
-            "params_after": count_parameters(loaded.model), "bytes_on_disk": folder_bytes(out)}
-
-
-def _version() -> str:
-    from ._version import __version__
-
-    return __version__
+# -- heal, export, evaluate ----------------------------------------------------------------
 
 
 @dataclass
@@ -533,7 +535,6 @@ class HealModelResult:
 def heal_model(opts: HealModelOptions) -> HealModelResult:
     """Load a compressed model and its teacher, heal, and save a new model folder."""
     from .healing import CALIBRATION_TEXT, heal, healing_data, prepare_teacher
-    from .models.saving import check_output_dir
 
     opts.healing.validate()
     if opts.healing.data.source == CALIBRATION_TEXT:
@@ -541,7 +542,7 @@ def heal_model(opts: HealModelOptions) -> HealModelResult:
     if not opts.healing.enabled:
         raise LayerfoldError("--heal-tokens must be positive for layerfold heal")
     if opts.no_teacher:
-        opts.healing = replace_heal_losses_without_teacher(opts.healing)
+        opts = replace(opts, healing=replace_heal_losses_without_teacher(opts.healing))
     if opts.model.model is None:
         raise LayerfoldError("give the compressed model folder to heal")
     out = Path(opts.output.path or f"{Path(opts.model.model.rstrip('/')).name}-healed")
@@ -568,33 +569,40 @@ def heal_model(opts: HealModelOptions) -> HealModelResult:
     if opts.healing.teacher_cache:
         teacher = None
         _free_memory()
-    previous = {}
-    if student.local_dir is not None and (student.local_dir / "layerfold.json").is_file():
-        previous = json.loads((student.local_dir / "layerfold.json").read_text())
+    previous = _previous_record(student)
+    n_layers = len(decoder_layers(student.model, student.arch))
+    layer_map = LayerMap.from_list(previous["layer_map"], previous.get("layers_before")) \
+        if previous.get("layer_map") else LayerMap.identity(n_layers)
     t = time.perf_counter()
     result = heal(student, teacher, opts.healing, ids=ids, prepared_teacher=prepared)
     seconds["heal"] = time.perf_counter() - t
     summary = result.summary()
-    n_layers = len(decoder_layers(student.model, student.arch))
-    layer_map = previous.get("layer_map") or list(range(n_layers))
     params = count_parameters(student.model)
     recipe = dict(previous.get("recipe") or {"method": "healed"})
     recipe["heal"] = opts.healing.recipe()
     base = previous.get("base_model") or teacher_base or student.base_model
+    recipe_yaml = recipes.to_yaml(opts)
     card = model_card(
-        base_model=base, command=opts.command(), recipe=recipe, layer_map=layer_map,
+        base_model=base, command=opts.command(), recipe=recipe, layer_map=layer_map.to_list(),
         params_before=previous.get("params_before") or params, params_after=params,
-        layers_before=previous.get("layers_before") or n_layers,
-        summary=f"{student.source} {heal_sentence(summary)}",
+        layers_before=layer_map.layers_before, summary=f"{student.source} {records.heal_sentence(summary)}",
+        recipe_yaml=recipe_yaml,
     )
-    record = dict(previous, layerfold_version=_version(), base_model=base, source=student.source,
-                  command=opts.command(), recipe=recipe, layer_map=layer_map, heal=summary,
-                  params_after=params)
+    record = dict(previous, layerfold_version=records.version(), base_model=base, source=student.source,
+                  command=opts.command(), recipe=recipe, layer_map=layer_map.to_list(), heal=summary,
+                  params_after=params, options=recipes.schema.to_dict(recipes.absolute_paths(opts)))
     t = time.perf_counter()
-    out = save_model_folder(student, out, card=card, force=opts.output.force,
-                            extra_files={"layerfold.json": json.dumps(record, indent=2, default=str) + "\n"})
+    files = {"layerfold.json": json.dumps(record, indent=2, default=str) + "\n", recipes.RECIPE_FILE: recipe_yaml}
+    out = save_model_folder(student, out, card=card, force=opts.output.force, extra_files=files)
     seconds["save"] = time.perf_counter() - t
     return HealModelResult(out, summary, params, seconds)
+
+
+def _previous_record(loaded: LoadedModel) -> dict:
+    """The ``layerfold.json`` of a model layerfold made (its layer map, base model, recipe)."""
+    if loaded.local_dir is not None and (loaded.local_dir / "layerfold.json").is_file():
+        return json.loads((loaded.local_dir / "layerfold.json").read_text())
+    return {}
 
 
 def _free_memory() -> None:
@@ -611,15 +619,46 @@ def _free_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def replace_heal_losses_without_teacher(h: HealOptions) -> HealOptions:
+def replace_heal_losses_without_teacher(h):
     return replace(h, ce=h.ce or 1.0, kl=0.0, mse=0.0)
+
+
+def export(opts: ExportOptions, loaded: LoadedModel | None = None) -> dict:
+    """Write a standard model folder: shared tensors materialised (``--unfold``)."""
+    from .export.unfold import unfold
+
+    if not opts.output.path:
+        raise LayerfoldError("export needs an output folder (-o OUT)")
+    if not opts.unfold:
+        raise LayerfoldError("export knows one format so far: --unfold (a standard model folder)")
+    check_output_dir(Path(opts.output.path), opts.output.force)
+    loaded = loaded or _load(opts.model)
+    stored = count_parameters(loaded.model)
+    n = unfold(loaded)
+    previous = _previous_record(loaded)
+    n_layers = len(decoder_layers(loaded.model, loaded.arch))
+    layer_map = previous.get("layer_map") or list(range(n_layers))  # unfolding keeps every layer where it is
+    command = recipes.schema.command_line(opts, ExportOptions(), ["layerfold", "export"])
+    card = model_card(
+        base_model=previous.get("base_model") or loaded.base_model, command=command,
+        recipe={"method": "unfold", "unshared_tensors": n, "from": previous.get("recipe")}, layer_map=layer_map,
+        params_before=stored, params_after=count_parameters(loaded.model),
+        layers_before=previous.get("layers_before") or n_layers,
+        summary=f"Unfolded: {n} shared weight tensors written out per layer, for tools that cannot express sharing.",
+        recipe_yaml=recipes.to_yaml(opts),
+    )
+    files = {recipes.RECIPE_FILE: recipes.to_yaml(opts)}
+    if previous:
+        files["layerfold.json"] = json.dumps(dict(previous, unfolded=n, params_after=count_parameters(loaded.model)),
+                                             indent=2, default=str) + "\n"
+    out = save_model_folder(loaded, Path(opts.output.path), card=card, force=opts.output.force, extra_files=files)
+    return {"output": out, "unshared_tensors": n, "params_stored_before": stored,
+            "params_after": count_parameters(loaded.model), "bytes_on_disk": folder_bytes(out)}
 
 
 def evaluate_model(opts: EvaluateOptions):
     """``layerfold eval``: the model's result, and its reference's (evaluated the same way, or
     read from its JSON result) when one is given: (reference or None, result)."""
-    import os
-
     from .eval import EvalResult, evaluate
 
     if opts.batch_size < 1:

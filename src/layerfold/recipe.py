@@ -34,7 +34,7 @@ from .healing import HealOptions, compress_defaults, heal_command_defaults
 from .importance.gates import GateOptions
 from .importance.layer_pass import LayerPassOptions
 from .methods.foldgpt import GATES_METADATA, FoldGPTOptions
-from .methods.plan import SelectionOptions
+from .methods.registry import SelectionOptions
 from .methods.streamline import StreamlineOptions
 from .models.loading import ModelOptions
 from .models.saving import OutputOptions
@@ -232,26 +232,45 @@ def versions() -> dict[str, str]:
     return {"layerfold": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
 
 
-def to_yaml(opts: CompressOptions) -> str:
-    """``recipe.yaml``: every option of the recipe, commented with its help text."""
-    header = ("layerfold recipe: `layerfold run recipe.yaml -o OUT` builds this model again (bitwise, with\n"
-              "the same library versions: " + ", ".join(f"{k} {v}" for k, v in versions().items()) + ").\n"
-              "Override an option with --set GROUP.KEY=VALUE; `layerfold compress --help` explains each.")
-    return schema.to_yaml(absolute_paths(opts), header=header)
+RECIPES = {"compress": CompressOptions, "heal": HealModelOptions, "export": ExportOptions}
 
 
-def read_recipe(path: str | Path, overrides: list[str] = ()) -> CompressOptions:
-    """The recipe in a YAML file, with ``--set KEY=VALUE`` overrides; every key and value checked."""
-    import yaml
+def to_yaml(opts) -> str:
+    """``recipe.yaml``: every option of the run, commented with its help text."""
+    command = next(name for name, root in RECIPES.items() if isinstance(opts, root))
+    header = (f"layerfold recipe: `layerfold run recipe.yaml -o OUT` runs `layerfold {command}` with these options\n"
+              "again and builds the same model (bitwise, with the same library versions: "
+              + ", ".join(f"{k} {v}" for k, v in versions().items()) + ").\n"
+              f"Override an option with --set GROUP.KEY=VALUE; `layerfold {command} --help` explains each.")
+    body = schema.to_yaml(absolute_paths(opts), header=header)
+    head, _, rest = body.partition("\n\n")
+    return f"{head}\n\ncommand: {command}  # the layerfold command these options are for\n\n{rest}"
 
+
+def read_recipe(path: str | Path, overrides: list[str] = ()):
+    """The options in a recipe file, with ``--set KEY=VALUE`` overrides; every key and value
+    checked against the schema of its command (``command:``, compress when absent)."""
     p = Path(path).expanduser()
     if not p.is_file():
         raise LayerfoldError(f"{path}: no such recipe file")
+    return from_text(p.read_text(encoding="utf-8"), overrides, where=str(path))
+
+
+def from_text(text: str, overrides: list[str] = (), where: str = "the recipe"):
+    """:func:`read_recipe` for the text of a recipe."""
+    import yaml
+
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        data = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
         first = str(e).strip().splitlines()[0]
-        raise LayerfoldError(f"{path}: not valid YAML ({first})") from None
-    opts = schema.from_dict(CompressOptions(), data)
-    values = dict(schema.parse_assignment(CompressOptions, text) for text in overrides)
+        raise LayerfoldError(f"{where}: not valid YAML ({first})") from None
+    if not isinstance(data, dict):
+        raise LayerfoldError(f"{where}: a recipe is a mapping of groups to options")
+    command = data.pop("command", "compress")
+    if command not in RECIPES:
+        raise LayerfoldError(f"{where}: command {command!r} has no recipes; use one of {', '.join(RECIPES)}")
+    root = RECIPES[command]
+    opts = schema.from_dict(root(), data)
+    values = dict(schema.parse_assignment(root, text) for text in overrides)
     return schema.with_values(opts, values)

@@ -363,7 +363,7 @@ def to_yaml(obj, header: str = "") -> str:
                 emit(value, sub, depth + 1)
             else:
                 note = f"  # {helps[sub]}" if helps[sub] else ""
-                show = nodes[sub].show
+                show = getattr(nodes[sub], "show", None)
                 text = show(value) if show is not None and value is not None else _scalar(value)
                 lines.append(f"{pad}{f.name}: {text}{note}")
 

@@ -45,6 +45,16 @@ class LayerScores:
     def block_angular(self, n: int) -> list[float]:
         return [self.angular[l][n] for l in range(self.num_layers - n + 1)]
 
+    @classmethod
+    def from_dict(cls, d: dict) -> LayerScores:
+        """Scores written by ``to_dict`` (``layerfold analyze --json``); null pairs become NaN again."""
+        def rows(key):
+            return [[math.nan if v is None else float(v) for v in row] for row in d[key]]
+
+        known = {"num_layers", "tokens", "samples", "block_influence", "cosine", "angular"}
+        return cls(int(d["num_layers"]), rows("cosine"), rows("angular"), int(d.get("tokens", 0)),
+                   int(d.get("samples", 0)), {k: v for k, v in d.items() if k not in known})
+
     def to_dict(self) -> dict:
         """JSON-ready: undefined pairs (NaN) become null."""
 

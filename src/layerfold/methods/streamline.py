@@ -29,6 +29,7 @@ from ..errors import LayerfoldError
 from ..importance import LayerScores
 from ..importance.layer_pass import layer_arguments, layer_pass, run_layer
 from ..models.architectures import Architecture
+from ..models.layer_map import LayerMap
 from ..models.lazy import layer_weights, materialize, return_freed_memory
 from ..models.surgery import count_parameters, decoder_layers, decoder_parameters, replace_block
 from ..nn.replacements import ACTIVATIONS, REPLACEMENTS, FFNReplacement, ReplacementSpec, build_replacement
@@ -101,6 +102,8 @@ class StreamlineOptions:
             raise LayerfoldError(f"--min-lr must be positive and at most --lr (got {self.min_lr:g}, {self.lr:g})")
         if not 0 <= self.warmup < 1:
             raise LayerfoldError(f"--train-warmup must be a fraction in [0, 1) (got {self.warmup:g})")
+        if self.loss != "mse" and self.replacement == "none":
+            raise LayerfoldError("--replacement none trains nothing; drop --loss or choose a replacement")
 
     def train_config(self, steps: int, **bookkeeping) -> TrainConfig:
         """The loop's settings for ``steps`` optimiser steps of replacement training."""
@@ -118,9 +121,9 @@ class StreamlineResult:
     start: int
     window: int  # layers in the replaced block
     removed: list[int]  # original indices of the layers that are gone (the block minus its slot)
-    layer_map: list[int | None]
+    layer_map: LayerMap
     replacement_params: int
-    block_cosine: float
+    block_cosine: float | None
     fit: TrainResult | None  # the replacement's training (validation losses included)
     pair_tokens: int = 0
     pair_bytes: int = 0
@@ -309,6 +312,14 @@ def train_in_place(
 # -- the whole method ------------------------------------------------------------------
 
 
+def check_block(spec: ReplacementSpec, start: int) -> None:
+    """What a block choice must satisfy for the replacement (checked when planning)."""
+    if spec.kind == "ffn" and start == 0:
+        # the KV cache reads the sequence length from layer 0, which a plain FFN never fills
+        raise LayerfoldError("the chosen block starts at layer 0, where a plain FFN breaks generation "
+                             "with the KV cache; use --replacement swiglu or layer")
+
+
 def streamline(
     model: nn.Module,
     arch: Architecture,
@@ -325,26 +336,44 @@ def streamline(
     store: PairStore | None = None,
     checkpoints: Checkpoints | None = None,
 ) -> StreamlineResult:
-    """Replace the most redundant block of ``model`` (in place) by a trained replacement.
+    """Replace the most redundant block of ``model`` (in place) by a trained replacement: steps
+    1-5 of the module docstring.
 
     ``store``: training pairs already collected for this block (reused, e.g. to train several
     replacements of one block); by default they are collected into ``work_dir`` and deleted.
     ``checkpoints``: where the replacement's training checkpoints (and resumes from).
     """
     opts.validate()
-    if opts.loss != "mse" and opts.replacement == "none":
-        raise LayerfoldError("--replacement none trains nothing; drop --loss or choose a replacement")
+    window = block_window(decoder_parameters(model, arch), replacement_size(model, arch, opts.spec), remove, sparsity)
+    start = choose_block(scores, window)
+    check_block(opts.spec, start)
+    return replace_and_train(model, arch, ids, start, window, opts, block_cosine=scores.cosine[start][window],
+                             work_dir=work_dir, log_path=log_path, progress=progress, batch_size=batch_size,
+                             store=store, checkpoints=checkpoints)
+
+
+def replace_and_train(
+    model: nn.Module,
+    arch: Architecture,
+    ids: torch.Tensor,
+    start: int,
+    window: int,
+    opts: StreamlineOptions,
+    *,
+    block_cosine: float | None = None,
+    work_dir: Path,
+    log_path: Path | None = None,
+    progress: bool = True,
+    batch_size: int = 8,
+    store: PairStore | None = None,
+    checkpoints: Checkpoints | None = None,
+) -> StreamlineResult:
+    """Steps 2-5 for the block ``start .. start+window-1``: collect its pairs, put the
+    replacement in its first slot, train it."""
+    opts.validate()
     seconds: dict[str, float] = {}
     spec = opts.spec
-    r_params = replacement_size(model, arch, spec)
-    window = block_window(decoder_parameters(model, arch), r_params, remove, sparsity)
-    start = choose_block(scores, window)
-    if spec.kind == "ffn" and start == 0:
-        # the KV cache reads the sequence length from layer 0, which a plain FFN never fills
-        raise LayerfoldError("the chosen block starts at layer 0, where a plain FFN breaks generation "
-                             "with the KV cache; use --replacement swiglu or layer")
     removed = list(range(start + 1, start + window)) if window > 1 else []
-    similarity = scores.cosine[start][window]
 
     weights = layer_weights(model, arch)
     if opts.loss not in PAIR_LOSSES:
@@ -373,9 +402,9 @@ def streamline(
     for p in model.parameters():
         p.requires_grad_(False)
     # build_replacement set the replacement's own trainable flags; the rest of the model is frozen
-    layer_map = replace_block(model, arch, start, window, replacement)
-    if spec.kind == "none":
-        layer_map[start] = start  # the untouched first layer of the block
+    replace_block(model, arch, start, window, replacement)
+    n_layers = len(decoder_layers(model, arch)) + window - 1
+    layer_map = LayerMap.replacement(n_layers, start, window, keeps_first=spec.kind == "none")
 
     result_fit = None
     if spec.trainable:
@@ -400,10 +429,11 @@ def streamline(
     return StreamlineResult(
         start=start, window=window, removed=removed, layer_map=layer_map,
         replacement_params=count_parameters(decoder_layers(model, arch)[start]),
-        block_cosine=similarity, fit=result_fit,
+        block_cosine=block_cosine, fit=result_fit,
         pair_tokens=store.tokens if store else 0, pair_bytes=pair_bytes, seconds=seconds,
     )
 
 
-__all__ = ["LOSSES", "REPLACEMENTS", "StreamlineOptions", "StreamlineResult", "streamline", "block_window",
-           "choose_block", "collect_pairs", "train_mse", "train_in_place", "PairRegression"]
+__all__ = ["LOSSES", "REPLACEMENTS", "StreamlineOptions", "StreamlineResult", "streamline", "replace_and_train",
+           "block_window", "choose_block", "check_block", "collect_pairs", "train_mse", "train_in_place",
+           "PairRegression"]

@@ -305,6 +305,37 @@ def load_model(
     return LoadedModel(model, tokenizer, arch, name, base_model, local_dir)
 
 
+def model_skeleton(
+    source: str | os.PathLike | None = None, *, dtype: str = "auto", device: str = "auto",
+    trust_remote_code: bool = False,
+) -> LoadedModel:
+    """The model's architecture on the meta device, from its config alone: every shape, no
+    weight read (what planning needs; ``tokenizer`` is None)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    _quiet_transformers()
+    torch_dtype = resolve_dtype(dtype, resolve_device(device))
+    where, gguf_file, name, base_model, local_dir = locate_model(source)
+    shared = read_shared_config(local_dir) if local_dir is not None else None
+    try:
+        if shared is not None:
+            from ..export.shared import base_config
+
+            config = base_config(shared)[0]
+        else:
+            kw = {"trust_remote_code": trust_remote_code, **({"gguf_file": gguf_file} if gguf_file else {})}
+            config = AutoConfig.from_pretrained(where, **kw)
+    except LayerfoldError:
+        raise
+    except Exception as e:
+        raise LayerfoldError(f"cannot read the config of {name}: {_first_line(e)}") from None
+    arch = architecture_for(config)
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+    return LoadedModel(model.eval(), None, arch, name, base_model, local_dir)
+
+
 def _load_shared(folder: Path, name: str, torch_dtype, dev) -> LoadedModel:
     """A layerfold model whose layers share weights: the base architecture, then tied.
 

@@ -35,6 +35,10 @@ class OutputOptions:
         "path": True})
     force: bool = field(default=False, metadata={"help": "replace an existing non-empty output folder",
                                                  "flag": "--force"})
+    dry_run: bool = field(default=False, metadata={
+        "help": "print the plan (layer map, replacements, parameters and bytes before and after, the stages that "
+                "would run) and stop: no decoder layer is read beyond what choosing needs, and with --scores no "
+                "weight at all", "flag": "--dry-run"})
 
 
 def check_output_dir(out: Path, force: bool, protect: Path | None = None) -> None:

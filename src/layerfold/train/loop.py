@@ -325,6 +325,135 @@ def _fingerprint(config: TrainConfig, objective, rows: list[int], names: list[st
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def _optimizer(params: list[tuple[str, nn.Parameter]], config: TrainConfig) -> torch.optim.AdamW:
+    decay = [p for _, p in params if p.dim() >= 2]
+    no_decay = [p for _, p in params if p.dim() < 2]
+    # foreach=False: the multi-tensor update allocates temporaries as large as the parameters,
+    # which for one big layer of a streamed model is a peak worth avoiding (speed is the same)
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=config.lr, foreach=False,
+    )
+
+
+class _History:
+    """The run's records (steps and validations), its log file, and the best validation so far."""
+
+    def __init__(self, config: TrainConfig, header: dict | None, best: _BestState | None):
+        self.records: list[dict] = []
+        self.log = Path(config.log_file) if config.log_file else None
+        self.header, self.best = header, best
+        self.first_val = self.best_val = self.best_step = None
+        self.t0 = time.perf_counter()
+
+    def open(self) -> None:
+        if self.log is not None:
+            # the log always equals the history: a resumed run rewrites what the killed one logged
+            head = [{"event": "config", **self.header}] if self.header is not None else []
+            _write_log(self.log, head + self.records)
+
+    def add(self, record: dict) -> None:
+        self.records.append(record)
+        if self.log is not None:
+            _append_log(self.log, record)
+
+    def validate(self, step: int, model: nn.Module, validate: Callable[[], float]) -> None:
+        value = _quietly(model, validate)
+        if self.first_val is None or value < self.best_val:
+            if self.first_val is None:
+                self.first_val = value
+            self.best_val, self.best_step = value, step
+            self.best.keep()
+        self.add({"event": "val", "step": step, "val_loss": value, "best_val": self.best_val,
+                  "seconds": time.perf_counter() - self.t0})
+
+    def last_step(self) -> dict:
+        return next((r for r in reversed(self.records) if r.get("event", "step") == "step"), {})
+
+    def close(self, steps: int, seconds: float) -> None:
+        if self.log is not None and self.header is not None:
+            _append_log(self.log, {"event": "done", "steps": steps, "best_step": self.best_step,
+                                   "best_val": self.best_val, "first_val": self.first_val, "seconds": seconds})
+
+
+class _Checkpoints:
+    """Checkpoints at optimizer-step boundaries, and resuming from the last one."""
+
+    def __init__(self, config: TrainConfig, fingerprint: str):
+        self.config, self.fingerprint = config, fingerprint
+        self.path = Path(config.checkpoint_dir) / CHECKPOINT_NAME if config.checkpoint_dir else None
+
+    def restore(self, model, params, optimizer, scheduler, history: _History) -> int:
+        """The step to start at: 0, or where the last checkpoint of this very run left off."""
+        if not (self.config.resume and self.path is not None and self.path.is_file()):
+            return 0
+        state = torch.load(self.path, map_location=input_device(model), weights_only=True)
+        if state["fingerprint"] != self.fingerprint:
+            raise LayerfoldError(
+                f"{self.path}: the checkpoint belongs to a different run (other settings, data or model); "
+                "start without resuming or use another checkpoint folder"
+            )
+        with torch.no_grad():
+            by_name = dict(params)
+            for n, t in state["trainable"].items():
+                by_name[n].copy_(t)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"])
+        history.records = json.loads(state["history"])
+        if history.best is not None:
+            history.first_val, history.best_val, history.best_step = state["validation"]
+            history.best.keep(state["best"])
+        return state["step"]
+
+    def save(self, step: int, params, optimizer, scheduler, history: _History) -> None:
+        every, last = self.config.checkpoint_every, step == self.config.steps
+        if self.path is None or not every or not (step % every == 0 or last):
+            return
+        state = {
+            "step": step,
+            "fingerprint": self.fingerprint,
+            "trainable": {n: p.detach().clone() for n, p in params},
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rng": torch.get_rng_state(),
+            "history": json.dumps(history.records),
+        }
+        if history.best is not None:
+            state["validation"] = [history.first_val, history.best_val, history.best_step]
+            state["best"] = {n: t.detach().clone() for n, t in history.best.tensors().items()}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + f".tmp-{os.getpid()}")
+        torch.save(state, tmp)
+        os.replace(tmp, self.path)  # a kill during saving leaves the previous checkpoint intact
+
+
+def _step(objective, rows: Callable[[int], list[int]], step: int, config: TrainConfig, params, optimizer,
+          scheduler, autocast) -> dict:
+    """One optimizer step over ``config.grad_accum`` micro-batches; its loss terms, lr and gradient norm."""
+    optimizer.zero_grad(set_to_none=True)
+    terms: dict[str, float] = {}
+    total_value = 0.0
+    for a in range(config.grad_accum):
+        total, parts = _call(objective, rows(step * config.grad_accum + a), autocast)
+        if not torch.isfinite(total):
+            raise LayerfoldError(f"training diverged at step {step} (loss {total.item()}); lower the learning rate")
+        (total / config.grad_accum).backward()
+        total_value += total.item() / config.grad_accum
+        for name, value in parts.items():
+            terms[name] = terms.get(name, 0.0) + value.item() / config.grad_accum
+        del total, parts
+    grad_norm = None
+    if config.max_grad_norm:
+        grad_norm = float(torch.nn.utils.clip_grad_norm_([p for _, p in params], config.max_grad_norm))
+    lr = optimizer.param_groups[0]["lr"]
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)  # no gradients held through validation and checkpoints
+    scheduler.step()
+    return {"event": "step", "step": step + 1, "loss": total_value, **{f"loss_{k}": v for k, v in terms.items()},
+            "lr": lr, "grad_norm": grad_norm}
+
+
 def fit(
     model: nn.Module,
     objective: Objective | Callable,
@@ -348,132 +477,45 @@ def fit(
     record)`` runs after each optimizer step. With ``log_header`` the log starts with it (a
     ``config`` record) and ends with a ``done`` record.
     """
+    from tqdm.auto import tqdm
+
     config.validate()
     train_rows = list(range(rows)) if isinstance(rows, int) else list(rows)
     if not train_rows:
         raise LayerfoldError("no training rows")
     params = select_trainable(model, trainable)
-    names = [n for n, _ in params]
-    decay = [p for _, p in params if p.dim() >= 2]
-    no_decay = [p for _, p in params if p.dim() < 2]
-    # foreach=False: the multi-tensor update allocates temporaries as large as the parameters,
-    # which for one big layer of a streamed model is a peak worth avoiding (speed is the same)
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=config.lr, foreach=False,
-    )
+    optimizer = _optimizer(params, config)
     scheduler = _scheduler(optimizer, config)
-    fingerprint = _fingerprint(config, objective, train_rows, names, validate is not None)
+    history = _History(config, log_header, _BestState(params, best_state_dir) if validate is not None else None)
+    checkpoints = _Checkpoints(config, _fingerprint(config, objective, train_rows, [n for n, _ in params],
+                                                    validate is not None))
+    torch.manual_seed(config.seed)
+    start = resumed = checkpoints.restore(model, params, optimizer, scheduler, history)
+    history.open()
+    if validate is not None and history.first_val is None:
+        history.validate(0, model, validate)
     rows_of = _Rows(train_rows, config.batch_size, config.seed)
     tokens_per_step = config.rows_per_step() * getattr(objective, "tokens_per_row", 1)
-    best = _BestState(params, best_state_dir) if validate is not None else None
-    log = Path(config.log_file) if config.log_file else None
-
-    torch.manual_seed(config.seed)
-    start, history, resumed_from = 0, [], None
-    first_val = best_val = best_step = None
-    ckpt_path = Path(config.checkpoint_dir) / CHECKPOINT_NAME if config.checkpoint_dir else None
-    if config.resume and ckpt_path is not None and ckpt_path.is_file():
-        state = torch.load(ckpt_path, map_location=input_device(model), weights_only=True)
-        if state["fingerprint"] != fingerprint:
-            raise LayerfoldError(
-                f"{ckpt_path}: the checkpoint belongs to a different run (other settings, data or model); "
-                "start without resuming or use another checkpoint folder"
-            )
-        with torch.no_grad():
-            by_name = dict(params)
-            for n, t in state["trainable"].items():
-                by_name[n].copy_(t)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"])
-        start = resumed_from = state["step"]
-        history = json.loads(state["history"])
-        if best is not None:
-            first_val, best_val, best_step = state["validation"]
-            best.keep(state["best"])
-    if log is not None:
-        # the log always equals the history: a resumed run rewrites what the killed one logged
-        head = [{"event": "config", **log_header}] if log_header is not None else []
-        _write_log(log, head + history)
-
-    def validation(step: int) -> None:
-        nonlocal first_val, best_val, best_step
-        value = _quietly(model, validate)
-        if first_val is None:
-            first_val = best_val = value
-            best_step = step
-            best.keep()
-        elif value < best_val:
-            best_val, best_step = value, step
-            best.keep()
-        record = {"event": "val", "step": step, "val_loss": value, "best_val": best_val,
-                  "seconds": time.perf_counter() - t0}
-        history.append(record)
-        if log is not None:
-            _append_log(log, record)
-
-    t0 = time.perf_counter()
-    if best is not None and first_val is None:
-        validation(0)
-    device = input_device(model)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16")
+    autocast = torch.autocast(input_device(model).type, dtype=torch.bfloat16, enabled=config.precision == "bf16")
     model.train()
-    from tqdm.auto import tqdm
-
     bar = tqdm(total=config.steps, initial=start, desc=config.desc, unit="step", disable=not config.progress)
-    tokens_done_here = 0
-    record: dict = next((r for r in reversed(history) if r.get("event", "step") == "step"), {})
+    t0 = time.perf_counter()
     try:
         for step in range(start, config.steps):
             t_step = time.perf_counter()
-            optimizer.zero_grad(set_to_none=True)
-            terms: dict[str, float] = {}
-            total_value = 0.0
-            for a in range(config.grad_accum):
-                total, parts = _call(objective, rows_of(step * config.grad_accum + a), autocast)
-                if not torch.isfinite(total):
-                    raise LayerfoldError(f"training diverged at step {step} (loss {total.item()}); lower the learning rate")
-                (total / config.grad_accum).backward()
-                total_value += total.item() / config.grad_accum
-                for name, value in parts.items():
-                    terms[name] = terms.get(name, 0.0) + value.item() / config.grad_accum
-                del total, parts
-            grad_norm = None
-            if config.max_grad_norm:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_([p for _, p in params], config.max_grad_norm))
-            lr = optimizer.param_groups[0]["lr"]
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)  # no gradients held through validation and checkpoints
-            scheduler.step()
-
-            tokens_done_here += tokens_per_step
+            record = _step(objective, rows_of, step, config, params, optimizer, scheduler, autocast)
             elapsed = time.perf_counter() - t0
-            record = {
-                "event": "step",
-                "step": step + 1,
-                "tokens": (step + 1) * tokens_per_step,
-                "loss": total_value,
-                **{f"loss_{k}": v for k, v in terms.items()},
-                "lr": lr,
-                "grad_norm": grad_norm,
-                "step_seconds": time.perf_counter() - t_step,
-                "tokens_per_second": tokens_done_here / elapsed if elapsed > 0 else None,
-            }
-            last = step + 1 == config.steps
-            due = last or (config.eval_every and (step + 1) % config.eval_every == 0)
+            record.update(tokens=(step + 1) * tokens_per_step, step_seconds=time.perf_counter() - t_step,
+                          tokens_per_second=(step + 1 - start) * tokens_per_step / elapsed if elapsed > 0 else None)
+            due = step + 1 == config.steps or (config.eval_every and (step + 1) % config.eval_every == 0)
             if eval_fn is not None and due:
                 record["eval"] = _quietly(model, lambda: eval_fn(model))
-            history.append(record)
-            if log is not None:
-                _append_log(log, record)
-            if best is not None and due:
-                validation(step + 1)
-            bar.set_postfix(loss=f"{total_value:.4g}", tok_s=f"{record['tokens_per_second']:.0f}")
+            history.add(record)
+            if validate is not None and due:
+                history.validate(step + 1, model, validate)
+            bar.set_postfix(loss=f"{record['loss']:.4g}", tok_s=f"{record['tokens_per_second']:.0f}")
             bar.update(1)
-            if ckpt_path is not None and config.checkpoint_every and ((step + 1) % config.checkpoint_every == 0 or last):
-                _save_checkpoint(ckpt_path, step + 1, params, optimizer, scheduler, history, fingerprint,
-                                 best, (first_val, best_val, best_step))
+            checkpoints.save(step + 1, params, optimizer, scheduler, history)
             if on_step is not None:
                 on_step(step + 1, record)
     finally:
@@ -481,25 +523,16 @@ def fit(
         optimizer.state.clear()  # the moments go before the best state comes back: one layer's peak less
         for _, p in params:
             p.grad = None
-        if best is not None and best_val is not None:
-            best.restore()
+        if history.best_val is not None:
+            history.best.restore()
         model.eval()
-
     seconds = time.perf_counter() - t0
-    if log is not None and log_header is not None:
-        _append_log(log, {"event": "done", "steps": config.steps, "best_step": best_step, "best_val": best_val,
-                          "first_val": first_val, "seconds": seconds})
+    history.close(config.steps, seconds)
     return TrainResult(
-        steps=config.steps,
-        tokens=config.steps * tokens_per_step,
-        seconds=seconds,
-        loss=record.get("loss", float("nan")),
-        history=history,
-        resumed_from=resumed_from,
-        trainable_parameters=count_parameters(p for _, p in params),
-        first_val=first_val,
-        best_val=best_val,
-        best_step=best_step,
+        steps=config.steps, tokens=config.steps * tokens_per_step, seconds=seconds,
+        loss=history.last_step().get("loss", float("nan")), history=history.records,
+        resumed_from=resumed or None, trainable_parameters=count_parameters(p for _, p in params),
+        first_val=history.first_val, best_val=history.best_val, best_step=history.best_step,
     )
 
 
@@ -539,25 +572,6 @@ def _quietly(model: nn.Module, fn):
     finally:
         model.train()
         torch.set_rng_state(rng)
-
-
-def _save_checkpoint(path: Path, step, params, optimizer, scheduler, history, fingerprint, best, validation) -> None:
-    state = {
-        "step": step,
-        "fingerprint": fingerprint,
-        "trainable": {n: p.detach().clone() for n, p in params},
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "rng": torch.get_rng_state(),
-        "history": json.dumps(history),
-    }
-    if best is not None:
-        state["validation"] = list(validation)
-        state["best"] = {n: t.detach().clone() for n, t in best.tensors().items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # a kill during saving leaves the previous checkpoint intact
 
 
 def _write_log(path: Path, records: list[dict]) -> None:

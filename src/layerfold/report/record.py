@@ -1,0 +1,92 @@
+"""What an output folder says about the run that made it: ``layerfold.json`` and the card's prose.
+
+``layerfold.json`` keeps, beside the full options (``options``, the same as ``recipe.yaml``)
+and the plan (``plan``), a ``recipe`` of what was done in the shape the report and earlier
+outputs use: the layers removed, the replacement, the groups, the healing recipe.
+"""
+
+from __future__ import annotations
+
+import resource
+
+from .._version import __version__
+
+
+def heal_sentence(summary: dict) -> str:
+    return (f"healed on {summary['tokens']:,} tokens ({summary['trainable']}; "
+            f"{summary['trainable_parameters']:,} trainable parameters) with the original model as teacher.")
+
+
+def evaluation_table(before, after, limit: int | None) -> str:
+    """Accuracy before and after, and stability against the original, as a Markdown table."""
+    rows = ["| task | original acc | compressed acc | stability |", "|---|---:|---:|---:|"]
+    for name, task in after.tasks.items():
+        o, c = before.tasks[name].metrics, task.metrics
+        if "acc" in o and "stability" in c:
+            rows.append(f"| {name} | {o['acc']:.3f} | {c['acc']:.3f} | {c['stability']:.3f} |")
+    if len(rows) == 2:
+        return ""
+    scope = f"first {limit} examples of each task" if limit else "all examples"
+    return f"Evaluation ({scope}; stability as in LLM-Streamline: confidence-weighted agreement " \
+           "with the original on which answers are right; `eval_after.json` has everything):\n\n" + "\n".join(rows)
+
+
+def streamline_record(so, sl) -> dict:
+    """The trained replacement: block, sizes, training settings and outcome."""
+    fit = sl.fit
+    return {
+        "replacement": so.replacement,
+        "loss": so.loss,
+        "ffn_width": so.ffn_width,
+        "ffn_activation": so.ffn_activation if so.replacement == "ffn" else None,
+        "block_start": sl.start,
+        "block_layers": sl.window,
+        "block_cosine": sl.block_cosine,
+        "replacement_parameters": sl.replacement_params,
+        "pair_tokens": sl.pair_tokens,
+        "pair_bytes": sl.pair_bytes,
+        "pair_dtype": so.pair_dtype if sl.pair_tokens else None,
+        "train": {k: getattr(so, k) for k in ("lr", "min_lr", "weight_decay", "warmup", "grad_clip", "epochs",
+                                              "train_tokens", "batch_size", "grad_accum", "val_fraction",
+                                              "precision", "seed")},
+        "steps": fit.steps if fit else 0,
+        "first_val_loss": fit.first_val if fit else None,
+        "best_val_loss": fit.best_val if fit else None,
+        "best_step": fit.best_step if fit else None,
+        "train_seconds": fit.seconds if fit else 0.0,
+    }
+
+
+def streamline_summary(so, sl, n_layers: int) -> str:
+    block = f"layers {sl.start}..{sl.start + sl.window - 1}"
+    cosine = f", cosine {sl.block_cosine:.4f}" if sl.block_cosine is not None else ""
+    if so.replacement == "none":
+        return (f"LLM-Streamline block choice without training: of the most redundant block ({block}{cosine}) "
+                f"only the first layer is kept; {len(sl.removed)} of {n_layers} layers removed.")
+    fit = sl.fit
+    trained = (f"validation {so.loss} loss {fit.first_val:.4g} -> {fit.best_val:.4g} in {fit.steps} steps"
+               if fit else "untrained")
+    return (f"LLM-Streamline: the most redundant block ({block}{cosine}) was replaced "
+            f"by one trained `{so.replacement}` replacement ({so.loss} loss; {trained}); "
+            f"{len(sl.removed)} of {n_layers} layers removed net. Training log: `training_log.jsonl`.")
+
+
+def foldgpt_summary(plan, cure_steps: int) -> str:
+    shared = [g for g in plan.groups if len(g) > 1]
+    return (
+        f"FoldGPT: removed {len(plan.removed)} of {plan.layers_before} decoder layers by learned gates, then "
+        f"{sum(len(g) for g in shared)} of the remaining {plan.layers_after} layers share their linear weights in "
+        f"groups ({', '.join(f'{g[0]}-{g[-1]}' for g in shared) or 'none'}); "
+        + (f"cured for {cure_steps} steps with logit KL + tail-layer distillation." if cure_steps > 0 else "no cure.")
+        + " Shared tensors are stored once: load with layerfold, or with "
+        "`AutoModelForCausalLM.from_pretrained(PATH, trust_remote_code=True)`; "
+        "`layerfold export PATH --unfold -o OUT` writes a standard model."
+    )
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def version() -> str:
+    return __version__
