@@ -180,3 +180,19 @@ def test_run_the_recorded_recipe_rebuilds_the_model_bitwise(capsys, tiny_model_d
     assert one.pop("output") != two.pop("output") and one == two
     record = json.loads((second / "layerfold.json").read_text())
     assert record["command"].startswith("layerfold compress ")
+
+
+def test_a_healed_folder_holds_the_heal_recipe_and_run_repeats_it(capsys, tiny_model_dir, text_file, tmp_path):
+    pruned, healed, again = tmp_path / "pruned", tmp_path / "healed", tmp_path / "again"
+    assert main(["-q", "compress", tiny_model_dir("llama"), "--method", "last-n", "--remove", "2", "--no-heal",
+                 "--no-eval", "-o", str(pruned)]) == 0
+    assert main(["-q", "heal", str(pruned), "--teacher", tiny_model_dir("llama"), "-o", str(healed),
+                 "--heal-tokens", "128", "--heal-data", text_file, "--heal-seq-len", "32", "--heal-batch-size", "4",
+                 "--lora-rank", "2"]) == 0, capsys.readouterr()
+    recipe = yaml.safe_load((healed / RECIPE_FILE).read_text())
+    assert recipe["command"] == "heal" and recipe["healing"]["tokens"] == 128
+    assert main(["-q", "run", str(healed / RECIPE_FILE), "-o", str(again)]) == 0, capsys.readouterr()
+    a, b = _weights(healed), _weights(again)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    record = json.loads((again / "layerfold.json").read_text())
+    assert record["layer_map"] == [0, 1, 2, 3] and record["layers_before"] == 6

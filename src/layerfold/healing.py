@@ -319,6 +319,37 @@ def heal(
     cache_size = cache_bytes(prepared_teacher) if hasattr(prepared_teacher, "folder") else None
 
     model = student.model
+    trained_model, what, head_mode = _make_trainable(student, opts)
+    losses = _losses(opts)
+
+    steps = steps_for_tokens(opts.tokens, opts.batch_size, opts.grad_accum, ids.shape[1])
+    config = TrainConfig(
+        steps=steps, batch_size=opts.batch_size, grad_accum=opts.grad_accum, lr=opts.learning_rate(),
+        warmup_steps=int(math.floor(opts.warmup * steps)), precision=opts.precision, seed=opts.seed,
+        **opts.checkpoints().settings(), log_file=opts.log_file, progress=opts.progress, desc="healing", eval_every=eval_every,
+    )
+    t = time.perf_counter()
+    result = train(trained_model, ids, config, losses, teacher=prepared_teacher, trainable=None,
+                   arch=student.arch, eval_fn=eval_fn)
+    seconds["train"] = time.perf_counter() - t
+    n_trainable = result.trainable_parameters
+
+    if trained_model is not model:
+        model = trained_model.merge_and_unload()
+    if opts.checkpointing:
+        model.gradient_checkpointing_disable()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.eval()
+    student.model = model
+    return HealResult(result, "; ".join(what), n_trainable, ids.shape[0], ids.shape[1], seconds, cache_size, head_mode)
+
+
+def _make_trainable(student: LoadedModel, opts: HealOptions) -> tuple[nn.Module, list[str], str]:
+    """Freeze everything, then switch on what ``opts`` trains (LoRA adapters, whole layers, the
+    final norm, the head); returns the model to train (a PEFT wrapper with LoRA), what trains
+    in words, and the head's mode."""
+    model = student.model
     layers = model_layers(model, student.arch)
     n = len(layers)
     full_layers = _parse_layers(opts.layers, n) if opts.train in ("layers", "lora+layers") else []
@@ -368,7 +399,11 @@ def heal(
         else:
             head.requires_grad_(True)  # an explicit request on an offloaded head fails in train(), clearly
     what.append(head_words)
+    return trained_model, what, head_mode
 
+
+def _losses(opts: HealOptions) -> list:
+    """The healing objective's terms, by their weights."""
     losses = []
     if opts.ce > 0:
         losses.append(NextTokenLoss(weight=opts.ce))
@@ -376,28 +411,7 @@ def heal(
         losses.append(LogitKL(weight=opts.kl, temperature=opts.temperature))
     if opts.mse > 0:
         losses.append(HiddenMSE(tail_map(opts.mse_layers), weight=opts.mse))
-
-    steps = steps_for_tokens(opts.tokens, opts.batch_size, opts.grad_accum, ids.shape[1])
-    config = TrainConfig(
-        steps=steps, batch_size=opts.batch_size, grad_accum=opts.grad_accum, lr=opts.learning_rate(),
-        warmup_steps=int(math.floor(opts.warmup * steps)), precision=opts.precision, seed=opts.seed,
-        **opts.checkpoints().settings(), log_file=opts.log_file, progress=opts.progress, desc="healing", eval_every=eval_every,
-    )
-    t = time.perf_counter()
-    result = train(trained_model, ids, config, losses, teacher=prepared_teacher, trainable=None,
-                   arch=student.arch, eval_fn=eval_fn)
-    seconds["train"] = time.perf_counter() - t
-    n_trainable = result.trainable_parameters
-
-    if trained_model is not model:
-        model = trained_model.merge_and_unload()
-    if opts.checkpointing:
-        model.gradient_checkpointing_disable()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    model.eval()
-    student.model = model
-    return HealResult(result, "; ".join(what), n_trainable, ids.shape[0], ids.shape[1], seconds, cache_size, head_mode)
+    return losses
 
 
 def _add_lora(model: nn.Module, opts: HealOptions) -> nn.Module:

@@ -189,14 +189,15 @@ def with_values(obj, values: dict[tuple[str, ...], Any]):
 # -- values ------------------------------------------------------------------------------
 
 
-def convert(option: Option, value, *, text: bool = False):
-    """``value`` (from YAML, or ``text`` from a command line) as the option's type; a
-    ``LayerfoldError`` that names the key, the value and what is allowed otherwise."""
+def convert(option: Option, value):
+    """``value`` (read from YAML) as the option's type; a ``LayerfoldError`` that names the key,
+    the value and what is allowed otherwise. Text is read with the option's ``parse``, or as a
+    number where one is expected (PyYAML reads 1e-5 as text)."""
 
     def bad():
         return LayerfoldError(f"bad value for {option.key}: {value!r} (allowed: {option.what()})")
 
-    if value is None or (text and str(value).strip().lower() in ("null", "none", "~") and option.optional):
+    if value is None:
         if option.optional:
             return None
         raise bad()
@@ -206,8 +207,6 @@ def convert(option: Option, value, *, text: bool = False):
         except (ValueError, TypeError, LayerfoldError, argparse.ArgumentTypeError):
             raise bad() from None
     elif option.kind is bool:
-        if text and isinstance(value, str) and value.strip().lower() in ("true", "false", "yes", "no", "1", "0"):
-            value = value.strip().lower() in ("true", "yes", "1")
         if not isinstance(value, bool):
             raise bad()
     elif option.kind is int:
@@ -240,8 +239,10 @@ def convert(option: Option, value, *, text: bool = False):
         if not isinstance(value, (list, tuple)):
             raise bad()
         value = [str(x) for x in value]
-    elif option.kind is dict and not isinstance(value, dict):
-        raise bad()
+    elif option.kind is dict:
+        if not isinstance(value, dict):
+            raise bad()
+        value = {int(k) if str(k).isdigit() else k: v for k, v in value.items()}  # device indices
     if option.choices and value not in option.choices:
         raise bad()
     return value
