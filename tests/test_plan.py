@@ -142,3 +142,23 @@ def test_foldgpt_runs_the_same_stages_and_is_evaluated(capsys, tiny_model_dir, t
     record = json.loads((out / "layerfold.json").read_text())
     assert "mc/acc" in record["evaluation"]["after"] and record["cure"]["steps"] == 1
     assert record["plan"]["groups"] == [[0, 1], [2, 3]] and record["params_after"] == record["plan"]["params_after"]
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_the_config_only_skeleton_has_the_model_s_exact_shapes(tmp_path, tied):
+    from conftest import build_tiny, tiny_tokenizer
+
+    from layerfold.models.loading import load_model, model_skeleton
+    from layerfold.models.surgery import count_parameters
+
+    model = build_tiny("qwen2", layers=4)
+    if tied:
+        model.config.tie_word_embeddings = True
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.save_pretrained(tmp_path)
+    tiny_tokenizer().save_pretrained(tmp_path)
+    skeleton = model_skeleton(str(tmp_path))
+    assert all(p.device.type == "meta" for p in skeleton.model.parameters())
+    loaded = load_model(str(tmp_path), device="cpu")
+    assert count_parameters(skeleton.model) == count_parameters(loaded.model) == count_parameters(model)
+    assert [count_parameters(l) for l in skeleton.model.model.layers] == [count_parameters(l) for l in model.model.layers]

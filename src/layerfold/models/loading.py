@@ -333,6 +333,7 @@ def model_skeleton(
     arch = architecture_for(config)
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+    model.tie_weights()  # from_config leaves a tied head untied until weights load: count it once
     return LoadedModel(model.eval(), None, arch, name, base_model, local_dir)
 
 
