@@ -4,10 +4,8 @@ plans from saved scores with no weight read, selections and repairs that compose
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
-import torch
 
 from layerfold.cli import main
 from layerfold.errors import LayerfoldError

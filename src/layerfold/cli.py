@@ -147,10 +147,13 @@ def _cmd_run(opts: RunOptions, glob: GlobalOptions) -> int:
     if not opts.recipe:
         raise LayerfoldError("give the recipe file to run (e.g. layerfold run OUT/recipe.yaml)")
     recipe = read_recipe(opts.recipe, opts.set)
-    if opts.output is not None or opts.force:
-        recipe = dataclasses.replace(recipe, output=dataclasses.replace(
-            recipe.output, path=opts.output if opts.output is not None else recipe.output.path,
-            force=opts.force or recipe.output.force))
+    output = {"path": opts.output} if opts.output is not None else {}
+    output.update({"force": True} if opts.force else {})
+    if opts.dry_run:
+        if not isinstance(recipe, CompressOptions):
+            raise LayerfoldError("--dry-run plans compressions; this recipe is not one")
+        output["dry_run"] = True
+    recipe = dataclasses.replace(recipe, output=dataclasses.replace(recipe.output, **output))
     handler = next(_HANDLERS[name] for name, (root, *_) in COMMANDS.items() if isinstance(recipe, root))
     return handler(_quiet(recipe, glob.quiet), glob)
 

@@ -194,11 +194,13 @@ class RunOptions:
         "positional": True, "path": True})
     set: list[str] = field(default_factory=list, metadata={
         "help": "override one option of the recipe, e.g. --set healing.tokens=65536 (repeatable)", "flag": "--set",
-        "repeat": True})
+        "repeat": True, "metavar": "GROUP.KEY=VALUE"})
     output: str | None = field(default=None, metadata={
         "help": "output folder instead of the recipe's", "flag": "--output", "aliases": ("-o",), "path": True})
     force: bool = field(default=False, metadata={"help": "replace an existing non-empty output folder",
                                                  "flag": "--force"})
+    dry_run: bool = field(default=False, metadata={"help": "print the plan of a compression recipe and stop",
+                                                   "flag": "--dry-run"})
 
 
 @dataclass

@@ -12,6 +12,7 @@ Every option is a dataclass field whose ``metadata`` says what it is:
 - ``parse``: a function from text to the value (sizes, fractions), for flags and YAML strings;
   ``allowed`` says in words what it accepts;
 - ``consts``: extra flags that set a fixed value, ``{"--no-heal": (0, "help")}``;
+- ``repeat``: a list option given as one flag per item; ``metavar``: how ``--help`` names the value;
 - ``positional``: the command's positional argument;
 - ``schema: False``: not an option (how a run shows itself, e.g. progress bars).
 
@@ -67,6 +68,7 @@ class Option:
     sets: bool | None = None  # what a bool flag sets (default: False for --no-... flags, else True)
     repeat: bool = False  # a list flag given once per item
     show: Callable[[Any], str] | None = None  # how --help shows the default
+    metavar: str | None = None  # how --help names the value
 
     @property
     def key(self) -> str:
@@ -144,6 +146,7 @@ def walk(cls: type, path: tuple[str, ...] = (), context: dict | None = None) -> 
             parse=meta.get("parse"), allowed=meta.get("allowed"), consts=dict(meta.get("consts", {})),
             positional=bool(meta.get("positional")), group=path, is_path=bool(meta.get("path")),
             sets=meta.get("sets"), repeat=bool(meta.get("repeat")), show=meta.get("show"),
+            metavar=meta.get("metavar"),
         )
 
 
@@ -520,6 +523,8 @@ def add_arguments(parser: argparse.ArgumentParser, default) -> None:
 
 
 def _metavar(o: Option) -> str:
+    if o.metavar:
+        return o.metavar
     if o.choices:
         return "{" + ",".join(map(str, o.choices)) + "}"
     return {int: "N", float: "X", list: "A,B", dict: "K=V,..."}.get(o.kind, o.name.upper().replace("_", "-"))
