@@ -196,3 +196,41 @@ def test_a_healed_folder_holds_the_heal_recipe_and_run_repeats_it(capsys, tiny_m
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     record = json.loads((again / "layerfold.json").read_text())
     assert record["layer_map"] == [0, 1, 2, 3] and record["layers_before"] == 6
+
+
+@dataclasses.dataclass
+class _Gates:
+    gate_type: str = dataclasses.field(default="hard", metadata={"help": "the kind", "choices": ("hard", "soft")})
+    steps: int = dataclasses.field(default=5, metadata={"help": "how long"})
+    shiny: bool = dataclasses.field(default=False, metadata={"help": "a new switch"})
+    budget: float = 1.0  # no help of its own: the group's fallback supplies it
+
+
+@dataclasses.dataclass
+class _Root:
+    gates: _Gates | None = dataclasses.field(default=None, metadata={
+        "help": "gates", "prefix": "gate-", "switch": "--gates", "helps": {"budget": "fallback help"}})
+    name: str = dataclasses.field(default="x", metadata={"help": "a name", "flag": "--name"})
+
+
+def test_a_new_field_joins_the_schema_with_its_own_flag_and_help():
+    """What another module adds to its options dataclass appears in the parser, the recipe and
+    the recorded command with no edit here: a GateOptions-like group gets --gate-<name>."""
+    import argparse
+
+    Root, Gates = _Root, _Gates
+    opts = {o.key: o for o in schema.options(Root)}
+    assert [o.flag for o in opts.values()] == ["--gate-type", "--gate-steps", "--gate-shiny", "--gate-budget", "--name"]
+    assert opts["gates.budget"].help == "fallback help" and opts["gates.steps"].help == "how long"
+    parser = argparse.ArgumentParser()
+    schema.add_arguments(parser, Root())
+    wanted = Root(gates=Gates(gate_type="soft", shiny=True))
+    line = schema.command_line(wanted, Root(), ["x"])
+    assert line == "x --gates --gate-type soft --gate-shiny"
+    import shlex
+
+    assert schema.from_arguments(Root(), parser.parse_args(shlex.split(line)[1:])) == wanted
+    assert schema.from_arguments(Root(), parser.parse_args([])) == Root()
+    with pytest.raises(LayerfoldError, match="--gate-steps need --gates"):
+        schema.from_arguments(Root(), parser.parse_args(["--gate-steps", "3"]))
+    assert schema.from_dict(Root(), {"gates": {"steps": 9}}) == Root(gates=Gates(steps=9))

@@ -137,7 +137,8 @@ def walk(cls: type, path: tuple[str, ...] = (), context: dict | None = None) -> 
         prefix = context.get("prefix", "")
         flag = context.get("flags", {}).get(f.name) or meta.get("flag")
         if flag is None and not meta.get("positional"):
-            flag = "--" + (prefix + f.name).replace("_", "-")
+            named = f.name if f.name.startswith(prefix.replace("-", "_")) else prefix + f.name  # gate_type: --gate-type
+            flag = "--" + named.replace("_", "-")
         yield Option(
             path=path + (f.name,), name=f.name, kind=_kind(tp), optional=optional,
             help=context.get("helps", {}).get(f.name) or meta.get("help", ""), flag=flag,

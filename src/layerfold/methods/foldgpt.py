@@ -16,6 +16,7 @@ alternatives are measured in ``benchmarks/foldgpt.md``.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -58,8 +59,9 @@ class CureOptions:
             raise LayerfoldError("cure learning rate must be positive and loss weights non-negative")
 
 
-# GateOptions belongs to importance/gates.py; its fields join the schema as they are, with
-# these flags (kept from before) and help texts where the field has none of its own
+# GateOptions belongs to importance/gates.py; its fields join the schema as they are (a new
+# field gets --gate-<name>), with these flags (kept from before), and these help texts only
+# where the field has none of its own
 _GATE_FLAGS = {"budget_weight": "--budget-weight", "polar_weight": "--polar-weight"}
 _GATE_HELPS = {
     "steps": "optimiser steps per round of gate training",
@@ -72,8 +74,9 @@ _GATE_HELPS = {
     "rounds": "remove the layers in this many rounds, retraining the gates in between",
     "seed": "seed of the gates' batch order",
 }
+_HELPED = {f.name for f in dataclasses.fields(GateOptions) if f.metadata.get("help")}
 GATES_METADATA = {"help": "FoldGPT's learnable layer gates (weights frozen)", "prefix": "gate-",
-                  "flags": _GATE_FLAGS, "helps": _GATE_HELPS}
+                  "flags": _GATE_FLAGS, "helps": {k: v for k, v in _GATE_HELPS.items() if k not in _HELPED}}
 
 
 @dataclass
