@@ -89,23 +89,69 @@ def _model_fingerprint(loaded) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+SELF_BATCH = 32  # rows sampled together; CPU sampling throughput keeps rising up to about this size
+
+
+def self_batches(samples: int) -> list[int]:
+    """The sampling batches of a request for ``samples`` rows.
+
+    Up to one batch: that many rows. Beyond: whole batches of ``SELF_BATCH`` (the last one cut
+    after sampling), so that batch k is the same text in every request that reaches it and a
+    larger request reuses the cached batches of a smaller one."""
+    if samples <= SELF_BATCH:
+        return [samples]
+    return [SELF_BATCH] * -(-samples // SELF_BATCH)
+
+
 def self_generated(spec: CalibrationSpec, loaded, *, progress: bool = True) -> torch.Tensor:
-    """The model writes its own calibration text (cached on disk, keyed by model and settings)."""
-    key_blob = json.dumps(
-        [_model_fingerprint(loaded), asdict(spec), SELF_PROMPTS], sort_keys=True, default=str
-    )
-    key = hashlib.sha256(key_blob.encode()).hexdigest()[:20]
-    path = cache_dir() / "calibration" / f"self-{key}.safetensors"
-    if path.exists():
-        from safetensors.torch import load_file
+    """The model writes its own calibration text.
 
-        return load_file(path)["input_ids"].long()
+    Each sampling batch is a pure function of the model, the settings, the seed and its index,
+    and is cached on disk on its own as soon as it is written: asking for more rows later
+    reuses what exists, and a killed run resumes at the first missing batch."""
+    from tqdm.auto import tqdm
 
-    from ..models.lazy import fully_loaded
+    settings = {k: v for k, v in asdict(spec).items() if k != "samples"}
+    prefix = json.dumps([_model_fingerprint(loaded), settings, SELF_PROMPTS], sort_keys=True, default=str)
+    sizes = self_batches(spec.samples)
+    paths = [_batch_path(prefix, k, n) for k, n in enumerate(sizes)]
+    missing = [k for k, path in enumerate(paths) if not path.exists()]
+    batches: dict[int, torch.Tensor] = {}
+    if missing:
+        from ..models.lazy import fully_loaded
 
-    # sampling needs every layer at once (a lazily loaded model reads them in for this)
-    with fully_loaded(loaded.model, loaded.arch):
-        ids = _generate(spec, loaded, progress=progress)
+        bar = tqdm(total=sum(sizes), initial=sum(sizes) - sum(sizes[k] for k in missing),
+                   desc="generating calibration text", unit="seq", disable=not progress)
+        # sampling needs every layer at once (a lazily loaded model reads them in for this)
+        try:
+            with fully_loaded(loaded.model, loaded.arch):
+                for k, (picks, seed) in enumerate(_batch_draws(spec.seed, sizes)):
+                    if k in missing:
+                        batches[k] = _generate(spec, loaded, picks, seed)
+                        _save_batch(paths[k], batches[k])
+                        bar.update(sizes[k])
+        finally:
+            bar.close()
+    from safetensors.torch import load_file
+
+    rows = [batches[k] if k in batches else load_file(path)["input_ids"].long() for k, path in enumerate(paths)]
+    return torch.cat(rows)[: spec.samples]
+
+
+def _batch_path(prefix: str, index: int, rows: int) -> Path:
+    key = hashlib.sha256(json.dumps([prefix, index, rows]).encode()).hexdigest()[:20]
+    return cache_dir() / "calibration" / f"self-{key}.safetensors"
+
+
+def _batch_draws(seed: int, sizes: list[int]):
+    """Per batch: the prompt indices and the sampling seed, drawn from one seeded generator."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    for n in sizes:
+        picks = torch.randint(len(SELF_PROMPTS), (n,), generator=gen).tolist()
+        yield picks, int(torch.randint(2**31 - 1, (1,), generator=gen))
+
+
+def _save_batch(path: Path, ids: torch.Tensor) -> None:
     try:
         from safetensors.torch import save_file
 
@@ -115,48 +161,34 @@ def self_generated(spec: CalibrationSpec, loaded, *, progress: bool = True) -> t
         tmp.rename(path)
     except OSError:
         pass  # a cache that cannot be written only costs time next run
-    return ids
 
 
 @torch.no_grad()
-def _generate(spec: CalibrationSpec, loaded, *, progress: bool) -> torch.Tensor:
-    from tqdm.auto import tqdm
-
+def _generate(spec: CalibrationSpec, loaded, picks: list[int], seed: int) -> torch.Tensor:
+    """One batch: each prompt in ``picks`` continued by seeded sampling to ``seq_len`` tokens."""
     model, tok = loaded.model, loaded.tokenizer
-    device = loaded.device
-    gen = torch.Generator(device="cpu").manual_seed(spec.seed)
-    batch = 32  # sampling throughput on CPU keeps rising up to about this batch size
-    rows: list[torch.Tensor] = []
     old_side = tok.padding_side
     tok.padding_side = "left"
-    bar = tqdm(total=spec.samples, desc="generating calibration text", unit="seq", disable=not progress)
     try:
-        while len(rows) < spec.samples:
-            n = min(batch, spec.samples - len(rows))
-            picks = torch.randint(len(SELF_PROMPTS), (n,), generator=gen).tolist()
-            enc = tok([SELF_PROMPTS[i] for i in picks], return_tensors="pt", padding=True)
-            enc = {k: v.to(device) for k, v in enc.items()}
-            torch.manual_seed(int(torch.randint(2**31 - 1, (1,), generator=gen)))
-            new = spec.seq_len
-            out = model.generate(
-                **enc,
-                do_sample=True,
-                temperature=spec.temperature,
-                top_p=spec.top_p,
-                top_k=0,
-                max_new_tokens=new,
-                min_new_tokens=new,
-                pad_token_id=tok.pad_token_id,
-            )
-            # drop each row's left padding and keep seq_len real tokens (prompt included)
-            pads = (enc["attention_mask"] == 0).sum(dim=1).tolist()
-            for row, pad in zip(out.cpu(), pads):
-                rows.append(row[pad : pad + spec.seq_len])
-            bar.update(n)
+        enc = tok([SELF_PROMPTS[i] for i in picks], return_tensors="pt", padding=True)
+        enc = {k: v.to(loaded.device) for k, v in enc.items()}
+        torch.manual_seed(seed)
+        new = spec.seq_len
+        out = model.generate(
+            **enc,
+            do_sample=True,
+            temperature=spec.temperature,
+            top_p=spec.top_p,
+            top_k=0,
+            max_new_tokens=new,
+            min_new_tokens=new,
+            pad_token_id=tok.pad_token_id,
+        )
     finally:
         tok.padding_side = old_side
-        bar.close()
-    return torch.stack(rows[: spec.samples]).long()
+    # drop each row's left padding and keep seq_len real tokens (prompt included)
+    pads = (enc["attention_mask"] == 0).sum(dim=1).tolist()
+    return torch.stack([row[pad : pad + spec.seq_len] for row, pad in zip(out.cpu(), pads)]).long()
 
 
 # -- files and data sets ----------------------------------------------------------------

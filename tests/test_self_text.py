@@ -1,0 +1,47 @@
+"""Self-written calibration text: batches are seeded one by one and cached one by one."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from layerfold.data import calibration
+from layerfold.data.calibration import CalibrationSpec, self_batches
+from layerfold.models.loading import load_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_batches_of_a_request():
+    b = calibration.SELF_BATCH
+    assert self_batches(8) == [8]
+    assert self_batches(b) == [b]
+    assert self_batches(b + 1) == [b, b]
+    assert self_batches(3 * b) == [b, b, b]
+
+
+def test_a_longer_request_reuses_the_cached_batches(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("LAYERFOLD_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(calibration, "SELF_BATCH", 2)
+    loaded = load_model(tiny_model_dir("llama"))
+    calls = []
+    real = calibration._generate
+
+    def counting(spec, loaded, picks, seed):
+        calls.append((tuple(picks), seed))
+        return real(spec, loaded, picks, seed)
+
+    monkeypatch.setattr(calibration, "_generate", counting)
+    spec = CalibrationSpec(samples=3, seq_len=12, seed=5)
+    three = calibration.load_calibration(spec, loaded, progress=False)
+    assert three.shape == (3, 12) and len(calls) == 2  # batches of 2 and 2, cut to 3
+    five = calibration.load_calibration(CalibrationSpec(samples=5, seq_len=12, seed=5), loaded, progress=False)
+    assert five.shape == (5, 12) and len(calls) == 3  # only the third batch is new
+    assert torch.equal(five[:3], three)
+    # the third batch is the one an uncached request draws: the same seeds in the same order
+    draws = list(calibration._batch_draws(5, [2, 2, 2]))
+    assert calls == [(tuple(p), s) for p, s in draws]
+    again = calibration.load_calibration(CalibrationSpec(samples=4, seq_len=12, seed=5), loaded, progress=False)
+    assert len(calls) == 3 and torch.equal(again, five[:4])
+    other_seed = calibration.load_calibration(CalibrationSpec(samples=3, seq_len=12, seed=6), loaded, progress=False)
+    assert len(calls) == 5 and not torch.equal(other_seed, three)
