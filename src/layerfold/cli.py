@@ -406,21 +406,23 @@ def _add_gate_args(p: argparse.ArgumentParser) -> None:
 
     d = GateOptions()
     g = p.add_argument_group("FoldGPT gates")
+    gate_type = GateOptions.__dataclass_fields__["gate_type"].metadata
+    g.add_argument("--gate-type", default=d.gate_type, choices=gate_type["choices"], help=gate_type["help"])
     g.add_argument("--gate-steps", type=int, default=d.steps, help="optimiser steps per round of gate training")
     g.add_argument("--gate-lr", type=float, default=d.lr, help="Adam learning rate of the gate logits")
     g.add_argument("--gate-rounds", type=int, default=d.rounds,
                    help="remove the layers in this many rounds, retraining the gates in between")
     g.add_argument("--budget-weight", type=float, default=d.budget_weight,
-                   help="weight of the term pulling sum(gates) toward the number of layers kept")
+                   help="soft gates: weight of the term pulling sum(gates) toward the number of layers kept")
     g.add_argument("--polar-weight", type=float, default=d.polar_weight,
-                   help="weight of the term pushing each gate to 0 or 1 (ramped up over the first half)")
+                   help="soft gates: weight of the term pushing each gate to 0 or 1 (ramped up over the first half)")
     g.add_argument("--gate-batch-size", type=int, default=d.batch_size, help="sequences per gate step")
 
 
 def _gate_options(args):
     from .importance.gates import GateOptions
 
-    return GateOptions(steps=args.gate_steps, lr=args.gate_lr, rounds=args.gate_rounds,
+    return GateOptions(gate_type=args.gate_type, steps=args.gate_steps, lr=args.gate_lr, rounds=args.gate_rounds,
                        budget_weight=args.budget_weight, polar_weight=args.polar_weight,
                        batch_size=args.gate_batch_size)
 
@@ -509,6 +511,10 @@ def _cmd_compress(args) -> int:
     if r.method == "foldgpt":
         groups = [g for g in r.extra["groups"] if len(g) > 1]
         print(f"shared       {len(groups)} groups of new layers: {' '.join('-'.join(map(str, (g[0], g[-1]))) for g in groups) or 'none'}")
+        if r.extra.get("gate_check"):
+            from .importance.gates import describe_check
+
+            print(f"gate check   {describe_check(r.extra['gate_check'])}")
         if r.extra.get("cure"):
             c = r.extra["cure"]
             print(f"cure         {c['steps']} steps, {c['tokens']:,} tokens, final loss {c['loss']:.4f}, {c['seconds']:.0f}s")

@@ -213,11 +213,26 @@ def analyze(opts: AnalyzeOptions, loaded: LoadedModel | None = None) -> AnalyzeR
 
         n = scores.num_layers
         n_remove = pruning.layers_for_target(n, opts.gate_remove, None)
-        g = gate_ranking(loaded.model, loaded.arch, ids, n_remove, opts.gates, progress=opts.progress)
+        heldout = _gate_check_rows(opts.calibration, loaded, opts.progress)
+        g = gate_ranking(loaded.model, loaded.arch, ids, n_remove, opts.gates, heldout=heldout,
+                         block_influence_removed=pruning.block_influence(scores, n_remove), progress=opts.progress)
         scores.extra["gates"] = g.gates
         scores.extra["gates_removed"] = sorted(g.removed)
+        scores.extra["gates_scores"] = g.scores
+        scores.extra["gates_check"] = g.check
         scores.extra["gates_options"] = g.options
     return AnalyzeResult(scores, loaded.source, time.perf_counter() - t0)
+
+
+def _gate_check_rows(spec: CalibrationSpec, loaded: LoadedModel, progress: bool):
+    """Held-out rows for checking the gates' choice against Block Influence's; None (no
+    check) when a calibration file has no text left after the calibration rows."""
+    from .eval.heldout import heldout_ids
+
+    try:
+        return heldout_ids(spec, loaded, progress=progress)
+    except LayerfoldError:
+        return None
 
 
 def default_output_name(source: str, method: str, n_remove: int) -> str:
@@ -303,7 +318,10 @@ def compress(opts: CompressOptions, loaded: LoadedModel | None = None) -> Compre
         t = time.perf_counter()
         if opts.heal.needs_teacher:
             if opts.heal.teacher_cache:
-                heal_teacher = prepare_teacher(opts.heal, loaded, heal_ids)
+                # the layer map is not known yet: keep every layer the student's tail can come from
+                # (+1: LLM-Streamline's replacement takes one slot)
+                spare = pruning.layers_for_target(n_layers, opts.remove, opts.sparsity) + 1
+                heal_teacher = prepare_teacher(opts.heal, loaded, heal_ids, removed=spare)
             else:
                 heal_teacher = teacher_copy(loaded).model
         seconds["heal_teacher"] = time.perf_counter() - t
@@ -328,7 +346,7 @@ def compress(opts: CompressOptions, loaded: LoadedModel | None = None) -> Compre
         from .healing import heal
 
         t = time.perf_counter()
-        healed = heal(loaded, None, opts.heal, ids=heal_ids, prepared_teacher=heal_teacher)
+        healed = heal(loaded, None, opts.heal, ids=heal_ids, prepared_teacher=heal_teacher, layer_map=layer_map)
         seconds["heal"] = time.perf_counter() - t
         heal_summary = healed.summary()
         model = loaded.model
@@ -552,6 +570,7 @@ _FOLDGPT_FLAGS = {
     "group_size": "--group-size", "groups": "--groups", "share_init": "--share-init",
     "gates.steps": "--gate-steps", "gates.lr": "--gate-lr", "gates.rounds": "--gate-rounds",
     "gates.budget_weight": "--budget-weight", "gates.polar_weight": "--polar-weight",
+    "gates.gate_type": "--gate-type", "gates.batch_size": "--gate-batch-size",
     "cure.steps": "--cure-steps", "cure.lr": "--cure-lr", "cure.samples": "--cure-samples",
     "cure.batch_size": "--cure-batch-size", "cure.kl_weight": "--kl-weight",
     "cure.tail_layers": "--tail-layers", "cure.tail_weight": "--tail-weight",
@@ -594,11 +613,13 @@ def _compress_foldgpt(opts: CompressOptions, loaded: LoadedModel, seconds: dict)
         # fresh text for the cure (another seed), so the gates and the cure see different samples
         spec = dataclasses.replace(opts.calibration, samples=fo.cure.samples, seed=opts.calibration.seed + 1)
         cure_ids = load_calibration(spec, loaded, progress=opts.progress)
+    heldout = _gate_check_rows(opts.calibration, loaded, opts.progress)
     seconds["calibration"] = time.perf_counter() - t
     with tempfile.TemporaryDirectory() as tmp:
         log_path = Path(tmp) / "training_log.jsonl"
         t = time.perf_counter()
-        r = fold(loaded, ids, n_remove, fo, cure_ids=cure_ids, log_file=str(log_path), progress=opts.progress)
+        r = fold(loaded, ids, n_remove, fo, cure_ids=cure_ids, log_file=str(log_path), progress=opts.progress,
+                 heldout=heldout)
         seconds["foldgpt"] = time.perf_counter() - t
         cure_log = log_path.read_text(encoding="utf-8") if log_path.exists() else ""
     gate_log = "".join(
@@ -659,7 +680,8 @@ def _compress_foldgpt(opts: CompressOptions, loaded: LoadedModel, seconds: dict)
         output=out, method="foldgpt", removed=r.removed, layer_map=list(r.kept), layers_before=n_layers,
         layers_after=len(r.kept), params_before=r.params_before, params_after=r.params_stored,
         bytes_on_disk=folder_bytes(out), seconds=seconds, scores=None,
-        extra={"groups": r.groups, "gates": r.gates.gates, "params_after_removal": r.params_after_removal,
+        extra={"groups": r.groups, "gates": r.gates.gates, "gate_check": r.gates.check,
+               "params_after_removal": r.params_after_removal,
                "cure": record["cure"]},
     )
 
@@ -752,7 +774,10 @@ def heal_model(opts: HealModelOptions) -> HealModelResult:
         raise LayerfoldError("give the compressed model folder to heal")
     out = Path(opts.output or f"{Path(opts.model.model.rstrip('/')).name}-healed")
     check_output_dir(out, opts.force, protect=Path(opts.model.model) if Path(opts.model.model).is_dir() else None)
-    locate_model(opts.model.model)  # a student path that is not a model fails now, not after the teacher's work
+    student_dir = locate_model(opts.model.model)[4]  # a path that is not a model fails now, not after the teacher's work
+    recorded = student_dir / "layerfold.json" if student_dir is not None else None
+    # the student's layer map (from its own record): the mse loss compares the layers it came from
+    recorded_map = json.loads(recorded.read_text()).get("layer_map") if recorded and recorded.is_file() else None
     seconds: dict[str, float] = {}
     teacher = ids = prepared = None
     if opts.heal.needs_teacher:
@@ -763,7 +788,7 @@ def heal_model(opts: HealModelOptions) -> HealModelResult:
         seconds["load teacher"] = time.perf_counter() - t
         t = time.perf_counter()
         ids = healing_data(opts.heal, teacher)
-        prepared = prepare_teacher(opts.heal, teacher, ids)
+        prepared = prepare_teacher(opts.heal, teacher, ids, recorded_map)
         seconds["teacher outputs"] = time.perf_counter() - t
     t = time.perf_counter()
     student = _load(opts.model)
@@ -778,7 +803,7 @@ def heal_model(opts: HealModelOptions) -> HealModelResult:
     if student.local_dir is not None and (student.local_dir / "layerfold.json").is_file():
         previous = json.loads((student.local_dir / "layerfold.json").read_text())
     t = time.perf_counter()
-    result = heal(student, teacher, opts.heal, ids=ids, prepared_teacher=prepared)
+    result = heal(student, teacher, opts.heal, ids=ids, prepared_teacher=prepared, layer_map=recorded_map)
     seconds["heal"] = time.perf_counter() - t
     summary = result.summary()
     n_layers = len(decoder_layers(student.model, student.arch))
