@@ -255,6 +255,8 @@ def compress(opts: CompressOptions, loaded: LoadedModel | None = None) -> Compre
         opts.streamline.validate()
     if opts.method == "foldgpt":
         opts.foldgpt.validate()
+        if opts.foldgpt.delta_rank:
+            raise LayerfoldError("per-layer deltas (delta_rank) cannot be saved in a shared folder yet")
     if opts.output:
         from .models.saving import check_output_dir
 

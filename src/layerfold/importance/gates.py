@@ -68,9 +68,9 @@ class GateOptions:
         "help": "hard-concrete (stochastic 0/1 gates, expected size held by Lagrange multipliers), "
                 "topk (straight-through top-k mask) or soft (sigmoid gates with a penalty; for comparison)",
         "choices": GATE_TYPES})
-    steps: int = field(default=120, metadata={"help": "optimiser steps per round of gate training"})
+    steps: int = field(default=100, metadata={"help": "optimiser steps per round of gate training"})
     lr: float = field(default=0.1, metadata={"help": "Adam learning rate of the gate logits"})
-    batch_size: int = field(default=4, metadata={"help": "calibration sequences per gate step"})
+    batch_size: int = field(default=2, metadata={"help": "calibration sequences per gate step"})
     ramp: float = field(default=0.5, metadata={
         "help": "fraction of the steps over which the size constraint comes in (hard-concrete: the "
                 "target size, topk: the layers switched off, soft: the polarising weight)"})

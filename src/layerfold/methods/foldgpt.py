@@ -62,6 +62,10 @@ class FoldGPTOptions:
     group_size: int = 2  # 1: no sharing
     groups: str | None = None  # explicit grouping of the retained layers, e.g. "0-1,2-3"
     share_init: str = "important"
+    delta_rank: int = field(default=0, metadata={
+        "help": "give every member of a shared group its own rank-r delta on each shared matrix, initialised "
+                "from the truncated SVD of its difference to the shared weight (0: none; Python API only "
+                "until shared folders can store deltas)"})
     cure: CureOptions = field(default_factory=CureOptions)
 
     def validate(self) -> None:
@@ -71,6 +75,8 @@ class FoldGPTOptions:
             raise LayerfoldError(f"--group-size must be at least 1 (got {self.group_size})")
         if self.share_init not in SHARE_INITS:
             raise LayerfoldError(f"--share-init must be one of {', '.join(SHARE_INITS)}")
+        if self.delta_rank < 0:
+            raise LayerfoldError(f"the delta rank must be 0 or more (got {self.delta_rank})")
 
 
 @dataclass
@@ -126,7 +132,8 @@ def fold(
 
     # 3. group parameter sharing of the retained layers
     groups = choose_groups(len(kept), opts)
-    share_groups(model, arch, groups, init=opts.share_init, importance=[gates.importance()[l] for l in kept])
+    share_groups(model, arch, groups, init=opts.share_init, importance=[gates.importance()[l] for l in kept],
+                 delta_rank=opts.delta_rank)
 
     # 4. cure
     cure = None
