@@ -11,6 +11,8 @@ of the same number of layers.
     python benchmarks/gates.py run "hard-concrete:lr=0.2:steps=200"  # any GateOptions field
     python benchmarks/gates.py table hard-concrete topk soft       # Markdown rows
     python benchmarks/gates.py plot hard-concrete topk soft        # gate values over training
+    python benchmarks/gates.py share hard-concrete                 # then pairs sharing weights:
+                                                                   # --share-init important vs mean, deltas
 
 A variant is ``GATE_TYPE[:FIELD=VALUE...]``. Results go to ``--work`` as ``VARIANT.json``; a
 variant whose file exists is not rerun.
@@ -90,6 +92,41 @@ class Bench:
         path.write_text(json.dumps(record, indent=1))
         return record
 
+    def share(self, spec: str, deltas: list[int]) -> list[dict]:
+        """The gates' 8 layers removed, the 22 kept in adjacent pairs sharing their matrices
+        (FoldGPT's step 3, no cure): shared from the more important member, or from the mean,
+        with or without per-layer low-rank deltas."""
+        from layerfold.methods.foldgpt import FoldGPTOptions, choose_groups
+        from layerfold.models.surgery import count_parameters
+        from layerfold.nn.shared import share_groups
+
+        gates = json.loads((self.work / f"{spec}-remove{self.args.remove}.json").read_text())
+        rows = []
+        for init in ("important", "mean"):
+            for rank in [0, *deltas]:
+                path = self.work / f"share-{spec}-{init}-r{rank}.json"
+                if path.exists():
+                    rows.append(json.loads(path.read_text()))
+                    continue
+                t = time.perf_counter()
+                model = copy_model(self.loaded.model)
+                kept = remove_layers(model, self.loaded.arch, gates["removed"])
+                groups = choose_groups(len(kept), FoldGPTOptions())
+                share_groups(model, self.loaded.arch, groups, init=init,
+                             importance=[gates["scores"][l] for l in kept], delta_rank=rank)
+                seconds = time.perf_counter() - t
+                from layerfold.eval.heldout import compare_to_reference
+
+                fit = compare_to_reference(model, self.heldout, self.reference)
+                ppl = perplexity(model, self.loaded.tokenizer, self.docs, window=DEFAULT_PPL_WINDOW, batch_size=4)
+                row = {"choice": spec, "init": init, "delta_rank": rank, "removed": gates["removed"],
+                       "groups": groups, "stored_params": count_parameters(model), "kl": fit.kl, "top1": fit.top1,
+                       "heldout_ppl": fit.ppl, "lambada_ppl": ppl.perplexity, "share_seconds": seconds}
+                path.write_text(json.dumps(row, indent=1))
+                print(json.dumps({k: v for k, v in row.items() if k != "groups"}), flush=True)
+                rows.append(row)
+        return rows
+
     def run(self, spec: str) -> dict:
         path = self.work / f"{spec}-remove{self.args.remove}.json"
         if path.exists():
@@ -164,7 +201,8 @@ def plot(work: Path, specs: list[str], remove: int, out: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("action", choices=["run", "table", "plot"])
+    ap.add_argument("action", choices=["run", "table", "plot", "share"])
+    ap.add_argument("--deltas", default="", help="share: comma-separated delta ranks to try besides none")
     ap.add_argument("variants", nargs="+")
     ap.add_argument("--remove", type=int, default=8)
     ap.add_argument("--ppl-docs", type=int, default=100)
@@ -180,6 +218,10 @@ def main() -> None:
             r = bench.run(spec)
             print(json.dumps({k: r[k] for k in ("variant", "removed", "seconds", "lambada_ppl")}), flush=True)
             print(json.dumps(r["check"]), flush=True)
+    if args.action == "share":
+        bench = Bench(args)
+        for spec in args.variants:
+            bench.share(spec, [int(r) for r in args.deltas.split(",") if r])
     if args.action in ("run", "table"):
         print(table(work, args.variants, args.remove))
     if args.action == "plot":

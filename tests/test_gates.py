@@ -90,7 +90,7 @@ def test_hard_concrete_gates_polarise_and_meet_the_target():
     assert last["gates"] == [0.0 if l in IDLE else 1.0 for l in range(6)]
     assert last["target"] == 4 and abs(last["expected_kept"] - 4) < 0.5
     first = r.rounds[0]["log"][0]
-    assert first["target"] == pytest.approx(6 - 2 / (0.5 * 120))  # ramped in
+    assert first["target"] == pytest.approx(6 - 2 / (GateOptions().ramp * GateOptions().steps))  # ramped in
     assert last["lambda1"] != 0.0  # the multiplier moved (by gradient ascent)
 
 
