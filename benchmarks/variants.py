@@ -16,8 +16,9 @@ A variant is ``METHOD[:OPTION...][+HEALING]``:
                                              mse|mse-normed|lm|kl)
     foldgpt[:noshare][:notail][:mean][:gN]   FoldGPT: gates, removal, sharing groups of N
                                              (default 2); ``+cure`` is its own healing; gate
-                                             training: ``:bw50`` budget weight, ``:glr0.2``
-                                             learning rate, ``:pw2`` polarising weight
+                                             training: ``:gtsoft`` gate type, ``:bw50`` budget
+                                             weight, ``:glr0.2`` learning rate, ``:pw2``
+                                             polarising weight
     +RECIPE                                  then heal with a recipe of RECIPES
 
 Results go to ``--work`` as ``VARIANT.json`` (what was done, healing history, sample text)
@@ -192,13 +193,15 @@ class Runner:
 
         ``changes`` override ``GateOptions`` fields (variant options ``bw50``: budget weight,
         ``glr0.2``: learning rate, ``pw2``: polarising weight)."""
+        gate_type = changes.pop("gate_type", FoldGPTOptions().gates.gate_type)
         extra = "".join(f"-{k}{v:g}" for k, v in sorted(changes.items()))
-        path = self.work / f"gates-remove{n_remove}-steps{self.args.gate_steps}{extra}.json"
+        kind = "" if gate_type == "soft" else f"-{gate_type}"  # the soft gates' files keep their names
+        path = self.work / f"gates{kind}-remove{n_remove}-steps{self.args.gate_steps}{extra}.json"
         if path.exists():
             d = load_json(path)
             return GateResult([math.nan if g is None else g for g in d["gates"]], d["removed"], d["rounds"],
-                              d["options"])
-        opts = replace(FoldGPTOptions().gates, steps=self.args.gate_steps, **changes)
+                              d["options"], d.get("scores") or [], d.get("check"))
+        opts = replace(FoldGPTOptions().gates, steps=self.args.gate_steps, gate_type=gate_type, **changes)
         t = time.perf_counter()
         g = gate_ranking(self.original.model, self.original.arch, self.calib, n_remove, opts)
         save_json(path, {**g.to_dict(), "seconds": time.perf_counter() - t})
@@ -253,6 +256,8 @@ class Runner:
                     gate_changes["lr"] = float(o[3:])
                 elif o.startswith("pw"):
                     gate_changes["polar_weight"] = float(o[2:])
+                elif o.startswith("gt"):
+                    gate_changes["gate_type"] = o[2:]
                 elif o == "noshare":
                     fo = replace(fo, group_size=1)
                 elif o == "mean":

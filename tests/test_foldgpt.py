@@ -159,7 +159,12 @@ def test_compress_foldgpt_end_to_end(tiny_model_dir, text_file, tmp_path, capsys
     text = capsys.readouterr().out
     assert code == 0, text
     assert "shared       2 groups of new layers: 0-1 2-3" in text
+    assert "gate check   held-out KL to the original (8 rows): gates' choice" in text
     record = json.loads((out / "layerfold.json").read_text())
+    check = record["gates"]["check"]  # the gates' choice against Block Influence's, recorded
+    assert check["gates"]["removed"] == record["recipe"]["removed_layers"]
+    assert check["gates"]["kl"] >= 0 and check["block_influence"]["kl"] >= 0
+    assert "--gate-type" not in record["command"] and set(record["gates"]["gates"]) == {0.0, 1.0}
     assert record["recipe"]["groups"] == [[0, 1], [2, 3]]
     assert len(record["recipe"]["removed_layers"]) == 2
     assert record["params_stored"] < record["params_after_removal"] < record["params_before"]
@@ -177,8 +182,10 @@ def test_analyze_gates_column(tiny_model_dir, text_file, tmp_path, capsys):
     text = capsys.readouterr().out
     assert code == 0
     assert "  gate" in text.splitlines()[0] and "Remove 2 by gates" in text
+    assert "Check: held-out KL to the original (8 rows): gates' choice" in text
     data = json.loads(js.read_text())
     assert len(data["gates"]) == 6 and len(data["gates_removed"]) == 2
+    assert data["gates_check"]["gates"]["removed"] == data["gates_removed"]
 
 
 def test_foldgpt_bad_options(tiny_model_dir, text_file, tmp_path, capsys):

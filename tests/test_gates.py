@@ -1,4 +1,10 @@
-"""FoldGPT gates on a constructed model whose removable layers are known."""
+"""FoldGPT gates on a constructed model whose removable layers are known.
+
+Layers 1 and 4 of a 6-layer model have zeroed output projections (attention o_proj and MLP
+down_proj): they add exactly nothing to the residual stream, so removing them costs nothing,
+while every other layer is made to matter (its output projections scaled up). Every gate type
+must find exactly those two with its DEFAULT settings, and end with gates of exactly 0 and 1.
+"""
 
 from __future__ import annotations
 
@@ -9,76 +15,174 @@ import torch
 
 from conftest import build_tiny
 from layerfold.errors import LayerfoldError
-from layerfold.importance.gates import GateOptions, LayerGates, gate_ranking, lowest_gated
+from layerfold.eval.heldout import compare_to_reference, reference_log_probs
+from layerfold.importance.gates import (
+    GateOptions,
+    GateValues,
+    check_choice,
+    gate_ranking,
+    gated,
+    lowest_gated,
+    switched_off,
+)
 from layerfold.models.architectures import ARCHITECTURES
+from layerfold.models.surgery import copy_model, remove_layers
 
-NEAR_IDENTITY = (1, 4)
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+IDLE = (1, 4)
+HARD_TYPES = ("hard-concrete", "topk")
 
 
-def _model_with_idle_layers():
-    """A 6-layer llama whose layers 1 and 4 barely touch the residual stream."""
-    model = build_tiny("llama", layers=6)
-    arch = ARCHITECTURES["llama"]
+def _model_with_idle_layers(model_type: str = "llama"):
+    """A 6-layer model whose layers 1 and 4 are exactly removable and the others are not."""
+    model = build_tiny(model_type, layers=6)
     with torch.no_grad():
-        for l in NEAR_IDENTITY:
-            for name in arch.residual_branches:
-                for p in model.model.layers[l].get_submodule(name).parameters():
-                    p.mul_(0.02)
-    return model, arch
+        for l, layer in enumerate(model.model.layers):
+            for proj in (layer.self_attn.o_proj, layer.mlp.down_proj):
+                proj.weight.mul_(0.0 if l in IDLE else 8.0)
+    return model, ARCHITECTURES[model_type]
 
 
-def _ids():
-    return torch.randint(3, 259, (8, 24), generator=torch.Generator().manual_seed(0))
+def _ids(rows=8, seed=0):
+    return torch.randint(3, 259, (rows, 24), generator=torch.Generator().manual_seed(seed))
+
+
+def _removed_copy(model, arch, removed):
+    pruned = copy_model(model)
+    remove_layers(pruned, arch, list(removed))
+    return pruned
 
 
 def test_gate_zero_is_removal_and_gate_one_is_identity():
-    from layerfold.models.surgery import copy_model, remove_layers
-
     model, arch = _model_with_idle_layers()
-    ids = _ids()[:2]
-    gates = LayerGates(6, init=50.0)  # sigmoid(50) == 1 in float32
+    ids = _ids(2)
     with torch.no_grad():
         ref = model(input_ids=ids).logits
-        with gates.attached(model, arch):
+        with gated(model, arch, GateValues(6)):
             same = model(input_ids=ids).logits
-            gates.logits[2] = -50.0  # sigmoid(-50) ~ 2e-22: layer 2 becomes the identity
-            gated = model(input_ids=ids).logits
-        pruned = copy_model(model)
-        remove_layers(pruned, arch, [2])
-        removed = pruned(input_ids=ids).logits
+        with gated(model, arch, switched_off(6, [2, 5])):
+            off = model(input_ids=ids).logits
+        removed = _removed_copy(model, arch, [2, 5])(input_ids=ids).logits
         after = model(input_ids=ids).logits  # hooks are gone again
-    torch.testing.assert_close(same, ref)
-    torch.testing.assert_close(gated, removed, atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(after, ref)
+    torch.testing.assert_close(same, ref, rtol=0, atol=0)
+    torch.testing.assert_close(off, removed, rtol=0, atol=0)  # x + 0 * f(x) is exactly x
+    torch.testing.assert_close(after, ref, rtol=0, atol=0)
 
 
-def test_budgeted_gates_find_the_layers_whose_removal_hurts_least():
+@pytest.mark.parametrize("gate_type", HARD_TYPES)
+def test_default_gates_find_the_removable_layers_and_end_at_0_or_1(gate_type):
     model, arch = _model_with_idle_layers()
     before = [p.clone() for p in model.parameters()]
-    r = gate_ranking(model, arch, _ids(), 2, GateOptions(steps=80, lr=0.1, polar_weight=2.0), progress=False)
-    assert r.removed == list(NEAR_IDENTITY)
-    kept = [g for l, g in enumerate(r.gates) if l not in NEAR_IDENTITY]
-    assert max(r.gates[l] for l in NEAR_IDENTITY) < 0.5 < min(kept)
-    log = r.rounds[0]["log"]
-    assert abs(log[-1]["sum_g"] - 4) < 0.5  # the budget pulled sum(g) to the layers kept
+    r = gate_ranking(model, arch, _ids(), 2, GateOptions(gate_type=gate_type), progress=False)
+    assert sorted(r.removed) == list(IDLE)
+    assert r.gates == [0.0 if l in IDLE else 1.0 for l in range(6)]
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # weights frozen
     assert all(p.requires_grad for p in model.parameters())  # and given back as they were
+    assert len(r.rounds[0]["log"]) == GateOptions().steps
+
+
+def test_hard_concrete_gates_polarise_and_meet_the_target():
+    model, arch = _model_with_idle_layers()
+    r = gate_ranking(model, arch, _ids(), 2, progress=False)
+    last = r.rounds[0]["log"][-1]
+    # Louizos' deterministic gate, before the final top-k: already 0 or 1
+    assert last["gates"] == [0.0 if l in IDLE else 1.0 for l in range(6)]
+    assert last["target"] == 4 and abs(last["expected_kept"] - 4) < 0.5
+    first = r.rounds[0]["log"][0]
+    assert first["target"] == pytest.approx(6 - 2 / (GateOptions().ramp * GateOptions().steps))  # ramped in
+    assert last["lambda1"] != 0.0  # the multiplier moved (by gradient ascent)
+
+
+def test_soft_gates_are_still_there_for_comparison():
+    model, arch = _model_with_idle_layers()
+    r = gate_ranking(model, arch, _ids(), 2, GateOptions(gate_type="soft", steps=40), progress=False)
+    assert r.options["gate_type"] == "soft" and len(r.rounds[0]["log"]) == 40
+    assert all(0 < g < 1 for g in r.gates)  # sigmoid values, not a 0/1 mask
+    assert r.removed == lowest_gated(r.gates, 2)
+
+
+@pytest.mark.parametrize("gate_type", GateOptions.__dataclass_fields__["gate_type"].metadata["choices"])
+def test_gate_training_is_deterministic_under_its_seed(gate_type):
+    model, arch = _model_with_idle_layers()
+    opts = GateOptions(gate_type=gate_type, steps=12)
+    a = gate_ranking(model, arch, _ids(), 2, opts, progress=False)
+    b = gate_ranking(model, arch, _ids(), 2, opts, progress=False)
+    assert a.scores == b.scores and a.rounds[0]["log"] == b.rounds[0]["log"]
+    c = gate_ranking(model, arch, _ids(), 2, GateOptions(gate_type=gate_type, steps=12, seed=1), progress=False)
+    assert c.rounds[0]["log"] != a.rounds[0]["log"]
 
 
 def test_rounds_remove_in_steps():
     model, arch = _model_with_idle_layers()
-    r = gate_ranking(model, arch, _ids(), 2, GateOptions(steps=40, lr=0.1, polar_weight=2.0, rounds=2),
-                     progress=False)
+    r = gate_ranking(model, arch, _ids(), 2, GateOptions(rounds=2, steps=60), progress=False)
     assert len(r.rounds) == 2 and len(r.rounds[1]["layers"]) == 5
-    assert sorted(r.removed) == list(NEAR_IDENTITY)
+    assert sorted(r.removed) == list(IDLE)
     assert not any(math.isnan(g) for g in r.gates)
     assert len(model.model.layers) == 6  # the input model is untouched
 
 
-def test_lowest_gated_and_bad_targets():
+def test_check_against_block_influence_equals_an_independent_computation():
+    model, arch = _model_with_idle_layers()
+    calib, heldout = _ids(), _ids(4, seed=5)
+    r = gate_ranking(model, arch, calib, 2, heldout=heldout, progress=False)
+    check = r.check
+    # Block Influence recomputed by hand: 1 - mean cosine between each layer's input and output
+    with torch.no_grad():
+        hs = model(input_ids=calib, output_hidden_states=True).hidden_states
+    # the last entry of hidden_states has the final norm applied: take the raw last output
+    captured = {}
+    h = model.model.layers[5].register_forward_hook(lambda m, a, o: captured.update(y=o[0] if isinstance(o, tuple) else o))
+    with torch.no_grad():
+        model(input_ids=calib)
+    h.remove()
+    inputs, outputs = hs[:6], list(hs[1:6]) + [captured["y"]]
+    bi = [1 - torch.nn.functional.cosine_similarity(inputs[l].double(), outputs[l].double(), dim=-1).mean().item()
+          for l in range(6)]
+    by_bi = sorted(sorted(range(6), key=lambda l: bi[l])[:2])
+    assert check["block_influence"]["removed"] == by_bi
+    assert check["gates"]["removed"] == sorted(r.removed)
+    # each KL from really removing the layers from a copy
+    ref = reference_log_probs(model, heldout)
+    for name in ("gates", "block_influence"):
+        fit = compare_to_reference(_removed_copy(model, arch, check[name]["removed"]), heldout, ref)
+        assert check[name]["kl"] == pytest.approx(fit.kl, rel=1e-5, abs=1e-7)
+        assert check[name]["ppl"] == pytest.approx(fit.ppl, rel=1e-5)
+    assert check["gates"]["kl"] == pytest.approx(0.0, abs=1e-4)  # the idle layers cost nothing (fp16 reference)
+
+
+def test_check_choice_by_hand():
+    model, arch = _model_with_idle_layers()
+    heldout = _ids(3, seed=7)
+    got = check_choice(model, arch, heldout, {"a": [0, 2]})
+    with torch.no_grad():
+        ref = torch.log_softmax(model(input_ids=heldout).logits.float(), -1)
+        pruned = torch.log_softmax(_removed_copy(model, arch, [0, 2])(input_ids=heldout).logits.float(), -1)
+    ref16 = ref.half().float()  # the reference is stored in float16
+    kl = (ref16.exp() * (ref16 - pruned)).sum(-1).mean().item()
+    assert got["a"]["kl"] == pytest.approx(kl, rel=1e-5)
+
+
+@pytest.mark.parametrize("model_type", ["qwen2", "gemma2", "phi3"])
+def test_gates_attach_to_every_architecture(model_type):
+    model = build_tiny(model_type, layers=4)
+    arch = ARCHITECTURES[model_type]
+    ids = _ids(2)
+    with torch.no_grad():
+        with gated(model, arch, switched_off(4, [1])):
+            off = model(input_ids=ids).logits
+        removed = _removed_copy(model, arch, [1])(input_ids=ids).logits
+    torch.testing.assert_close(off, removed, rtol=1e-5, atol=1e-5)
+    r = gate_ranking(model, arch, ids, 1, GateOptions(steps=3), progress=False)
+    assert len(r.removed) == 1 and sorted(r.gates) == [0.0, 1.0, 1.0, 1.0]
+
+
+def test_bad_options_and_targets():
     assert lowest_gated([0.9, 0.1, 0.5, 0.2], 2) == [1, 3]
     model, arch = _model_with_idle_layers()
     with pytest.raises(LayerfoldError, match="cannot remove 6 of 6"):
         gate_ranking(model, arch, _ids(), 6, progress=False)
     with pytest.raises(LayerfoldError, match="gate-steps"):
         gate_ranking(model, arch, _ids(), 1, GateOptions(steps=0), progress=False)
+    with pytest.raises(LayerfoldError, match="gate-type"):
+        gate_ranking(model, arch, _ids(), 1, GateOptions(gate_type="magic"), progress=False)

@@ -53,8 +53,11 @@ def _other_value(o: schema.Option, value):
 def _changed(root, o: schema.Option):
     """The command's default options with one option changed (an absent group it needs created)."""
     default = root()
-    values = {o.path: _other_value(o, schema.get(default, o.path))}
     group = next((g for g in schema.groups(root) if g.path == o.group), None)
+    current = default
+    if group is not None and group.optional and schema.get(default, group.path) is None:
+        current = schema.with_values(default, {group.path: group.cls()})  # differ from the group's own default
+    values = {o.path: _other_value(o, schema.get(current, o.path))}
     if group is not None and group.optional and group.requires and o.name != group.requires:
         key = group.path + (group.requires,)
         values[key] = next(x for x in schema.options(root) if x.path == key).choices[0]

@@ -167,6 +167,10 @@ def _print_compress(r, opts: CompressOptions, total: float) -> None:
     if r.method == "foldgpt":
         groups = [g for g in r.extra["groups"] if len(g) > 1]
         print(f"shared       {len(groups)} groups of new layers: {' '.join('-'.join(map(str, (g[0], g[-1]))) for g in groups) or 'none'}")
+        if r.extra.get("gate_check"):
+            from .importance.gates import describe_check
+
+            print(f"gate check   {describe_check(r.extra['gate_check'])}")
         if r.extra.get("cure"):
             c = r.extra["cure"]
             print(f"cure         {c['steps']} steps, {c['tokens']:,} tokens, final loss {c['loss']:.4f}, {c['seconds']:.0f}s")

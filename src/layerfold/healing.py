@@ -18,8 +18,8 @@ embeddings move with it), ``"untie"`` gives the model its own head first, ``"fre
 never trains it.
 
 Losses: next-token cross-entropy (``ce``), KL to the teacher's logits (``kl``) and MSE
-between the last ``mse_layers`` decoder layers' outputs of student and teacher (``mse``),
-mixed by their weights.
+between the outputs of the student's last ``mse_layers`` decoder layers and of the teacher
+layers they came from (``mse``; the layer map, ``train.tail_map``), mixed by their weights.
 
 Data: the same sources as calibration. The default is text the *teacher* writes itself
 (data-free), with a different seed from calibration, so healing does not reuse the exact
@@ -273,13 +273,24 @@ def healing_data(opts: HealOptions, source_model: LoadedModel, seq_len: int | No
     return load_calibration(replace(opts.data, samples=rows, seq_len=seq), source_model, progress=opts.progress)
 
 
-def prepare_teacher(opts: HealOptions, teacher: LoadedModel, ids: torch.Tensor):
-    """The teacher as the loop wants it: a top-k cache on disk, or the live model."""
+def prepare_teacher(opts: HealOptions, teacher: LoadedModel, ids: torch.Tensor, layer_map=None,
+                    removed: int = 0):
+    """The teacher as the loop wants it: a top-k cache on disk, or the live model.
+
+    The cache keeps the outputs of the teacher layers the mse loss compares with: those of
+    ``tail_map(mse_layers, layer_map)``, or, when the layer map is not known yet but the number
+    of ``removed`` layers is, every layer one of the student's last layers can come from."""
     if not opts.needs_teacher:
         return None
     if not opts.teacher_cache:
         return teacher.model
-    layers = [-i for i in range(1, opts.mse_layers + 1)] if opts.mse > 0 else []
+    layers = []
+    if opts.mse > 0:
+        if layer_map is not None or not removed:
+            layers = list(tail_map(opts.mse_layers, layer_map).values())
+        else:
+            n = len(model_layers(teacher.model, teacher.arch))
+            layers = list(range(max(0, n - opts.mse_layers - removed), n))
     return build_teacher_cache(teacher, ids, topk=opts.topk, temperature=opts.temperature, layers=layers,
                                batch_size=opts.batch_size, progress=opts.progress)
 
@@ -293,12 +304,15 @@ def heal(
     prepared_teacher=None,
     eval_fn=None,
     eval_every: int = 0,
+    layer_map=None,
 ) -> HealResult:
     """Heal ``student`` in place (``student.model`` is replaced by the healed, merged model).
 
     ``ids`` and ``prepared_teacher`` let a caller compute the healing data and the teacher
     cache before it modifies the original model (``compress`` does, so that it needs no copy
-    of the original in memory).
+    of the original in memory). ``layer_map``: the original index of each student layer
+    (None for a replacement module), so the mse loss compares each of the student's last
+    layers with the teacher layer it came from.
     """
     opts.validate()
     if not opts.enabled:
@@ -308,19 +322,22 @@ def heal(
     seconds: dict[str, float] = {}
     if teacher is not None and teacher.tokenizer.get_vocab() != student.tokenizer.get_vocab():
         raise LayerfoldError("the teacher and the student use different tokenizers")
+    n = len(model_layers(student.model, student.arch))
+    if layer_map is not None and len(layer_map) != n:
+        raise LayerfoldError(f"the layer map names {len(layer_map)} layers, the student has {n}")
     t = time.perf_counter()
     if ids is None:
         ids = healing_data(opts, teacher or student)
     seconds["data"] = time.perf_counter() - t
     t = time.perf_counter()
     if prepared_teacher is None and teacher is not None:
-        prepared_teacher = prepare_teacher(opts, teacher, ids)
+        prepared_teacher = prepare_teacher(opts, teacher, ids, layer_map)
     seconds["teacher"] = time.perf_counter() - t
     cache_size = cache_bytes(prepared_teacher) if hasattr(prepared_teacher, "folder") else None
 
     model = student.model
     trained_model, what, head_mode = _make_trainable(student, opts)
-    losses = _losses(opts)
+    losses = _losses(opts, layer_map)
 
     steps = steps_for_tokens(opts.tokens, opts.batch_size, opts.grad_accum, ids.shape[1])
     config = TrainConfig(
@@ -402,15 +419,15 @@ def _make_trainable(student: LoadedModel, opts: HealOptions) -> tuple[nn.Module,
     return trained_model, what, head_mode
 
 
-def _losses(opts: HealOptions) -> list:
-    """The healing objective's terms, by their weights."""
+def _losses(opts: HealOptions, layer_map=None) -> list:
+    """The healing objective's terms, by their weights (``layer_map``: see :func:`heal`)."""
     losses = []
     if opts.ce > 0:
         losses.append(NextTokenLoss(weight=opts.ce))
     if opts.kl > 0:
         losses.append(LogitKL(weight=opts.kl, temperature=opts.temperature))
     if opts.mse > 0:
-        losses.append(HiddenMSE(tail_map(opts.mse_layers), weight=opts.mse))
+        losses.append(HiddenMSE(tail_map(opts.mse_layers, layer_map), weight=opts.mse))
     return losses
 
 

@@ -73,11 +73,26 @@ def analyze(opts: AnalyzeOptions, loaded: LoadedModel | None = None) -> AnalyzeR
         from .importance.gates import gate_ranking
 
         n_remove = pruning.layers_for_target(scores.num_layers, opts.gate_remove, None)
-        g = gate_ranking(loaded.model, loaded.arch, ids, n_remove, opts.gates, progress=opts.progress)
+        g = gate_ranking(loaded.model, loaded.arch, ids, n_remove, opts.gates,
+                         heldout=_gate_check_rows(opts.data, loaded, opts.progress),
+                         block_influence_removed=pruning.block_influence(scores, n_remove), progress=opts.progress)
         scores.extra["gates"] = g.gates
         scores.extra["gates_removed"] = sorted(g.removed)
+        scores.extra["gates_scores"] = g.scores
+        scores.extra["gates_check"] = g.check
         scores.extra["gates_options"] = g.options
     return AnalyzeResult(scores, loaded.source, time.perf_counter() - t0)
+
+
+def _gate_check_rows(spec, loaded: LoadedModel, progress: bool):
+    """Held-out rows for checking the gates' choice against Block Influence's; None (no
+    check) when a calibration file has no text left after the calibration rows."""
+    from .eval.heldout import heldout_ids
+
+    try:
+        return heldout_ids(spec, loaded, progress=progress)
+    except LayerfoldError:
+        return None
 
 
 # -- compress ----------------------------------------------------------------------------
@@ -125,7 +140,7 @@ def compress(opts: CompressOptions, loaded: LoadedModel | None = None) -> Compre
     if opts.output.dry_run:
         return run.dry(plan)
     before = run.evaluate_before(loaded)
-    healing = run.prepare_healing(loaded, ids)
+    healing = run.prepare_healing(loaded, ids, plan)
     applied = run.apply(loaded, plan, ids, evidence)
     healed = run.heal(loaded, healing, applied)
     after = run.evaluate_after(loaded, plan, before)
@@ -168,6 +183,8 @@ class _Compression:
             o.repair.validate()
         if self.method.share or self.method.cure:
             o.foldgpt.validate()
+            if o.foldgpt.delta_rank:
+                raise LayerfoldError("per-layer deltas (--delta-rank) cannot be saved in a shared folder yet")
         if o.selection.scores and not Path(o.selection.scores).expanduser().is_file():
             raise LayerfoldError(f"{o.selection.scores}: no such scores file (write one with layerfold analyze --json)")
         if o.output.path and not o.output.dry_run:
@@ -216,8 +233,10 @@ class _Compression:
             raise LayerfoldError(f"{path}: not a scores file of layerfold analyze --json ({e})") from None
         gates = None
         if "gates" in scores.extra:
-            gates = GateResult([float("nan") if g is None else g for g in scores.extra["gates"]],
-                               list(scores.extra.get("gates_removed", [])))
+            nan = lambda xs: [float("nan") if x is None else x for x in xs]  # noqa: E731
+            gates = GateResult(nan(scores.extra["gates"]), list(scores.extra.get("gates_removed", [])),
+                               scores=nan(scores.extra.get("gates_scores") or []),
+                               check=scores.extra.get("gates_check"))
         return Evidence(scores, gates)
 
     def score(self, loaded: LoadedModel, ids) -> Evidence:
@@ -239,7 +258,8 @@ class _Compression:
             from .importance.gates import gate_ranking
 
             n = layers_to_select(o, loaded.model, loaded.arch)
-            evidence.gates = gate_ranking(loaded.model, loaded.arch, ids, n, o.foldgpt.gates, progress=o.progress)
+            evidence.gates = gate_ranking(loaded.model, loaded.arch, ids, n, o.foldgpt.gates,
+                                          heldout=_gate_check_rows(o.data, loaded, o.progress), progress=o.progress)
             self._timed("gates", t)
         return evidence
 
@@ -306,8 +326,9 @@ class _Compression:
         self._timed("eval_before", t)
         return before
 
-    def prepare_healing(self, loaded: LoadedModel, ids) -> _Healing | None:
-        """The healing text and the teacher's answers come from the original, before surgery."""
+    def prepare_healing(self, loaded: LoadedModel, ids, plan: Plan) -> _Healing | None:
+        """The healing text and the teacher's answers come from the original, before surgery
+        (the teacher cache keeps the layers the plan's layer map aligns the student's tail with)."""
         from .healing import CALIBRATION_TEXT, healing_data, prepare_teacher, teacher_copy
 
         o = self.opts
@@ -331,7 +352,7 @@ class _Compression:
         t = time.perf_counter()
         teacher = None
         if o.healing.needs_teacher:
-            teacher = (prepare_teacher(o.healing, loaded, heal_ids) if o.healing.teacher_cache
+            teacher = (prepare_teacher(o.healing, loaded, heal_ids, plan.layer_map.kept) if o.healing.teacher_cache
                        else teacher_copy(loaded).model)
         self._timed("heal_teacher", t)
         return _Healing(heal_ids, teacher)
@@ -366,14 +387,16 @@ class _Compression:
             with tempfile.TemporaryDirectory() as tmp:
                 log = Path(tmp) / "training_log.jsonl"
                 cure = run_cure(loaded.model, healing.teacher, loaded.arch, healing.ids, o.foldgpt.cure,
-                                log_file=str(log), progress=o.progress, checkpoints=o.healing.checkpoints())
+                                kept=applied.layer_map.kept, log_file=str(log), progress=o.progress,
+                                checkpoints=o.healing.checkpoints())
                 applied.files["training_log.jsonl"] = log.read_text(encoding="utf-8") if log.exists() else ""
             healing.teacher = None
             self._timed("cure", t)
             return {"cure": {k: v for k, v in cure.items() if k != "history"}}
         from .healing import heal
 
-        result = heal(loaded, None, o.healing, ids=healing.ids, prepared_teacher=healing.teacher)
+        result = heal(loaded, None, o.healing, ids=healing.ids, prepared_teacher=healing.teacher,
+                      layer_map=applied.layer_map.kept)
         self._timed("heal", t)
         return {"heal": result.summary()}
 
@@ -460,6 +483,7 @@ class _Compression:
         extra = {}
         if self.method.share:
             extra = {"groups": plan.groups, "gates": evidence.gates.gates if evidence.gates else None,
+                     "gate_check": evidence.gates.check if evidence.gates else None,
                      "params_after_removal": record["params_after_removal"], "cure": record.get("cure")}
         return CompressResult(
             output=out, method=plan.method, removed=plan.removed, layer_map=layer_map,
@@ -547,7 +571,11 @@ def heal_model(opts: HealModelOptions) -> HealModelResult:
         raise LayerfoldError("give the compressed model folder to heal")
     out = Path(opts.output.path or f"{Path(opts.model.model.rstrip('/')).name}-healed")
     check_output_dir(out, opts.output.force, protect=Path(opts.model.model) if Path(opts.model.model).is_dir() else None)
-    locate_model(opts.model.model)  # a student path that is not a model fails now, not after the teacher's work
+    student_dir = locate_model(opts.model.model)[4]  # a path that is not a model fails now, not after the teacher's work
+    previous = _previous_record(student_dir)
+    # the student's own layer map: the mse loss compares its last layers with the ones they came from
+    layer_map = LayerMap.from_list(previous["layer_map"], previous.get("layers_before")) \
+        if previous.get("layer_map") else None
     seconds: dict[str, float] = {}
     teacher = ids = prepared = None
     if opts.healing.needs_teacher:
@@ -558,7 +586,7 @@ def heal_model(opts: HealModelOptions) -> HealModelResult:
         seconds["load teacher"] = time.perf_counter() - t
         t = time.perf_counter()
         ids = healing_data(opts.healing, teacher)
-        prepared = prepare_teacher(opts.healing, teacher, ids)
+        prepared = prepare_teacher(opts.healing, teacher, ids, layer_map.kept if layer_map else None)
         seconds["teacher outputs"] = time.perf_counter() - t
     t = time.perf_counter()
     student = _load(opts.model)
@@ -569,12 +597,11 @@ def heal_model(opts: HealModelOptions) -> HealModelResult:
     if opts.healing.teacher_cache:
         teacher = None
         _free_memory()
-    previous = _previous_record(student)
     n_layers = len(decoder_layers(student.model, student.arch))
-    layer_map = LayerMap.from_list(previous["layer_map"], previous.get("layers_before")) \
-        if previous.get("layer_map") else LayerMap.identity(n_layers)
     t = time.perf_counter()
-    result = heal(student, teacher, opts.healing, ids=ids, prepared_teacher=prepared)
+    result = heal(student, teacher, opts.healing, ids=ids, prepared_teacher=prepared,
+                  layer_map=layer_map.kept if layer_map else None)
+    layer_map = layer_map or LayerMap.identity(n_layers)
     seconds["heal"] = time.perf_counter() - t
     summary = result.summary()
     params = count_parameters(student.model)
@@ -598,10 +625,10 @@ def heal_model(opts: HealModelOptions) -> HealModelResult:
     return HealModelResult(out, summary, params, seconds)
 
 
-def _previous_record(loaded: LoadedModel) -> dict:
+def _previous_record(folder: Path | None) -> dict:
     """The ``layerfold.json`` of a model layerfold made (its layer map, base model, recipe)."""
-    if loaded.local_dir is not None and (loaded.local_dir / "layerfold.json").is_file():
-        return json.loads((loaded.local_dir / "layerfold.json").read_text())
+    if folder is not None and (folder / "layerfold.json").is_file():
+        return json.loads((folder / "layerfold.json").read_text())
     return {}
 
 
@@ -635,7 +662,7 @@ def export(opts: ExportOptions, loaded: LoadedModel | None = None) -> dict:
     loaded = loaded or _load(opts.model)
     stored = count_parameters(loaded.model)
     n = unfold(loaded)
-    previous = _previous_record(loaded)
+    previous = _previous_record(loaded.local_dir)
     n_layers = len(decoder_layers(loaded.model, loaded.arch))
     layer_map = previous.get("layer_map") or list(range(n_layers))  # unfolding keeps every layer where it is
     command = recipes.schema.command_line(opts, ExportOptions(), ["layerfold", "export"])

@@ -1,21 +1,40 @@
 """Learnable layer gates (FoldGPT, arXiv 2407.00928; METHODS.md section 3.1).
 
-Every decoder layer gets one scalar gate g_l = sigmoid(a_l) that scales the outputs of its
-residual branches (the modules the architecture table lists as ``residual_branches``: the
-attention and MLP outputs, or the post-norms that wrap them). A gate of 1 leaves the layer as
-it is; a gate of 0 turns it into the identity, which is exactly what removing it does. All
-model weights are frozen and only the gates are trained, jointly, on calibration text:
+Every decoder layer l gets one gate z_l that multiplies the outputs of its residual branches
+(the modules the architecture table lists as ``residual_branches``: the attention and MLP
+outputs, or the post-norms that wrap them). z_l = 1 leaves the layer as it is; z_l = 0 turns
+it into the identity, exactly what removing it does. Every weight is frozen; only the gates
+train, all together, on the KL of the *gated* model to the original:
 
-    loss = KL(teacher || gated model)                         keep the model's behaviour
-         + budget_weight * ((sum_l g_l - keep) / L)^2          keep only ``keep`` layers' worth
-         + polar_weight(t) * mean_l g_l (1 - g_l)              push each gate to 0 or 1
+    loss = mean KL(original || model with gates z) + (the gate type's size constraint)
 
-The teacher is the ungated model; its log-probabilities are computed once and cached. The
-budget term pushes all gates down together; the KL term resists most where a layer matters
-*given the others*, so the ranking reflects how layers compensate for each other (the
-coupling that one-at-a-time scores such as Block Influence miss). The polarising weight is
-ramped up over training, so gates first find their order and are then decided. Gates are
-attached with forward hooks: nothing in the method depends on the architecture.
+Because the model sees several layers switched off at once, a layer's gate measures what it
+costs to lose it *given the others that are lost*: the coupling between layers that
+one-at-a-time scores such as Block Influence miss. Three gate types:
+
+``hard-concrete`` (default; Louizos et al. 2018, as Sheared LLaMA prunes layers)
+    z_l = min(1, max(0, sigmoid((log u - log(1-u) + log a_l) / beta) * (1.1 + 0.1) - 0.1)),
+    u ~ U(0, 1), beta = 2/3: a sample that is exactly 0 or exactly 1 most of the time. The
+    expected number of layers kept, s = sum_l P(z_l > 0), is held to a target t by Lagrange
+    multipliers, lambda1 (s - t)/L + lambda2 ((s - t)/L)^2, the multipliers trained by gradient
+    *ascent* (they grow while the constraint is violated); t goes from L to the layers kept
+    over the first ``ramp`` of training. At the end a deterministic top-k on log a keeps
+    exactly the target count.
+``topk`` (straight-through)
+    the forward pass uses the hard mask of the k highest logits (with a little annealed
+    Gumbel noise, so that layers near the boundary get tried); the backward pass uses a soft
+    gate of constant sum k * softmax(logits), so a layer's logit rises when switching it on
+    helps more than the average layer's would, whatever the loss's overall scale. The number
+    of layers switched off ramps in like the hard-concrete target.
+``soft`` (the first implementation, kept for comparison)
+    z_l = sigmoid(a_l) with a budget penalty on sum z and a g(1-g) polarising term. It does
+    not polarise on real models (benchmarks/foldgpt.md): a uniform shrink of every gate meets
+    the budget cheaply in a pre-norm model.
+
+``gate_ranking`` trains the gates, picks the layers to remove and, given held-out rows,
+checks the choice against Block Influence's for the same number of layers (calibration KL
+on those rows): a ranking worth training must not lose to the one-pass score.
+Gates are attached with forward hooks: nothing here depends on the architecture.
 """
 
 from __future__ import annotations
@@ -26,116 +45,262 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..errors import LayerfoldError
+from ..eval.heldout import compare_to_reference, kl_terms, reference_log_probs
 from ..models.architectures import Architecture, get_path
 from ..models.surgery import decoder_layers
+
+GATE_TYPES = ("hard-concrete", "topk", "soft")
+STRETCH = (-0.1, 1.1)  # hard-concrete: the sigmoid is stretched to this interval, then clipped to [0, 1]
+BETA = 2.0 / 3.0  # hard-concrete temperature
+LOG_ALPHA_RANGE = (-10.0, 10.0)  # wide enough that P(z > 0) reaches ~0 and ~1: the target is reachable
+EPS = 1e-6
 
 
 @dataclass
 class GateOptions:
-    """How the gates are trained (the paper publishes no values; these are our defaults)."""
+    """How the gates are trained (the paper publishes no values; these are our defaults,
+    measured in benchmarks/gates.md)."""
 
-    steps: int = 120  # optimiser steps per round
-    lr: float = 0.05  # Adam on the gate logits a_l
-    init: float = 3.0  # initial logit: sigmoid(3) = 0.95, every layer starts nearly on
-    budget_weight: float = 5.0
-    polar_weight: float = 1.0  # reached at the end of the ramp
-    polar_ramp: float = 0.5  # fraction of steps over which the polarising weight ramps from 0
-    batch_size: int = 4
-    rounds: int = 1  # remove in this many rounds, retraining the gates in between
-    seed: int = 0
+    gate_type: str = field(default="hard-concrete", metadata={
+        "help": "hard-concrete (stochastic 0/1 gates, expected size held by Lagrange multipliers), "
+                "topk (straight-through top-k mask) or soft (sigmoid gates with a penalty; for comparison)",
+        "choices": GATE_TYPES})
+    steps: int = field(default=100, metadata={"help": "optimiser steps per round of gate training"})
+    lr: float = field(default=0.1, metadata={"help": "Adam learning rate of the gate logits"})
+    batch_size: int = field(default=2, metadata={"help": "calibration sequences per gate step"})
+    ramp: float = field(default=0.5, metadata={
+        "help": "fraction of the steps over which the size constraint comes in (hard-concrete: the "
+                "target size, topk: the layers switched off, soft: the polarising weight)"})
+    init: float = field(default=3.0, metadata={
+        "help": "initial gate logit of hard-concrete (log a) and soft gates: every layer starts on; "
+                "topk logits start at 0"})
+    lambda_lr: float = field(default=0.05, metadata={
+        "help": "hard-concrete: learning rate of the Lagrange multipliers (gradient ascent)"})
+    noise: float = field(default=0.5, metadata={
+        "help": "topk: scale of the Gumbel noise on the logits in the forward pass, annealed to 0"})
+    budget_weight: float = field(default=5.0, metadata={
+        "help": "soft: weight of the term pulling sum(gates) toward the number of layers kept"})
+    polar_weight: float = field(default=1.0, metadata={
+        "help": "soft: weight of the term pushing each gate to 0 or 1"})
+    rounds: int = field(default=1, metadata={
+        "help": "remove the layers in this many rounds, retraining the gates in between"})
+    seed: int = field(default=0, metadata={"help": "seed of the row order and the gates' noise"})
 
     def validate(self) -> None:
+        if self.gate_type not in GATE_TYPES:
+            raise LayerfoldError(f"--gate-type must be one of {', '.join(GATE_TYPES)} (got {self.gate_type!r})")
         if self.steps < 1:
             raise LayerfoldError(f"--gate-steps must be at least 1 (got {self.steps})")
         if self.rounds < 1:
             raise LayerfoldError(f"--gate-rounds must be at least 1 (got {self.rounds})")
-        if self.lr <= 0 or self.budget_weight < 0 or self.polar_weight < 0:
-            raise LayerfoldError("gate learning rate must be positive and loss weights non-negative")
+        if self.lr <= 0 or self.lambda_lr < 0 or self.budget_weight < 0 or self.polar_weight < 0 or self.noise < 0:
+            raise LayerfoldError("gate learning rate must be positive and loss weights and noise non-negative")
         if self.batch_size < 1:
             raise LayerfoldError(f"gate batch size must be at least 1 (got {self.batch_size})")
+        if not 0 <= self.ramp <= 1:
+            raise LayerfoldError(f"the gate ramp is a fraction of the steps, 0 to 1 (got {self.ramp})")
 
 
-class LayerGates(nn.Module):
-    """One gate logit per decoder layer; ``attach`` hooks them onto a model's residual branches."""
+# --- attaching gates to a model -------------------------------------------------------------
 
-    def __init__(self, num_layers: int, init: float = 3.0):
-        super().__init__()
-        self.logits = nn.Parameter(torch.full((num_layers,), float(init)))
 
-    def values(self) -> torch.Tensor:
-        return torch.sigmoid(self.logits)
+class GateValues:
+    """The multiplier of each layer's residual branches in the next forward pass."""
 
-    @contextmanager
-    def attached(self, model: nn.Module, arch: Architecture):
-        """Within the block, every residual branch of layer l is multiplied by g_l."""
-        layers = decoder_layers(model, arch)
-        if len(layers) != self.logits.numel():
-            raise LayerfoldError(f"{self.logits.numel()} gates for a model with {len(layers)} layers")
-        handles = []
-        try:
-            for l, layer in enumerate(layers):
-                for name in arch.residual_branches:
-                    try:
-                        branch = get_path(layer, name)
-                    except AttributeError:
-                        raise LayerfoldError(
-                            f"layer {l} has no residual branch {name!r} (architecture table entry "
-                            f"{arch.model_type!r})"
-                        ) from None
-                    handles.append(branch.register_forward_hook(self._hook(l)))
-            yield self
-        finally:
-            for h in handles:
-                h.remove()
+    def __init__(self, num_layers: int):
+        self.z = torch.ones(num_layers)
 
-    def _hook(self, l: int):
+
+@contextmanager
+def gated(model: nn.Module, arch: Architecture, values: GateValues):
+    """Within the block, every residual branch of layer l is multiplied by ``values.z[l]``."""
+    layers = decoder_layers(model, arch)
+    if len(layers) != values.z.numel():
+        raise LayerfoldError(f"{values.z.numel()} gates for a model with {len(layers)} layers")
+    handles = []
+
+    def hook(l: int):
         def scale(module, args, output):
-            g = torch.sigmoid(self.logits[l])
+            g = values.z[l]
             if isinstance(output, tuple):  # attention returns (output, weights, ...)
-                return (output[0] * g.to(output[0].dtype),) + tuple(output[1:])
-            return output * g.to(output.dtype)
+                return (output[0] * g.to(output[0].device, output[0].dtype),) + tuple(output[1:])
+            return output * g.to(output.device, output.dtype)
 
         return scale
 
-
-@dataclass
-class GateResult:
-    """Final gate values per original layer (NaN for layers removed in an earlier round)."""
-
-    gates: list[float]
-    removed: list[int]  # original indices, in the order they were removed
-    rounds: list[dict] = field(default_factory=list)  # per round: layers, gates, loss curve
-    options: dict = field(default_factory=dict)
-
-    def to_dict(self) -> dict:
-        return {
-            "gates": [None if math.isnan(g) else g for g in self.gates],
-            "removed": self.removed,
-            "rounds": self.rounds,
-            "options": self.options,
-        }
+    try:
+        for l, layer in enumerate(layers):
+            for name in arch.residual_branches:
+                try:
+                    branch = get_path(layer, name)
+                except AttributeError:
+                    raise LayerfoldError(f"layer {l} has no residual branch {name!r} (architecture table "
+                                         f"entry {arch.model_type!r})") from None
+                handles.append(branch.register_forward_hook(hook(l)))
+        yield values
+    finally:
+        for h in handles:
+            h.remove()
 
 
-@torch.no_grad()
-def teacher_log_probs(model: nn.Module, input_ids: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """The ungated model's next-token log-probabilities, once, stored in float16 on the CPU."""
-    device = next(model.parameters()).device
-    out = []
-    for i in range(0, input_ids.shape[0], batch_size):
-        logits = model(input_ids=input_ids[i : i + batch_size].to(device), use_cache=False).logits
-        out.append(F.log_softmax(logits.float(), dim=-1).to(torch.float16).cpu())
-    return torch.cat(out)
+def switched_off(num_layers: int, removed: Sequence[int]) -> GateValues:
+    """Gates of exactly 1, and exactly 0 for ``removed``: the same outputs as removing them
+    (x + 0 * branch(x) == x), without copying the model."""
+    values = GateValues(num_layers)
+    values.z[list(removed)] = 0.0
+    return values
 
 
-def kl_to_teacher(student_logits: torch.Tensor, teacher_logp: torch.Tensor) -> torch.Tensor:
-    """Mean over tokens of KL(teacher || student), from logits and cached teacher log-probs."""
-    s = F.log_softmax(student_logits.float(), dim=-1)
-    t = teacher_logp.float()
-    return (t.exp() * (t - s)).sum(-1).mean()
+# --- the three gate types -------------------------------------------------------------------
+
+
+def _ramp(step: int, steps: int, ramp: float) -> float:
+    """0 -> 1 over the first ``ramp`` of the steps (1 from the start when ramp is 0)."""
+    return min(1.0, (step + 1) / max(1.0, ramp * steps))
+
+
+class HardConcreteGates(nn.Module):
+    """Hard-concrete gates with an expected-size constraint under Lagrange multipliers."""
+
+    def __init__(self, num_layers: int, keep: int, opts: GateOptions):
+        super().__init__()
+        self.n, self.keep, self.opts = num_layers, keep, opts
+        self.log_alpha = nn.Parameter(torch.full((num_layers,), float(opts.init)))
+        self.lambdas = nn.Parameter(torch.zeros(2))  # lambda1, lambda2
+
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        opts = [torch.optim.Adam([self.log_alpha], lr=self.opts.lr)]
+        if self.opts.lambda_lr > 0:
+            opts.append(torch.optim.Adam([self.lambdas], lr=self.opts.lambda_lr, maximize=True))
+        return opts
+
+    def sample(self, step: int, gen: torch.Generator) -> torch.Tensor:
+        u = torch.rand(self.n, generator=gen).clamp(EPS, 1 - EPS).to(self.log_alpha.device)
+        s = torch.sigmoid((u.log() - (1 - u).log() + self.log_alpha) / BETA)
+        lo, hi = STRETCH
+        return (s * (hi - lo) + lo).clamp(0.0, 1.0)
+
+    def keep_probability(self) -> torch.Tensor:
+        """P(z_l > 0) = sigmoid(log a - beta log(-lo / hi)), the expected contribution to the size."""
+        lo, hi = STRETCH
+        return torch.sigmoid(self.log_alpha - BETA * math.log(-lo / hi))
+
+    def target(self, step: int) -> float:
+        return self.n - (self.n - self.keep) * _ramp(step, self.opts.steps, self.opts.ramp)
+
+    def penalty(self, step: int) -> tuple[torch.Tensor, dict]:
+        expected = self.keep_probability().sum()
+        t = self.target(step)
+        gap = (expected - t) / self.n
+        l1, l2 = self.lambdas[0], self.lambdas[1]
+        return l1 * gap + l2 * gap * gap, {"expected_kept": expected.item(), "target": t,
+                                           "lambda1": l1.item(), "lambda2": l2.item()}
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        self.log_alpha.clamp_(*LOG_ALPHA_RANGE)
+
+    @torch.no_grad()
+    def values(self) -> torch.Tensor:
+        """The deterministic gate of Louizos et al.: clip(sigmoid(log a) * 1.2 - 0.1, 0, 1)."""
+        lo, hi = STRETCH
+        return (torch.sigmoid(self.log_alpha) * (hi - lo) + lo).clamp(0.0, 1.0)
+
+    @torch.no_grad()
+    def scores(self) -> torch.Tensor:
+        return self.log_alpha.detach().clone()
+
+
+class TopKGates(nn.Module):
+    """Straight-through top-k: the forward mask is hard, the backward gate k * softmax(logits)."""
+
+    def __init__(self, num_layers: int, keep: int, opts: GateOptions):
+        super().__init__()
+        self.n, self.keep, self.opts = num_layers, keep, opts
+        self.logits = nn.Parameter(torch.zeros(num_layers))
+
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        return [torch.optim.Adam([self.logits], lr=self.opts.lr)]
+
+    def off_now(self, step: int) -> int:
+        return round((self.n - self.keep) * _ramp(step, self.opts.steps, self.opts.ramp))
+
+    def sample(self, step: int, gen: torch.Generator) -> torch.Tensor:
+        k = self.n - self.off_now(step)
+        scale = self.opts.noise * (1 - step / max(1, self.opts.steps - 1)) if self.opts.steps > 1 else 0.0
+        u = torch.rand(self.n, generator=gen).clamp(EPS, 1 - EPS).to(self.logits.device)
+        noisy = self.logits.detach() - scale * (-u.log()).log()  # + scale * Gumbel(0, 1)
+        hard = torch.zeros(self.n, device=self.logits.device)
+        hard[_top(noisy, k)] = 1.0
+        soft = self.keep * torch.softmax(self.logits, dim=0)
+        return hard + soft - soft.detach()
+
+    def penalty(self, step: int) -> tuple[torch.Tensor, dict]:
+        return self.logits.new_zeros(()), {"switched_off": self.off_now(step)}
+
+    def after_step(self) -> None:
+        pass
+
+    @torch.no_grad()
+    def values(self) -> torch.Tensor:
+        """The soft gate sigmoid(logit - threshold), threshold midway between the k-th and the
+        (k+1)-th logit: above 0.5 exactly for the layers the final mask keeps."""
+        order = torch.sort(self.logits.detach(), descending=True).values
+        mid = (order[self.keep - 1] + order[self.keep]) / 2 if self.keep < self.n else order[-1] - 1
+        return torch.sigmoid(self.logits.detach() - mid)
+
+    @torch.no_grad()
+    def scores(self) -> torch.Tensor:
+        return self.logits.detach().clone()
+
+
+class SoftGates(nn.Module):
+    """Sigmoid gates, a budget penalty on their sum and a polarising term (for comparison)."""
+
+    def __init__(self, num_layers: int, keep: int, opts: GateOptions):
+        super().__init__()
+        self.n, self.keep, self.opts = num_layers, keep, opts
+        self.logits = nn.Parameter(torch.full((num_layers,), float(opts.init)))
+
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        return [torch.optim.Adam([self.logits], lr=self.opts.lr)]
+
+    def sample(self, step: int, gen: torch.Generator) -> torch.Tensor:
+        return torch.sigmoid(self.logits)
+
+    def penalty(self, step: int) -> tuple[torch.Tensor, dict]:
+        g = torch.sigmoid(self.logits)
+        budget = ((g.sum() - self.keep) / self.n) ** 2
+        polar = (g * (1 - g)).mean()
+        ramp = _ramp(step, self.opts.steps, self.opts.ramp)
+        loss = self.opts.budget_weight * budget + self.opts.polar_weight * ramp * polar
+        return loss, {"budget": budget.item(), "polar": polar.item(), "sum_g": g.sum().item()}
+
+    def after_step(self) -> None:
+        pass
+
+    @torch.no_grad()
+    def values(self) -> torch.Tensor:
+        return torch.sigmoid(self.logits.detach())
+
+    @torch.no_grad()
+    def scores(self) -> torch.Tensor:
+        return self.logits.detach().clone()
+
+
+GATES = {"hard-concrete": HardConcreteGates, "topk": TopKGates, "soft": SoftGates}
+
+
+def _top(scores: torch.Tensor, k: int) -> list[int]:
+    """Indices of the k highest scores, the complement of ``lowest_gated`` (same tie rule)."""
+    low = set(lowest_gated(scores.tolist(), scores.numel() - k))
+    return [l for l in range(scores.numel()) if l not in low]
+
+
+# --- training -------------------------------------------------------------------------------
 
 
 @contextmanager
@@ -150,6 +315,16 @@ def _frozen(model: nn.Module):
             p.requires_grad_(flag)
 
 
+@dataclass
+class TrainedGates:
+    """One round's outcome: final gates (0/1 for hard types), ranking scores, the log."""
+
+    gates: list[float]
+    scores: list[float]
+    removed: list[int]  # local indices of the lowest-scored layers
+    log: list[dict]
+
+
 def train_gates(
     model: nn.Module,
     arch: Architecture,
@@ -160,56 +335,101 @@ def train_gates(
     teacher: torch.Tensor | None = None,
     progress: bool = True,
     desc: str = "training layer gates",
-) -> tuple[list[float], list[dict]]:
+) -> TrainedGates:
     """Train one gate per layer of ``model`` (weights frozen) toward keeping ``keep`` layers.
 
-    Returns the final gate values and the loss log (one entry per step).
+    ``teacher``: the original's log-probabilities on ``input_ids`` (``reference_log_probs``).
     """
     from tqdm.auto import tqdm
+
+    from ..models.loading import input_device
 
     opts = opts or GateOptions()
     opts.validate()
     n = len(decoder_layers(model, arch))
     if not 0 < keep <= n:
         raise LayerfoldError(f"cannot keep {keep} of {n} layers")
-    device = next(model.parameters()).device
+    device = input_device(model)
     if teacher is None:
-        teacher = teacher_log_probs(model, input_ids, opts.batch_size)
-    gates = LayerGates(n, opts.init).to(device)
-    optim = torch.optim.Adam(gates.parameters(), lr=opts.lr)
+        teacher = reference_log_probs(model, input_ids, opts.batch_size)
+    gates = GATES[opts.gate_type](n, keep, opts).to(device)
+    optimizers = gates.optimizers()
     gen = torch.Generator().manual_seed(opts.seed)
+    values = GateValues(n)
     log: list[dict] = []
     was_training = model.training
     model.eval()  # no dropout: the gates should see the model as it will be used
     bar = tqdm(range(opts.steps), desc=desc, unit="step", disable=not progress)
     try:
-        with _frozen(model), gates.attached(model, arch):
+        with _frozen(model), gated(model, arch, values):
             for step in bar:
                 rows = torch.randperm(input_ids.shape[0], generator=gen)[: opts.batch_size]
+                values.z = gates.sample(step, gen)
                 logits = model(input_ids=input_ids[rows].to(device), use_cache=False).logits
-                kl = kl_to_teacher(logits, teacher[rows].to(device))
-                g = gates.values()
-                budget = ((g.sum() - keep) / n) ** 2
-                ramp = min(1.0, (step + 1) / max(1.0, opts.polar_ramp * opts.steps))
-                polar = (g * (1 - g)).mean()
-                loss = kl + opts.budget_weight * budget + opts.polar_weight * ramp * polar
-                optim.zero_grad(set_to_none=True)
+                kl = kl_terms(logits, teacher[rows].to(logits.device)).mean()
+                penalty, info = gates.penalty(step)
+                loss = kl + penalty.to(kl.device)
+                for o in optimizers:
+                    o.zero_grad(set_to_none=True)
                 loss.backward()
-                optim.step()
-                entry = {"step": step + 1, "loss": loss.item(), "kl": kl.item(),
-                         "budget": budget.item(), "polar": polar.item(), "sum_g": g.sum().item()}
+                for o in optimizers:
+                    o.step()
+                gates.after_step()
+                entry = {"step": step + 1, "loss": loss.item(), "kl": kl.item(), **info,
+                         "off": int((values.z.detach() == 0).sum()),
+                         "gates": [round(v, 5) for v in gates.values().tolist()]}
                 log.append(entry)
-                bar.set_postfix(kl=f"{entry['kl']:.3f}", sum_g=f"{entry['sum_g']:.1f}")
+                bar.set_postfix(kl=f"{entry['kl']:.3f}", off=entry["off"])
     finally:
         bar.close()
         model.train(was_training)
-    return gates.values().detach().cpu().tolist(), log
+        values.z = torch.ones(n)
+    scores = gates.scores().cpu()
+    kept = set(_top(scores, keep))
+    removed = [l for l in range(n) if l not in kept]
+    if opts.gate_type == "soft":
+        final = gates.values().cpu().tolist()
+    else:  # the deterministic top-k: exactly ``keep`` layers stay
+        final = [1.0 if l in kept else 0.0 for l in range(n)]
+    return TrainedGates(final, scores.tolist(), removed, log)
 
 
 def lowest_gated(gates: Sequence[float], n_remove: int) -> list[int]:
     """Indices of the ``n_remove`` lowest gates (ties broken toward later layers staying)."""
     order = sorted(range(len(gates)), key=lambda l: (gates[l], l))
     return sorted(order[:n_remove])
+
+
+# --- the ranking, and its check against Block Influence --------------------------------------
+
+
+@dataclass
+class GateResult:
+    """Final gate values per original layer (0/1 for hard-concrete and topk; NaN for layers
+    removed in an earlier round), the ranking scores behind them, and the check."""
+
+    gates: list[float]
+    removed: list[int]  # original indices, in the order they were removed
+    rounds: list[dict] = field(default_factory=list)  # per round: layers, gates, loss curve
+    options: dict = field(default_factory=dict)
+    scores: list[float] = field(default_factory=list)  # higher = keep (log a, or logits)
+    check: dict | None = None  # held-out calibration KL of this choice and of Block Influence's
+
+    def importance(self) -> list[float]:
+        """One number per original layer, higher = more important (for choosing which member
+        of a shared group gives its weights): the scores where there are, else the gates."""
+        return self.scores if self.scores else self.gates
+
+    def to_dict(self) -> dict:
+        clean = lambda xs: [None if isinstance(x, float) and math.isnan(x) else x for x in xs]  # noqa: E731
+        return {
+            "gates": clean(self.gates),
+            "removed": self.removed,
+            "scores": clean(self.scores),
+            "check": self.check,
+            "rounds": self.rounds,
+            "options": self.options,
+        }
 
 
 def gate_ranking(
@@ -219,14 +439,19 @@ def gate_ranking(
     n_remove: int,
     opts: GateOptions | None = None,
     *,
+    heldout: torch.Tensor | None = None,
+    block_influence_removed: Sequence[int] | None = None,
     progress: bool = True,
 ) -> GateResult:
     """Train gates toward removing ``n_remove`` layers, in ``opts.rounds`` rounds.
 
     Each round trains gates on the layers still present (with the original, full model as the
-    teacher throughout), then removes its share of the lowest-gated layers from a working copy.
-    The input model is not modified. Final gates are those of the last round; layers removed
-    earlier keep the gate value they had when they were removed.
+    teacher throughout), then removes its share of the lowest-ranked layers from a working
+    copy. The input model is not modified. Layers removed in an earlier round keep the gate
+    and score they had then.
+
+    ``heldout``: rows the gates never saw; the choice is then compared with Block Influence's
+    (``block_influence_removed``, or computed here on ``input_ids``) by ``check_choice``.
     """
     import copy
 
@@ -238,25 +463,71 @@ def gate_ranking(
     if not 0 < n_remove < n:
         raise LayerfoldError(f"cannot remove {n_remove} of {n} layers (choose 1 to {n - 1})")
     rounds = min(opts.rounds, n_remove)
-    teacher = teacher_log_probs(model, input_ids, opts.batch_size)
+    teacher = reference_log_probs(model, input_ids, opts.batch_size)
     work = model if rounds == 1 else copy.deepcopy(model)
     alive = list(range(n))  # original index of each layer of ``work``
     final = [math.nan] * n
+    scores = [math.nan] * n
     removed: list[int] = []
     log_rounds = []
     for r in range(rounds):
         share = n_remove * (r + 1) // rounds - n_remove * r // rounds
-        target_keep = n - n_remove  # the budget always aims at the final size
+        keep_now = len(alive) - share
         desc = "training layer gates" + (f" (round {r + 1}/{rounds})" if rounds > 1 else "")
-        values, log = train_gates(work, arch, input_ids, target_keep, opts, teacher=teacher,
-                                  progress=progress, desc=desc)
-        drop_local = lowest_gated(values, share)
+        # the constraint aims at this round's size; the soft budget always at the final size
+        keep = n - n_remove if opts.gate_type == "soft" else keep_now
+        t = train_gates(work, arch, input_ids, keep, opts, teacher=teacher, progress=progress, desc=desc)
+        drop_local = lowest_gated(t.scores, share)
         for i, l in enumerate(alive):
-            final[l] = values[i]
+            final[l], scores[l] = t.gates[i], t.scores[i]
         drop = [alive[i] for i in drop_local]
         removed += drop
-        log_rounds.append({"layers": list(alive), "gates": values, "removed": drop, "log": log})
+        log_rounds.append({"layers": list(alive), "gates": t.gates, "scores": t.scores, "removed": drop,
+                           "log": t.log})
         if r < rounds - 1:
             remove_layers(work, arch, drop_local)
             alive = [l for i, l in enumerate(alive) if i not in set(drop_local)]
-    return GateResult(final, removed, log_rounds, asdict(opts))
+    result = GateResult(final, removed, log_rounds, asdict(opts), scores)
+    if heldout is not None:
+        if block_influence_removed is None:
+            block_influence_removed = block_influence_choice(model, arch, input_ids, n_remove, progress=progress)
+        result.check = check_choice(model, arch, heldout, {"gates": sorted(removed),
+                                                            "block_influence": sorted(block_influence_removed)})
+    return result
+
+
+def block_influence_choice(model, arch, input_ids: torch.Tensor, n_remove: int, *, progress: bool = True) -> list[int]:
+    """ShortGPT's choice: the ``n_remove`` layers of lowest Block Influence on ``input_ids``."""
+    from ..methods.pruning import block_influence
+    from . import measure_similarity
+
+    return block_influence(measure_similarity(model, arch, input_ids, progress=progress), n_remove)
+
+
+@torch.no_grad()
+def check_choice(model, arch, heldout: torch.Tensor, choices: dict[str, Sequence[int]],
+                 reference: torch.Tensor | None = None) -> dict:
+    """For each named choice of layers to remove: KL to the original, top-1 agreement and
+    perplexity on ``heldout`` with those layers switched off (which equals removing them)."""
+    n = len(decoder_layers(model, arch))
+    if reference is None:
+        reference = reference_log_probs(model, heldout)
+    out = {}
+    for name, removed in choices.items():
+        with gated(model, arch, switched_off(n, removed)):
+            fit = compare_to_reference(model, heldout, reference)
+        out[name] = {"removed": sorted(removed), "kl": fit.kl, "top1": fit.top1, "ppl": fit.ppl}
+    out["reference_ppl"] = fit.reference_ppl
+    out["rows"], out["tokens"] = fit.rows, fit.tokens
+    return out
+
+
+def describe_check(check: dict | None) -> str:
+    """One line: the gates' choice against Block Influence's, by held-out calibration KL."""
+    if not check:
+        return ""
+    g, b = check["gates"], check["block_influence"]
+    verdict = "gates better" if g["kl"] < b["kl"] else ("the same" if g["kl"] == b["kl"] else "Block Influence better")
+    return (f"held-out KL to the original ({check['rows']} rows): gates' choice {g['kl']:.4f} "
+            f"(ppl {g['ppl']:.1f}, layers {g['removed']}), Block Influence's {b['kl']:.4f} "
+            f"(ppl {b['ppl']:.1f}, layers {b['removed']}): {verdict}")

@@ -6,7 +6,8 @@
    weight; norms and biases stay per layer (``nn.shared``).
 4. Cure: a short fine-tune of the shared weights and the per-layer parameters with the
    original model as teacher, on logit KL plus tail-layer distillation (MSE between the
-   last k layers' outputs of student and teacher), through the project's one training loop
+   outputs of the student's last k layers and of the teacher layers they came from, the
+   layer map ``kept``), through the project's one training loop
    (``layerfold.train``).
 
 The paper publishes no hyperparameters and no code; every default below is ours and the
@@ -90,6 +91,10 @@ class FoldGPTOptions:
     share_init: str = field(default="important", metadata={
         "help": "shared weights start as the highest-gated member's, or the members' mean", "choices": SHARE_INITS,
         "flag": "--share-init"})
+    delta_rank: int = field(default=0, metadata={
+        "help": "give every member of a shared group its own rank-r delta on each shared matrix, initialised "
+                "from the truncated SVD of its difference to the shared weight (0: none; Python API only "
+                "until shared folders can store deltas)", "flag": "--delta-rank"})
     cure: CureOptions = field(default_factory=CureOptions, metadata={
         "help": "FoldGPT's cure: logit KL + tail-layer distillation to the original (checkpoints: --checkpoint-dir)",
         "prefix": "cure-"})
@@ -101,6 +106,8 @@ class FoldGPTOptions:
             raise LayerfoldError(f"--group-size must be at least 1 (got {self.group_size})")
         if self.share_init not in SHARE_INITS:
             raise LayerfoldError(f"--share-init must be one of {', '.join(SHARE_INITS)}")
+        if self.delta_rank < 0:
+            raise LayerfoldError(f"the delta rank must be 0 or more (got {self.delta_rank})")
 
 
 @dataclass
@@ -132,11 +139,13 @@ def fold(
     progress: bool = True,
     gates: GateResult | None = None,
     checkpoints: Checkpoints | None = None,
+    heldout: torch.Tensor | None = None,
 ) -> FoldGPTResult:
     """Run FoldGPT on ``loaded.model`` in place; returns what was done.
 
     ``gates``: a ranking already trained on this model for ``n_remove`` (``analyze --gates``
-    prints one); by default the gates are trained here."""
+    prints one); by default the gates are trained here, and ``heldout`` rows check their
+    choice against Block Influence's (``GateResult.check``)."""
     opts.validate()
     model, arch = loaded.model, loaded.arch
     n = len(decoder_layers(model, arch))
@@ -146,7 +155,7 @@ def fold(
 
     # 1-2. gates, then removal of the lowest-gated layers
     if gates is None:
-        gates = gate_ranking(model, arch, calib_ids, n_remove, opts.gates, progress=progress)
+        gates = gate_ranking(model, arch, calib_ids, n_remove, opts.gates, heldout=heldout, progress=progress)
     elif len(gates.removed) != n_remove or len(gates.gates) != n:
         raise LayerfoldError(f"the given gates remove {len(gates.removed)} of {len(gates.gates)} layers, "
                              f"not {n_remove} of {n}")
@@ -155,14 +164,15 @@ def fold(
 
     # 3. group parameter sharing of the retained layers
     groups = choose_groups(len(kept), opts)
-    share_groups(model, arch, groups, init=opts.share_init, importance=[gates.gates[l] for l in kept])
+    share_groups(model, arch, groups, init=opts.share_init, importance=[gates.importance()[l] for l in kept],
+                 delta_rank=opts.delta_rank)
 
     # 4. cure
     cure = None
     if cure_on:
         if cure_ids is None:
             raise LayerfoldError("the cure needs training text")
-        cure = run_cure(model, teacher, arch, cure_ids, opts.cure, log_file=log_file, progress=progress,
+        cure = run_cure(model, teacher, arch, cure_ids, opts.cure, kept=kept, log_file=log_file, progress=progress,
                         checkpoints=checkpoints)
         del teacher
     return FoldGPTResult(
@@ -177,10 +187,11 @@ def fold(
     )
 
 
-def run_cure(model, teacher, arch, ids: torch.Tensor, opts: CureOptions, *, log_file: str | None = None,
-             progress: bool = True, checkpoints: Checkpoints | None = None) -> dict:
+def run_cure(model, teacher, arch, ids: torch.Tensor, opts: CureOptions, *, kept=None,
+             log_file: str | None = None, progress: bool = True, checkpoints: Checkpoints | None = None) -> dict:
     """Fine-tune every decoder-layer parameter (shared weights once, per-layer norms) of
-    ``model`` toward ``teacher``: logit KL + tail-layer MSE. Embeddings and lm_head stay."""
+    ``model`` toward ``teacher``: logit KL + tail-layer MSE, student layer j against teacher
+    layer ``kept[j]`` (the layer map). Embeddings and lm_head stay."""
     from ..train import HiddenMSE, LogitKL, TrainConfig, tail_map, train
 
     losses = []
@@ -188,7 +199,7 @@ def run_cure(model, teacher, arch, ids: torch.Tensor, opts: CureOptions, *, log_
         losses.append(LogitKL(weight=opts.kl_weight, temperature=opts.temperature))
     if opts.tail_layers > 0 and opts.tail_weight > 0:
         k = min(opts.tail_layers, len(decoder_layers(model, arch)))
-        losses.append(HiddenMSE(tail_map(k), weight=opts.tail_weight))
+        losses.append(HiddenMSE(tail_map(k, kept), weight=opts.tail_weight))
     if not losses:
         raise LayerfoldError("the cure has no loss: give --kl-weight or --tail-layers/--tail-weight above 0")
     config = TrainConfig(

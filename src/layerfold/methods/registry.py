@@ -271,7 +271,8 @@ def apply_plan(plan: Plan, loaded, ids: torch.Tensor | None, opts: CompressOptio
     if plan.groups:
         from ..nn.shared import share_groups
 
-        gates = evidence.gates.gates if evidence.gates is not None else None
+        # the gates end at 0/1; their scores (log a, logits) still rank the kept layers
+        gates = evidence.gates.importance() if evidence.gates is not None else None
         importance = [gates[s] for s in plan.layer_map.sources] if gates is not None else None
         share_groups(model, arch, plan.groups, init=opts.foldgpt.share_init, importance=importance)
     applied.seconds["apply"] = time.perf_counter() - t

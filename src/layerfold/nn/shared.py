@@ -5,6 +5,14 @@ and MLP projections: all the large matrices) is one ``nn.Parameter`` object used
 member. Norms, biases and anything else stay per layer. Sharing divides the stored
 parameters of a group by its size; compute per token does not change.
 
+Optionally (``delta_rank`` r > 0) every member keeps some freedom: its linear layers become
+``LowRankDeltaLinear``, the shared weight plus a rank-r delta B A of its own, initialised from
+the truncated SVD of the member's difference to the shared weight, so the member starts as
+the best rank-r correction toward its original weight (Relaxed Recursive Transformers, arXiv
+2410.20672; FlexiGPT, arXiv 2501.14713). The deltas are ordinary parameters: stored
+parameters count them. (Saving them is not done yet: the storage knows only shared plain
+linear layers.)
+
 How a shared model is stored and loaded (each shared tensor once, a sharing map in
 ``config.json``) is ``layerfold.export.shared``; materialising the shared tensors again is
 ``layerfold.export.unfold``.
@@ -79,14 +87,19 @@ def share_groups(
     *,
     init: str = "important",
     importance: Sequence[float] | None = None,
+    delta_rank: int = 0,
 ) -> dict[str, str]:
     """Make the layers of each group use one Parameter per linear weight.
 
     ``init``: ``important`` copies the weights of the member with the highest ``importance``
     (e.g. its FoldGPT gate; without scores, the first member), ``mean`` averages the members.
-    The shared Parameter lives in the group's first layer. Returns the map of parameter
-    names: each non-first member's name -> the first member's (names relative to the model).
+    The shared Parameter lives in the group's first layer. ``delta_rank`` > 0 gives every
+    member of a group its own rank-``delta_rank`` delta (see the module docstring). Returns the
+    map of parameter names: each non-first member's name -> the first member's (names
+    relative to the model).
     """
+    if delta_rank < 0:
+        raise LayerfoldError(f"the delta rank must be 0 or more (got {delta_rank})")
     if init not in SHARE_INITS:
         raise LayerfoldError(f"--share-init must be one of {', '.join(SHARE_INITS)} (got {init!r})")
     layers = decoder_layers(model, arch)
@@ -118,12 +131,50 @@ def share_groups(
             else:
                 value = getattr(*members[best][rel])
             shared = nn.Parameter(value.to(params[0].dtype).clone(), requires_grad=params[0].requires_grad)
-            for l in group:
+            originals = [p.detach().clone() for p in params] if delta_rank else []
+            for i, l in enumerate(group):
                 mod, attr = members[l][rel]
                 setattr(mod, attr, shared)
                 if l != owner:
                     tied[f"{arch.layers}.{l}.{rel}"] = f"{arch.layers}.{owner}.{rel}"
+                if delta_rank:
+                    module_name = rel.rpartition(".")[0]
+                    parent_name, _, child = module_name.rpartition(".")
+                    parent = layers[l].get_submodule(parent_name) if parent_name else layers[l]
+                    setattr(parent, child, LowRankDeltaLinear(mod, originals[i], delta_rank))
     return tied
+
+
+class LowRankDeltaLinear(nn.Linear):
+    """A linear layer of a shared group: the group's weight W (the same Parameter in every
+    member) plus this member's own rank-r delta, W_eff = W + B A.
+
+    Built from the member's linear layer after sharing and its original weight W_0: B A is
+    the truncated SVD of W_0 - W (B = U_r S_r, A = V_r^T), the closest rank-r matrix to the
+    difference. Where the difference is 0 (the member that gave its weights) B starts at 0
+    and A at orthonormal rows, like a LoRA adapter, so the delta can still train.
+    """
+
+    def __init__(self, base: nn.Linear, original: torch.Tensor, rank: int):
+        nn.Module.__init__(self)  # not nn.Linear's: the weight is the shared one, not a new one
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight, self.bias = base.weight, base.bias
+        diff = original.float() - base.weight.detach().float()
+        u, s, vh = torch.linalg.svd(diff, full_matrices=False)
+        r = min(rank, s.numel())
+        dtype, grad = base.weight.dtype, base.weight.requires_grad
+        self.delta_b = nn.Parameter((u[:, :r] * s[:r]).to(dtype), requires_grad=grad)  # [out, r]
+        self.delta_a = nn.Parameter(vh[:r].contiguous().to(dtype), requires_grad=grad)  # [r, in]
+
+    def effective_weight(self) -> torch.Tensor:
+        return self.weight + self.delta_b @ self.delta_a
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, self.weight, self.bias) + nn.functional.linear(
+            nn.functional.linear(x, self.delta_a), self.delta_b)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, delta_rank={self.delta_a.shape[0]}"
 
 
 def shared_parameter_map(model: nn.Module, exclude: Sequence[str] = ()) -> dict[str, str]:

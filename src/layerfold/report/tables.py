@@ -35,9 +35,14 @@ def importance_table(scores: LayerScores, block_sizes: list[int]) -> str:
         k = len(scores.extra.get("gates_removed", []))
         by_bi = sorted(sorted(range(L), key=lambda l: (bi[l], l))[:k])
         removed = scores.extra.get("gates_removed", [])
-        lines.append("gate: FoldGPT's learned gate (all layers trained jointly, weights frozen), low = removable.")
+        lines.append("gate: FoldGPT's learned gate (all layers trained jointly, weights frozen), low = removable "
+                     "(hard-concrete and topk gates end at exactly 0 or 1).")
         lines.append(f"Remove {k} by gates: {removed}; by BI: {by_bi}; "
                      f"agree on {len(set(removed) & set(by_bi))} of {k}.")
+        if scores.extra.get("gates_check"):
+            from ..importance.gates import describe_check
+
+            lines.append("Check: " + describe_check(scores.extra["gates_check"]))
     best = []
     for n in sizes:
         if n < L:

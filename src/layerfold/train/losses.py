@@ -10,6 +10,7 @@ last entry of ``output_hidden_states``, which already has the final norm applied
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -121,8 +122,9 @@ class HiddenMSE(Loss):
     """MSE between student and teacher decoder-layer outputs, for aligned layer pairs.
 
     ``layer_map`` maps a student layer index to the teacher layer whose output it should
-    reproduce. Negative indices count from the end, so ``tail_map(3)`` aligns the last
-    three layers of each (FoldGPT's tail-layer distillation). With ``relative`` (default)
+    reproduce. Negative indices count from the end; ``tail_map(3, kept)`` aligns the last
+    three layers of the student with the teacher layers they came from (FoldGPT's
+    tail-layer distillation). With ``relative`` (default)
     each pair's MSE is divided by the teacher output's mean square, so layers with large
     activations do not dominate and the weight means the same on any model.
     """
@@ -156,7 +158,28 @@ class HiddenMSE(Loss):
                 "relative": self.relative}
 
 
-def tail_map(k: int) -> dict[int, int]:
-    """Align the last ``k`` layers of student and teacher: {-1: -1, -2: -2, ...}."""
-    return {-i: -i for i in range(1, k + 1)}
+def tail_map(k: int, kept: Sequence[int | None] | None = None) -> dict[int, int]:
+    """Tail-layer distillation pairs: each of the student's last ``k`` layers -> the teacher
+    layer whose output it should reproduce.
 
+    ``kept`` is the layer map of the surgery (``kept[j]``: the original index of student layer
+    j). Student layer j is matched to teacher layer ``kept[j]``, the layer it came from, and
+    the student's last layer to the teacher's last (the final output to the final output).
+    A replacement module (``kept[j]`` None, LLM-Streamline) stands for the block it replaced,
+    so it is matched to the last layer of that block, the one before the next kept layer.
+    Without a map (nothing removed) this is {-1: -1, ..., -k: -k}.
+    """
+    if kept is None:
+        return {-i: -i for i in range(1, k + 1)}
+    m = len(kept)
+    pairs = {}
+    for j in range(max(0, m - k), m):
+        if j == m - 1:
+            pairs[j] = -1
+        elif kept[j] is not None:
+            pairs[j] = kept[j]
+        elif kept[j + 1] is not None:
+            pairs[j] = kept[j + 1] - 1
+        else:
+            raise ValueError(f"layer map {list(kept)}: two replaced blocks in a row; tail layers are ambiguous")
+    return pairs
