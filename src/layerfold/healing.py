@@ -435,7 +435,7 @@ def _add_lora(model: nn.Module, opts: HealOptions) -> nn.Module:
     try:
         from peft import LoraConfig, get_peft_model
     except ImportError:
-        raise LayerfoldError("LoRA healing needs the 'peft' package: pip install 'layerfold[heal]'") from None
+        raise LayerfoldError("LoRA healing needs the 'peft' package: pip install 'peft>=0.11' (a core dependency of layerfold)") from None
     targets = "all-linear" if opts.lora_modules == "all-linear" else [m.strip() for m in opts.lora_modules.split(",") if m.strip()]
     config = LoraConfig(r=opts.lora_rank, lora_alpha=opts.lora_alpha, lora_dropout=0.0, target_modules=targets,
                         bias="none", task_type="CAUSAL_LM")
