@@ -28,7 +28,7 @@ from ..data.pairs import STORAGE_DTYPES, PairStore
 from ..errors import LayerfoldError
 from ..importance import LayerScores
 from ..importance.layer_pass import layer_arguments, layer_pass, run_layer
-from ..models.architectures import Architecture
+from ..models.architectures import Architecture, cache_anchor_layers
 from ..models.layer_map import LayerMap
 from ..models.lazy import layer_weights, materialize, return_freed_memory
 from ..models.surgery import count_parameters, decoder_layers, decoder_parameters, replace_block
@@ -312,12 +312,19 @@ def train_in_place(
 # -- the whole method ------------------------------------------------------------------
 
 
-def check_block(spec: ReplacementSpec, start: int) -> None:
-    """What a block choice must satisfy for the replacement (checked when planning)."""
-    if spec.kind == "ffn" and start == 0:
-        # the KV cache reads the sequence length from layer 0, which a plain FFN never fills
-        raise LayerfoldError("the chosen block starts at layer 0, where a plain FFN breaks generation "
-                             "with the KV cache; use --replacement swiglu or layer")
+def check_block(spec: ReplacementSpec, start: int, config, arch: Architecture) -> None:
+    """What a block choice must satisfy for the replacement (checked when planning).
+
+    A plain FFN keeps no KV cache; transformers reads the cached length and each attention
+    type's mask geometry from the first layer of that type, so the FFN must not take one of
+    those slots (layers before the block are unchanged, so the slot's anchors are the original's).
+    """
+    if spec.kind != "ffn":
+        return
+    anchors = {i: kind for kind, i in cache_anchor_layers(config, arch).items()}
+    if start in anchors:
+        raise LayerfoldError(f"the chosen block starts at layer {start}, the first {anchors[start]} layer, where a "
+                             "plain FFN breaks generation with the KV cache; use --replacement swiglu or layer")
 
 
 def streamline(
@@ -346,7 +353,7 @@ def streamline(
     opts.validate()
     window = block_window(decoder_parameters(model, arch), replacement_size(model, arch, opts.spec), remove, sparsity)
     start = choose_block(scores, window)
-    check_block(opts.spec, start)
+    check_block(opts.spec, start, model.config, arch)
     return replace_and_train(model, arch, ids, start, window, opts, block_cosine=scores.cosine[start][window],
                              work_dir=work_dir, log_path=log_path, progress=progress, batch_size=batch_size,
                              store=store, checkpoints=checkpoints)
@@ -371,6 +378,7 @@ def replace_and_train(
     """Steps 2-5 for the block ``start .. start+window-1``: collect its pairs, put the
     replacement in its first slot, train it."""
     opts.validate()
+    check_block(opts.spec, start, model.config, arch)
     seconds: dict[str, float] = {}
     spec = opts.spec
     removed = list(range(start + 1, start + window)) if window > 1 else []
