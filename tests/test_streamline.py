@@ -26,6 +26,11 @@ from layerfold.pipeline import CompressOptions, ModelOptions, compress
 from layerfold.train import TrainConfig, lr_factor
 
 
+def _text(path, seq_len=16):
+    """Training text read from a file (self-written text would make each test generate it)."""
+    return CalibrationSpec(source=path, seq_len=seq_len, seed=1)
+
+
 def _ids(n=12, T=16, seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.randint(3, 259, (n, T), generator=g)
@@ -91,7 +96,7 @@ def test_sparsity_reports_exact_parameters(tmp_path, tiny_model_dir, text_file):
     r = compress(CompressOptions(
         model=ModelOptions(tiny_model_dir("llama")), selection=SelectionOptions(method="streamline", sparsity=0.3),
         data=CalibrationSpec(source=text_file, samples=6, seq_len=16), output=OutputOptions(str(tmp_path / "o")),
-        progress=False, repair=StreamlineOptions(replacement="ffn", ffn_width=16, train_tokens=32),
+        progress=False, repair=StreamlineOptions(replacement="ffn", ffn_width=16, train_tokens=32, data=_text(text_file)),
     ), loaded=loaded)
     sl = r.streamline
     ffn = 2 * 64 * 16 + 16 + 64 + 64  # up, up bias, down bias, norm
@@ -207,7 +212,7 @@ def test_saved_model_reloads_with_same_logits(tmp_path, tiny_model_dir, text_fil
     r = compress(CompressOptions(
         model=ModelOptions(tiny_model_dir(model_type)), selection=SelectionOptions(method="streamline", remove=2),
         data=CalibrationSpec(source=text_file, samples=6, seq_len=16), output=OutputOptions(str(tmp_path / "o")),
-        progress=False, repair=StreamlineOptions(replacement=replacement, train_tokens=64),
+        progress=False, repair=StreamlineOptions(replacement=replacement, train_tokens=64, data=_text(text_file)),
     ), loaded=loaded)
     assert (r.output / "training_log.jsonl").exists() == (replacement != "none")
     reloaded = AutoModelForCausalLM.from_pretrained(r.output, trust_remote_code=replacement == "ffn").eval()
@@ -231,7 +236,7 @@ def test_cli_streamline_writes_log_and_record(tmp_path, tiny_model_dir, text_fil
                                         "gold": 0}) + "\n" for i in range(5)))
     code = main(["-q", "compress", tiny_model_dir("llama"), "--method", "streamline", "--remove", "2",
                  "--calib", text_file, "--calib-samples", "6", "--seq-len", "16", "--train-tokens", "64",
-                 "--pair-dtype", "fp32", "--eval-tasks", str(task), "--eval-limit", "4", "-o", str(out)])
+                 "--train-data", text_file, "--train-seq-len", "16", "--pair-dtype", "fp32", "--eval-tasks", str(task), "--eval-limit", "4", "-o", str(out)])
     stdout = capsys.readouterr().out
     assert code == 0
     assert "6 -> 4" in stdout and "training" in stdout
