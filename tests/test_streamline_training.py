@@ -73,9 +73,9 @@ def test_self_written_training_text_is_the_healing_text_not_the_calibration(tiny
     loaded = load_model(tiny_model_dir("llama"))
     opts = StreamlineOptions(train_tokens=32, val_rows=2, data=CalibrationSpec(seq_len=8, seed=1))
     text = training_text(opts, loaded, progress=False)
-    assert text.ids.shape == (4, 8) and text.source == "self" and HEAL_SEED == 1
-    healing = load_calibration(CalibrationSpec(seed=HEAL_SEED, samples=4, seq_len=8), loaded, progress=False)
-    calibration = load_calibration(CalibrationSpec(seed=0, samples=4, seq_len=8), loaded, progress=False)
+    assert text.ids.shape == (6, 8) and (text.train, text.val) == (4, 2) and text.source == "self" and HEAL_SEED == 1
+    healing = load_calibration(CalibrationSpec(seed=HEAL_SEED, samples=6, seq_len=8), loaded, progress=False)
+    calibration = load_calibration(CalibrationSpec(seed=0, samples=6, seq_len=8), loaded, progress=False)
     assert torch.equal(text.ids, healing) and not torch.equal(text.ids, calibration)
 
 
