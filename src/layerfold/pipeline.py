@@ -32,6 +32,7 @@ from .methods.plan import Plan
 from .methods.registry import Applied, Evidence, apply_plan, layers_to_select, make_plan
 from .methods.streamline import StreamlineResult
 from .models.card import model_card
+from .export.mergekit import MERGEKIT_FILE
 from .models.layer_map import LayerMap
 from .models.loading import EMBEDDED_NAME, LoadedModel, ModelOptions, load_model, locate_model
 from .models.saving import check_output_dir, folder_bytes, save_model_folder
@@ -445,9 +446,11 @@ class _Compression:
             summary += "\n\n" + records.evaluation_table(before, after, o.evaluation.limit)
         recipe_yaml = recipes.to_yaml(o)
         layer_map = applied.layer_map.to_list()
+        mergekit = self._mergekit(loaded, applied.layer_map, plan, heal_summary is not None or cure is not None)
+        outputs = _checked_outputs(mergekit=MERGEKIT_FILE if mergekit else None)
         card = model_card(base_model=loaded.base_model, command=o.command(), recipe=what, layer_map=layer_map,
                           params_before=plan.params_before, params_after=params_after,
-                          layers_before=plan.layers_before, summary=summary, recipe_yaml=recipe_yaml)
+                          layers_before=plan.layers_before, summary=summary, recipe_yaml=recipe_yaml, outputs=outputs)
         record = {
             "layerfold_version": records.version(),
             "base_model": loaded.base_model,
@@ -481,6 +484,8 @@ class _Compression:
             files.pop("training_log.jsonl")
         files["layerfold.json"] = json.dumps(record, indent=2, default=str) + "\n"
         files[recipes.RECIPE_FILE] = recipe_yaml
+        if mergekit:
+            files[MERGEKIT_FILE] = mergekit
         t = time.perf_counter()
         if plan.groups and any(len(g) > 1 for g in plan.groups):
             from .export.shared import save_shared_folder
@@ -491,10 +496,11 @@ class _Compression:
         self._timed("save", t)
         extra = {}
         if o.gguf.enabled:
-            extra["gguf"] = self.save_gguf(loaded, out, card_text=lambda outputs: model_card(
+            extra["gguf"] = self.save_gguf(loaded, out, card_text=lambda g: model_card(
                 base_model=loaded.base_model, command=o.command(), recipe=what, layer_map=layer_map,
                 params_before=plan.params_before, params_after=params_after, layers_before=plan.layers_before,
-                summary=summary, recipe_yaml=recipe_yaml, outputs=outputs), layer_map=layer_map, source=loaded.source)
+                summary=summary, recipe_yaml=recipe_yaml, outputs=outputs + _checked_outputs(gguf=g)[1:]),
+                layer_map=layer_map, source=loaded.source)
         if after is not None and after.cost is not None:
             after.cost.bytes_on_disk = folder_bytes(out)
         report = _write_report(out, record, before, after) if o.evaluation.report else None
@@ -510,6 +516,22 @@ class _Compression:
             report=report, heal=heal_summary, extra=extra, plan=plan,
         )
 
+    def _mergekit(self, loaded: LoadedModel, layer_map: LayerMap, plan: Plan, healed: bool) -> str | None:
+        """``mergekit.yaml`` for a pure layer removal (None for replacements and sharing)."""
+        from .export.mergekit import dtype_name, is_pure_removal, mergekit_yaml
+
+        if not is_pure_removal(layer_map, plan.groups):
+            return None
+        source, note = str(loaded.source), None
+        if loaded.local_dir is not None and Path(source).expanduser().is_dir():
+            source = str(Path(source).expanduser().resolve())
+        elif source.startswith("embedded:") or source.lower().endswith(".gguf"):
+            note = ("mergekit reads Hugging Face folders, not GGUF: write one with `layerfold export "
+                    f"{'' if source.startswith('embedded:') else source + ' '}-o ORIGINAL --dtype fp32` and put its path "
+                    "in `model:`")
+        return mergekit_yaml(source, layer_map, dtype_name(next(loaded.model.parameters()).dtype), healed=healed,
+                             note=note)
+
     def save_gguf(self, loaded: LoadedModel, folder: Path, *, card_text, layer_map, source):
         """The GGUF file beside the finished folder (shared weights written out per layer); the
         folder's card then lists it with its check."""
@@ -520,7 +542,7 @@ class _Compression:
         plan = _gguf_plan(self.opts.gguf, loaded)
         r = _write_gguf(self.opts.gguf, loaded, plan, source=source, layer_map=layer_map, force=self.opts.output.force,
                         progress=self.opts.progress)
-        (folder / "README.md").write_text(card_text(_checked_outputs(gguf=r)), encoding="utf-8")
+        (folder / "README.md").write_text(card_text(r), encoding="utf-8")
         record_path = folder / "layerfold.json"
         record = json.loads(record_path.read_text(encoding="utf-8"))
         record["gguf"] = _gguf_record(r)
