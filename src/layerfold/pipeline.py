@@ -181,6 +181,8 @@ class _Compression:
             o.healing.validate()
         if self.repair.name == "replacement":
             o.repair.validate()
+        if self.repair.name == "linear":
+            o.linear.validate()
         if self.method.share or self.method.cure:
             o.foldgpt.validate()
             if o.foldgpt.delta_rank:
@@ -210,12 +212,14 @@ class _Compression:
         t = time.perf_counter()
         lazy = self.selection.needs != "gates" and not self.method.share
         loaded = loaded or _load(self.opts.model, lazy=lazy)
+        if self.repair.check is not None:  # before any calibration work
+            self.repair.check(loaded.arch)
         self._timed("load", t)
         return loaded
 
     def calibrate(self, loaded: LoadedModel):
         """The calibration text, where the selection or the repair reads it."""
-        needs = (self.selection.needs != "nothing" and not self.opts.selection.scores) or self.repair.slots > 0
+        needs = (self.selection.needs != "nothing" and not self.opts.selection.scores) or self.repair.needs_text
         if not needs:
             return None
         t = time.perf_counter()
@@ -281,6 +285,8 @@ class _Compression:
             stages.append("evaluate before")
         if self.repair.name == "none":
             stages.append("remove layers")
+        elif self.repair.name == "linear":
+            stages.append(f"fit a linear map per removed run ({o.linear.objective}), fold it, remove the layers")
         else:
             stages.append(f"replace the block by a trained {o.repair.replacement} ({o.repair.loss} loss)")
         if self.method.share:
@@ -485,6 +491,8 @@ class _Compression:
             extra = {"groups": plan.groups, "gates": evidence.gates.gates if evidence.gates else None,
                      "gate_check": evidence.gates.check if evidence.gates else None,
                      "params_after_removal": record["params_after_removal"], "cure": record.get("cure")}
+        if applied.linear is not None:
+            extra["linear"] = applied.linear.to_dict()
         return CompressResult(
             output=out, method=plan.method, removed=plan.removed, layer_map=layer_map,
             layers_before=plan.layers_before, layers_after=plan.layers_after, params_before=plan.params_before,
@@ -503,12 +511,14 @@ class _Compression:
             "remove": plan.layers_before - plan.layers_after,
             "sparsity": o.selection.sparsity,
             "removed_layers": plan.removed,
-            "calibration": asdict(o.data) if self.selection.needs != "nothing" or self.repair.slots else None,
+            "calibration": asdict(o.data) if self.selection.needs != "nothing" or self.repair.needs_text else None,
             "dtype": o.model.dtype,
             "heal": o.healing.recipe() if heal_summary else None,
         }
         if applied.streamline is not None:
             what["streamline"] = records.streamline_record(o.repair, applied.streamline)
+        if applied.linear is not None:
+            what["linear"] = applied.linear.to_dict()
         if self.method.share:
             what.update(groups=plan.groups, share_init=o.foldgpt.share_init, gates=asdict(o.foldgpt.gates),
                         cure=asdict(o.foldgpt.cure) if self.cures else None)
@@ -520,7 +530,16 @@ class _Compression:
         if applied.streamline is not None:
             text = records.streamline_summary(self.opts.repair, applied.streamline, plan.layers_before)
             return text + (" Then " + records.heal_sentence(heal_summary) if heal_summary else "")
-        return (f"Removed {len(plan.removed)} of {plan.layers_before} decoder layers by `{plan.method}`; "
+        repaired = ""
+        if applied.linear is not None:
+            runs = applied.linear.runs
+            repaired = (f" with ReplaceMe's linear repair ({applied.linear.options['objective']}): "
+                        + ", ".join(f"layers {r['removed'][0]}..{r['removed'][1]} folded into layer {r['into']} "
+                                    f"(fit error {r['removal_error']:.3f} -> {r['fit_error']:.3f})" for r in runs)
+                        + ("; " + ", ".join(f"layers {a}..{b} unrepaired (no layer before them)"
+                                            for a, b in applied.linear.unrepaired) if applied.linear.unrepaired else ""))
+        return (f"Removed {len(plan.removed)} of {plan.layers_before} decoder layers by `{plan.method}`"
+                f" (selection {plan.selection}){repaired}; "
                 + (records.heal_sentence(heal_summary) if heal_summary else "no retraining."))
 
 

@@ -1,14 +1,14 @@
 """Methods by name: a selection (which layers go) and a repair (what stands in for them).
 
     selection   bi, angular, block, last-n, gates          -> the original layers that go
-    repair      none, replacement                          -> what takes their place
+    repair      none, linear, replacement                  -> what takes their place
     method      a named combination, plus FoldGPT's extra steps (sharing, its cure)
 
 A compression is planned first (:func:`make_plan`: from scores and shapes only, exact
 parameter counts included) and applied second (:func:`apply_plan`: the model changes). Any
 selection composes with any repair that accepts what it chooses: ``replacement`` needs one
 block of consecutive layers, so it works after ``block``, ``angular`` or ``last-n`` and refuses
-``bi``'s scattered layers. ``--select`` and ``--repair`` override a method's own choice.
+``bi``'s scattered layers; ``linear`` (ReplaceMe) repairs every run of removed layers. ``--select`` and ``--repair`` override a method's own choice.
 
 To add a selection: a function ``(evidence, num_layers, n) -> sorted layer indices`` and one
 ``SELECTIONS`` entry. To add a repair: its parameter cost, an apply function, one ``REPAIRS``
@@ -35,6 +35,7 @@ from .plan import Plan, bytes_per_parameter, layer_parameters, shared_parameters
 
 if TYPE_CHECKING:
     from ..importance.criteria import LayerScores
+    from ..models.architectures import Architecture
     from ..importance.gates import GateResult
     from ..recipe import CompressOptions
 
@@ -89,12 +90,23 @@ class Repair:
     help: str
     slots: int  # new layers it puts in place of each block it repairs
     contiguous: bool  # repairs one block of consecutive layers
+    needs_text: bool = False  # reads the calibration text
+    check: Callable[[Architecture], None] | None = None  # refuses architectures it cannot repair
+
+
+def _check_linear(arch: Architecture) -> None:
+    from .replaceme import check_foldable
+
+    check_foldable(arch)
 
 
 REPAIRS: dict[str, Repair] = {r.name: r for r in [
     Repair("none", "nothing: the selected layers are removed", 0, False),
+    Repair("linear", "ReplaceMe: each run of removed layers becomes a linear map fitted in closed form and folded "
+                     "into the kept layer before it (no new parameters; options: the linear group)", 0, False,
+           needs_text=True, check=_check_linear),
     Repair("replacement", "LLM-Streamline: one trained replacement (options: the repair group) stands in for "
-                          "the block", 1, True),
+                          "the block", 1, True, needs_text=True),
 ]}
 
 
@@ -196,12 +208,20 @@ def make_plan(opts: CompressOptions, model, arch, evidence: Evidence) -> Plan:
         raise LayerfoldError(f"the {selection.name} selection needs importance scores")
     if selection.needs == "gates" and evidence.gates is None:
         raise LayerfoldError("the gates selection needs trained gates (analyze --gates --json, or a calibration pass)")
+    if repair.check is not None:
+        repair.check(arch)
     selected = selection.choose(evidence, n_layers, n)
     before = count_parameters(model)
     replacements, details = [], {}
-    if repair.name == "none":
+    if repair.slots == 0:
         layer_map = LayerMap.removal(n_layers, selected)
         after = before - sum(params[i] for i in selected)
+        if repair.name == "linear":
+            from .replaceme import removed_runs
+
+            runs = removed_runs(selected)
+            details["linear"] = {"folded_into": {f"{a}..{b}": a - 1 for a, b in runs if a > 0},
+                                 "unrepaired": [[a, b] for a, b in runs if a == 0]}
     else:  # one replacement in the block's first slot
         from .streamline import check_block
 
@@ -241,6 +261,7 @@ class Applied:
     layer_map: LayerMap
     params_after_removal: int = 0  # before any sharing
     streamline: object | None = None  # methods.streamline.StreamlineResult
+    linear: object | None = None  # methods.replaceme.LinearRepairResult
     files: dict[str, str] = field(default_factory=dict)  # extra files for the output folder
     seconds: dict[str, float] = field(default_factory=dict)
 
@@ -253,6 +274,13 @@ def apply_plan(plan: Plan, loaded, ids: torch.Tensor | None, opts: CompressOptio
     if plan.repair == "none":
         remove_layers(model, arch, plan.selected)
         applied = Applied(plan.layer_map)
+    elif plan.repair == "linear":
+        from .replaceme import linear_repair
+
+        fit = linear_repair(model, arch, ids, plan.selected, opts.linear, batch_size=opts.layer_pass.batch_size,
+                            max_memory=opts.layer_pass.max_memory, progress=opts.progress)
+        remove_layers(model, arch, plan.selected)
+        applied = Applied(plan.layer_map, linear=fit, seconds={"linear_repair": fit.seconds})
     else:
         from .streamline import replace_and_train
 

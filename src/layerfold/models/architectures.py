@@ -41,6 +41,11 @@ class Architecture:
     #: linear layers (inside a decoder layer) whose output is the attention branch's output;
     #: zero weights there make the layer attention-free (LLM-Streamline's FFN-only form)
     attention_outputs: tuple[str, ...] = ("self_attn.o_proj",)
+    #: the linear layer (inside a decoder layer) whose output is the MLP branch's output as it
+    #: joins the residual stream; ReplaceMe's linear repair folds its transform into it. None
+    #: where a norm follows the MLP (post-norm families): a linear map after the norm is not a
+    #: linear map of the projection's output, so the fold would not be exact
+    mlp_output: str | None = "mlp.down_proj"
     #: extra notes for the model card
     notes: tuple[str, ...] = field(default_factory=tuple)
 
@@ -60,13 +65,14 @@ ARCHITECTURES: dict[str, Architecture] = {
         ),
         Architecture("gemma"),
         Architecture(
-            "gemma2", per_layer_lists=("layer_types",), residual_branches=_POST_NORM_BRANCHES
+            "gemma2", per_layer_lists=("layer_types",), residual_branches=_POST_NORM_BRANCHES, mlp_output=None
         ),
         Architecture(
-            "gemma3_text", per_layer_lists=("layer_types",), residual_branches=_POST_NORM_BRANCHES
+            "gemma3_text", per_layer_lists=("layer_types",), residual_branches=_POST_NORM_BRANCHES,
+            mlp_output=None,
         ),
         Architecture("phi3"),
-        Architecture("olmo2", residual_branches=_POST_NORM_BRANCHES),
+        Architecture("olmo2", residual_branches=_POST_NORM_BRANCHES, mlp_output=None),
     ]
 }
 
