@@ -12,6 +12,7 @@ from layerfold.cli import main
 from layerfold.data.calibration import CalibrationSpec
 from layerfold.data.pairs import PairStore
 from layerfold.errors import LayerfoldError
+from layerfold.healing import HealOptions
 from layerfold.importance import measure_similarity
 from layerfold.importance.layer_pass import capture_layer_inputs, run_layer
 from layerfold.methods.streamline import (
@@ -24,6 +25,11 @@ from layerfold.methods.registry import SelectionOptions
 from layerfold.models.saving import OutputOptions
 from layerfold.pipeline import CompressOptions, ModelOptions, compress
 from layerfold.train import TrainConfig, lr_factor
+
+
+def _text(path, seq_len=16):
+    """Training text read from a file (self-written text would make each test generate it)."""
+    return CalibrationSpec(source=path, seq_len=seq_len, seed=1)
 
 
 def _ids(n=12, T=16, seed=0):
@@ -91,7 +97,8 @@ def test_sparsity_reports_exact_parameters(tmp_path, tiny_model_dir, text_file):
     r = compress(CompressOptions(
         model=ModelOptions(tiny_model_dir("llama")), selection=SelectionOptions(method="streamline", sparsity=0.3),
         data=CalibrationSpec(source=text_file, samples=6, seq_len=16), output=OutputOptions(str(tmp_path / "o")),
-        progress=False, repair=StreamlineOptions(replacement="ffn", ffn_width=16, train_tokens=32),
+        progress=False, repair=StreamlineOptions(replacement="ffn", ffn_width=16, train_tokens=32, data=_text(text_file)),
+        healing=HealOptions(tokens=0),  # healing is tested in test_heal.py; here it would only cost minutes
     ), loaded=loaded)
     sl = r.streamline
     ffn = 2 * 64 * 16 + 16 + 64 + 64  # up, up bias, down bias, norm
@@ -207,7 +214,8 @@ def test_saved_model_reloads_with_same_logits(tmp_path, tiny_model_dir, text_fil
     r = compress(CompressOptions(
         model=ModelOptions(tiny_model_dir(model_type)), selection=SelectionOptions(method="streamline", remove=2),
         data=CalibrationSpec(source=text_file, samples=6, seq_len=16), output=OutputOptions(str(tmp_path / "o")),
-        progress=False, repair=StreamlineOptions(replacement=replacement, train_tokens=64),
+        progress=False, repair=StreamlineOptions(replacement=replacement, train_tokens=64, data=_text(text_file)),
+        healing=HealOptions(tokens=0),
     ), loaded=loaded)
     assert (r.output / "training_log.jsonl").exists() == (replacement != "none")
     reloaded = AutoModelForCausalLM.from_pretrained(r.output, trust_remote_code=replacement == "ffn").eval()
@@ -231,7 +239,8 @@ def test_cli_streamline_writes_log_and_record(tmp_path, tiny_model_dir, text_fil
                                         "gold": 0}) + "\n" for i in range(5)))
     code = main(["-q", "compress", tiny_model_dir("llama"), "--method", "streamline", "--remove", "2",
                  "--calib", text_file, "--calib-samples", "6", "--seq-len", "16", "--train-tokens", "64",
-                 "--pair-dtype", "fp32", "--eval-tasks", str(task), "--eval-limit", "4", "-o", str(out)])
+                 "--train-data", text_file, "--train-seq-len", "16", "--pair-dtype", "fp32", "--no-heal",
+                 "--eval-tasks", str(task), "--eval-limit", "4", "-o", str(out)])
     stdout = capsys.readouterr().out
     assert code == 0
     assert "6 -> 4" in stdout and "training" in stdout
@@ -239,6 +248,11 @@ def test_cli_streamline_writes_log_and_record(tmp_path, tiny_model_dir, text_fil
     sl = record["recipe"]["streamline"]
     assert sl["replacement"] == "layer" and sl["loss"] == "mse" and sl["pair_dtype"] == "fp32"
     assert "--train-tokens 64" in record["command"] and "--pair-dtype fp32" in record["command"]
+    # 64 tokens of 16: 4 rows, one a step (4 // 32 steps rounds up to a batch of 1), 32 validation rows
+    t = sl["training"]
+    assert (t["train_rows"], t["val_rows"], t["batch"], t["steps"], t["tokens_seen"]) == (4, 32, 1, 4, 64)
+    assert [v["step"] for v in t["validation"]] == [0, 1, 2, 3, 4] and all(v["se"] > 0 for v in t["validation"])
+    assert "4 steps of 1 sequences" in (out / "README.md").read_text()
     assert record["layer_map"].count(None) == 1
     ev = record["evaluation"]
     assert 0 <= ev["after"]["mc/stability"] <= 1 and "mc/acc" in ev["before"]

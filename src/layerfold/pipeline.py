@@ -313,7 +313,11 @@ class _Compression:
         elif self.repair.name == "linear":
             stages.append(f"fit a linear map per removed run ({o.linear.objective}), fold it, remove the layers")
         else:
-            stages.append(f"replace the block by a trained {o.repair.replacement} ({o.repair.loss} loss)")
+            r = o.repair
+            text = ("the calibration text" if r.data.source == "calib"
+                    else f"{r.train_tokens:,} tokens of '{r.data.source}' text")
+            stages.append(f"replace the block by a trained {r.replacement} ({r.loss} loss, {text})"
+                          if r.spec.trainable else "replace the block by its first layer (untrained)")
         if self.method.share:
             stages.append("share weights")
         if self.cures:
@@ -396,9 +400,17 @@ class _Compression:
         else:
             base = Path(o.output.path).expanduser().resolve().parent if o.output.path else Path.cwd()
         base.mkdir(parents=True, exist_ok=True)
+        train_ids = ids
+        if plan.repair != "none" and o.repair.spec.trainable:
+            from .methods.streamline import training_text
+
+            # the replacement's own text, written by / read for the original before any surgery
+            t = time.perf_counter()
+            train_ids = training_text(o.repair, loaded, ids, progress=o.progress)
+            self._timed("train_data", t)
         work = Path(tempfile.mkdtemp(prefix=f".layerfold-{plan.method}-{os.getpid()}-", dir=base))
         try:
-            applied = apply_plan(plan, loaded, ids, o, evidence=evidence, work_dir=work,
+            applied = apply_plan(plan, loaded, train_ids, o, evidence=evidence, work_dir=work,
                                  checkpoints=o.healing.checkpoints("replacement"))
         finally:
             shutil.rmtree(work, ignore_errors=True)

@@ -271,7 +271,7 @@ def make_plan(opts: CompressOptions, model, arch, evidence: Evidence) -> Plan:
         from .streamline import check_block
 
         start, window = selected[0], len(selected)
-        check_block(opts.repair.spec, start)
+        check_block(opts.repair.spec, start, model.config, arch)
         cost = _replacement_cost(model, arch, opts)
         kind = opts.repair.replacement
         layer_map = LayerMap.replacement(n_layers, start, window, keeps_first=kind == "none")

@@ -80,6 +80,11 @@ class Architecture:
     #: where a norm follows the MLP (post-norm families): a linear map after the norm is not a
     #: linear map of the projection's output, so the fold would not be exact
     mlp_output: str | None = "mlp.down_proj"
+    #: config key of the per-layer attention types ("full_attention", "sliding_attention", ...);
+    #: None: every layer has the same kind of attention. transformers sizes the KV cache and the
+    #: masks of each kind from the first layer of that kind, so that layer must stay a real
+    #: attention layer (see :func:`cache_anchor_layers`)
+    layer_types: str | None = None
     #: extra notes for the model card
     notes: tuple[str, ...] = field(default_factory=tuple)
 
@@ -93,21 +98,23 @@ ARCHITECTURES: dict[str, Architecture] = {
         Architecture("mistral", llama_cpp=LlamaCppLayout("llama", permute_qk=True)),
         Architecture(
             "qwen2", per_layer_lists=("layer_types",), layer_thresholds=("max_window_layers",),
-            llama_cpp=LlamaCppLayout("qwen2"),
+            llama_cpp=LlamaCppLayout("qwen2"), layer_types="layer_types",
         ),
         Architecture(
             "qwen3", per_layer_lists=("layer_types",), layer_thresholds=("max_window_layers",),
-            llama_cpp=LlamaCppLayout("qwen3"),
+            llama_cpp=LlamaCppLayout("qwen3"), layer_types="layer_types",
         ),
         Architecture("gemma", llama_cpp=LlamaCppLayout("gemma", **_LLAMA_CPP_GEMMA, transformers_reads=False)),
         Architecture(
             "gemma2", per_layer_lists=("layer_types",), residual_branches=_POST_NORM_BRANCHES, mlp_output=None,
             llama_cpp=LlamaCppLayout("gemma2", **_LLAMA_CPP_GEMMA, swa_pattern=2, softcapping=True),
+            layer_types="layer_types",
         ),
         Architecture(
             "gemma3_text", per_layer_lists=("layer_types",), residual_branches=_POST_NORM_BRANCHES,
             mlp_output=None,
             llama_cpp=LlamaCppLayout("gemma3", **_LLAMA_CPP_GEMMA, swa_pattern=6, swa_rope_theta=10000.0),
+            layer_types="layer_types",
         ),
         Architecture("phi3", llama_cpp=LlamaCppLayout("phi3")),
         Architecture("olmo2", residual_branches=_POST_NORM_BRANCHES, mlp_output=None,
@@ -129,6 +136,28 @@ def architecture_for(config) -> Architecture:
         raise LayerfoldError(
             f"unsupported architecture {model_type!r}; supported: {', '.join(supported_model_types())}"
         ) from None
+
+
+def attention_types(config, arch: Architecture) -> list[str]:
+    """The attention type of every decoder layer (one type for models without a per-layer list)."""
+    n = getattr(config, arch.num_layers_key)
+    types = getattr(config, arch.layer_types, None) if arch.layer_types else None
+    if isinstance(types, (list, tuple)) and len(types) == n:
+        return list(types)
+    return ["full_attention"] * n
+
+
+def cache_anchor_layers(config, arch: Architecture) -> dict[str, int]:
+    """The first layer of each attention type the model uses, by type.
+
+    transformers reads the cached sequence length from layer 0 and the mask geometry of each
+    attention type from the first layer of that type; a module there that keeps no KV cache
+    (a plain FFN) breaks cached generation.
+    """
+    anchors: dict[str, int] = {}
+    for i, kind in enumerate(attention_types(config, arch)):
+        anchors.setdefault(kind, i)
+    return anchors
 
 
 def get_path(obj, path: str):

@@ -52,6 +52,7 @@ class TrainConfig:
     batch_size: int = 8  # rows per micro-batch
     grad_accum: int = 1  # micro-batches per optimizer step
     lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.999)  # AdamW's
     min_lr_ratio: float = 0.1  # the cosine schedule ends at lr * min_lr_ratio
     weight_decay: float = 0.0  # AdamW's, on matrices only (norms and biases are not decayed)
     warmup_steps: int = 0  # linear warmup: step s of it runs at lr * (s + 1) / warmup_steps
@@ -332,7 +333,7 @@ def _optimizer(params: list[tuple[str, nn.Parameter]], config: TrainConfig) -> t
     # which for one big layer of a streamed model is a peak worth avoiding (speed is the same)
     return torch.optim.AdamW(
         [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=config.lr, foreach=False,
+        lr=config.lr, betas=tuple(config.betas), foreach=False,
     )
 
 
