@@ -725,10 +725,10 @@ def export(opts: ExportOptions, loaded: LoadedModel | None = None) -> dict:
 
         check_gguf_path(opts.gguf.path, opts.output.force)
     loaded = loaded or _load(opts.model)
-    plan = _gguf_plan(opts.gguf, loaded)  # before any writing: what llama.cpp cannot express is refused
+    previous = _previous_record(loaded.local_dir)
+    plan = _gguf_plan(opts.gguf, loaded, previous.get("source"))  # before any writing: what llama.cpp cannot express is refused
     stored = count_parameters(loaded.model)
     n = unfold(loaded)
-    previous = _previous_record(loaded.local_dir)
     n_layers = len(decoder_layers(loaded.model, loaded.arch))
     layer_map = previous.get("layer_map") or list(range(n_layers))  # unfolding keeps every layer where it is
     source = previous.get("source") or loaded.source
@@ -759,13 +759,16 @@ def export(opts: ExportOptions, loaded: LoadedModel | None = None) -> dict:
     return result
 
 
-def _gguf_plan(gguf_opts, loaded: LoadedModel):
-    """What the GGUF file will say (None without --gguf); refuses what llama.cpp cannot express."""
+def _gguf_plan(gguf_opts, loaded: LoadedModel, source: str | None = None):
+    """What the GGUF file will say (None without --gguf); refuses what llama.cpp cannot express
+    (the architecture, its settings, the tokenizer)."""
     if not gguf_opts.enabled:
         return None
-    from .export.gguf import check_llama_cpp
+    from .export.gguf import check_llama_cpp, gguf_tokenizer
 
-    return check_llama_cpp(loaded.model.config)
+    plan = check_llama_cpp(loaded.model.config)
+    gguf_tokenizer(loaded, source if source is not None else loaded.source)
+    return plan
 
 
 def _write_gguf(gguf_opts, loaded: LoadedModel, plan, *, source, layer_map, force: bool, progress: bool):

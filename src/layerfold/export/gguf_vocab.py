@@ -96,8 +96,11 @@ def vocab_from_tokenizer(tokenizer, vocab_size: int) -> Vocab:
 
     byte_level = _uses_byte_level(spec)
     if kind == "BPE" and byte_level:
-        v = Vocab("gpt2", tokens, types, merges=[_merge_text(m) for m in model.get("merges") or []],
-                  pre=_pre_tokenizer_name(spec))
+        merges = [_merge_text(m) for m in model.get("merges") or []]
+        if not merges:
+            raise LayerfoldError("this byte-level BPE tokenizer has no merges; llama.cpp cannot load a BPE "
+                                 "vocabulary without them")
+        v = Vocab("gpt2", tokens, types, merges=merges, pre=_pre_tokenizer_name(spec))
         if v.pre is None:
             v.pre = "default"
             v.notes.append("pre-tokenizer not recognised: llama.cpp splits text with its default rule, "
