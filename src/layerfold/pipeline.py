@@ -779,7 +779,9 @@ def _write_gguf(gguf_opts, loaded: LoadedModel, plan, *, source, layer_map, forc
     materialize(loaded.model, loaded.arch)
     r = write_gguf(loaded, gguf_opts.path, gguf_opts.outtype, plan=plan, source=source, layer_map=layer_map,
                    force=force, progress=progress)
-    if gguf_opts.check:
+    if not gguf_opts.check:
+        r.check = {"tool": "none", "passed": None, "error": "skipped (--no-gguf-check)"}
+    else:
         try:
             r.check = check_with_transformers(loaded, r.path, r.outtype, tokens=min(16, plan.context_length))
         except Exception as e:  # the file is written; a reader that fails is reported, not fatal
@@ -804,7 +806,7 @@ def _checked_outputs(*, gguf=None, mergekit: str | None = None) -> list[str]:
             how = (f"not read back here (transformers cannot read {gguf.arch} GGUF files); "
                    "layerfold's GGUF writer is checked for this family with llama.cpp in benchmarks/interop.md")
         elif c.get("passed") is None:
-            how = f"reading it back with {c['tool']} failed: {c['error']}"
+            how = f"not read back: {c['error']}" if c["tool"] == "none" else f"reading it back with {c['tool']} failed: {c['error']}"
         else:
             how = (f"read back with {c['tool']}: max |logit difference| {c['max_abs_logit_diff']:.3g} on "
                    f"{c['tokens']} tokens, top-1 agreement {c['top1_agreement']:.0%}"

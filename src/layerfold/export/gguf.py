@@ -301,7 +301,7 @@ def write_gguf(loaded, path: str | Path, outtype: str = "f16", *, plan: LlamaCpp
     out = check_gguf_path(path, force).resolve()
     model, config = loaded.model, loaded.model.config
     plan = plan or check_llama_cpp(config)
-    notes = list(plan.notes)
+    notes = list(plan.notes) + ([plan.layout.caveat] if plan.layout.caveat else [])
 
     fields, vocab, tokenizer_from = gguf_tokenizer(loaded, source)
     if vocab is not None:

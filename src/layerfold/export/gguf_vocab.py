@@ -150,7 +150,7 @@ def _pre_tokenizer_name(spec: dict) -> str | None:
     parts = _parts(spec.get("pre_tokenizer"))
     types = [p.get("type") for p in parts]
     if types == ["ByteLevel"] and parts[0].get("use_regex", True):
-        return "gpt2"
+        return "gpt-2"  # llama.cpp's name (the tokenizer model is "gpt2", the pre-tokenizer "gpt-2")
     if types == ["Digits", "ByteLevel"] and parts[0].get("individual_digits") and parts[1].get("use_regex", True):
         return "smollm"  # digits one by one, then GPT-2's rule
     if types == ["Split", "ByteLevel"] and not parts[1].get("use_regex", True):
