@@ -10,9 +10,9 @@ Three checks, each from the command line exactly as a user runs it:
    (``layerfold export --gguf ...``); llama.cpp's greedy continuation of 5 prompts against
    transformers' ``generate`` on the folder, and decode tokens/s of pruned vs original, both
    in one run, alternating.
-3. ``mergekit``: the original as a folder (``layerfold export -o ORIGINAL --dtype fp32``),
-   ``layerfold compress ORIGINAL --no-heal`` and ``mergekit-yaml ORIGINAL/../mergekit.yaml``;
-   every tensor compared bitwise.
+3. ``mergekit``: the original as a folder (``layerfold export -o ORIGINAL --dtype fp32``), the
+   main job's cut on it (``layerfold analyze --json S`` then ``layerfold compress ORIGINAL --scores S
+   --no-heal``) and ``mergekit-yaml UNHEALED/mergekit.yaml``; every tensor compared bitwise.
 
 llama.cpp runs through llama-cpp-python in its own virtual environment (``--llama-python``):
 this script calls itself there with ``--llama-part`` and a JSON request.
@@ -218,10 +218,14 @@ def step_mergekit(args, work: Path, log: Path) -> dict:
     import torch
 
     original, unhealed, merged = work / "original", work / "unhealed", work / "merged"
+    scores = work / "scores.json"
     if not original.exists():
         run(layerfold("export", "-o", str(original), "--dtype", "fp32"), log)
-    if not unhealed.exists():
-        run(layerfold("compress", str(original), "--no-heal", "--no-eval", "-o", str(unhealed), "--dtype", "fp32"), log)
+    if not scores.exists():  # the embedded model's Block Influence on its cached calibration text
+        run(layerfold("analyze", "--json", str(scores)), log)
+    if not unhealed.exists():  # the main job's cut, planned from those scores, on the folder mergekit reads
+        run(layerfold("compress", str(original), "--scores", str(scores), "--no-heal", "--no-eval", "-o",
+                      str(unhealed), "--dtype", "fp32"), log)
     if not merged.exists():
         run([args.mergekit, str(unhealed / "mergekit.yaml"), str(merged)], log, env=dict(os.environ, HF_HUB_OFFLINE="1"))
 
