@@ -187,6 +187,14 @@ def _print_compress(r, opts: CompressOptions, total: float) -> None:
         if sl.fit:
             print(f"training     {opts.repair.loss} loss {sl.fit.first_val:.4g} -> {sl.fit.best_val:.4g} "
                   f"(best of {sl.fit.steps} steps, {sl.fit.seconds:.1f}s); log in training_log.jsonl")
+    if r.extra.get("linear"):
+        fit = r.extra["linear"]
+        for run in fit["runs"]:
+            print(f"linear map   layers {run['removed'][0]}..{run['removed'][1]} -> folded into layer {run['into']} "
+                  f"({fit['options']['objective']}; relative error {run['removal_error']:.3f} removed, "
+                  f"{run['fit_error']:.3f} repaired, {run['tokens']:,} tokens)")
+        for a, b in fit["unrepaired"]:
+            print(f"linear map   layers {a}..{b} removed unrepaired (no layer before them to fold into)")
     steps = ", ".join(f"{k} {v:.1f}s" for k, v in r.seconds.items())
     if r.heal:
         _print_heal(r.heal)

@@ -184,6 +184,13 @@ class _Compression:
             o.healing.validate()
         if self.repair.name == "replacement":
             o.repair.validate()
+        if self.repair.name == "linear":
+            o.linear.validate()
+        if self.selection.needs == "search":
+            o.search.validate()
+            if o.selection.scores:
+                raise LayerfoldError(f"the {self.selection.name} selection searches with forward passes; saved "
+                                     "scores (--scores) cannot stand in for it")
         if self.method.share or self.method.cure:
             o.foldgpt.validate()
             if o.foldgpt.delta_rank:
@@ -221,14 +228,16 @@ class _Compression:
         sharing): weights stay on disk until a layer is used, so importance, pair collection
         and saving need about one layer in memory."""
         t = time.perf_counter()
-        lazy = self.selection.needs != "gates" and not self.method.share
+        lazy = self.selection.needs not in ("gates", "search") and not self.method.share
         loaded = loaded or _load(self.opts.model, lazy=lazy)
+        if self.repair.check is not None:  # before any calibration work
+            self.repair.check(loaded.arch)
         self._timed("load", t)
         return loaded
 
     def calibrate(self, loaded: LoadedModel):
         """The calibration text, where the selection or the repair reads it."""
-        needs = (self.selection.needs != "nothing" and not self.opts.selection.scores) or self.repair.slots > 0
+        needs = (self.selection.needs != "nothing" and not self.opts.selection.scores) or self.repair.needs_text
         if not needs:
             return None
         t = time.perf_counter()
@@ -267,6 +276,10 @@ class _Compression:
             evidence.scores = measure_similarity(loaded.model, loaded.arch, ids, batch_size=o.layer_pass.batch_size,
                                                  max_activation_bytes=o.layer_pass.max_memory, progress=o.progress)
             self._timed("importance", t)
+        elif self.selection.needs == "search":
+            n = layers_to_select(o, loaded.model, loaded.arch)
+            evidence.search = self.selection.search(loaded.model, loaded.arch, ids, n, o.search, progress=o.progress)
+            self._timed("search", t)
         elif self.selection.needs == "gates":
             from .importance.gates import gate_ranking
 
@@ -283,17 +296,22 @@ class _Compression:
 
     def _stages(self) -> list[str]:
         o = self.opts
-        stages = ["load" + (" (layers streamed)" if self.selection.needs != "gates" and not self.method.share else "")]
+        streamed = self.selection.needs not in ("gates", "search") and not self.method.share
+        stages = ["load" + (" (layers streamed)" if streamed else "")]
         if o.selection.scores:
             stages.append(f"scores from {o.selection.scores}")
         elif self.selection.needs == "scores":
             stages += ["calibrate", "score (one layer-by-layer pass)"]
+        elif self.selection.needs == "search":
+            stages += ["calibrate", f"search ({self.selection.name}: forward passes of candidate models)"]
         elif self.selection.needs == "gates":
             stages += ["calibrate", f"train layer gates ({o.foldgpt.gates.steps} steps x {o.foldgpt.gates.rounds})"]
         if o.evaluation.enabled:
             stages.append("evaluate before")
         if self.repair.name == "none":
             stages.append("remove layers")
+        elif self.repair.name == "linear":
+            stages.append(f"fit a linear map per removed run ({o.linear.objective}), fold it, remove the layers")
         else:
             stages.append(f"replace the block by a trained {o.repair.replacement} ({o.repair.loss} loss)")
         if self.method.share:
@@ -508,6 +526,8 @@ class _Compression:
             extra |= {"groups": plan.groups, "gates": evidence.gates.gates if evidence.gates else None,
                      "gate_check": evidence.gates.check if evidence.gates else None,
                      "params_after_removal": record["params_after_removal"], "cure": record.get("cure")}
+        if applied.linear is not None:
+            extra["linear"] = applied.linear.to_dict()
         return CompressResult(
             output=out, method=plan.method, removed=plan.removed, layer_map=layer_map,
             layers_before=plan.layers_before, layers_after=plan.layers_after, params_before=plan.params_before,
@@ -560,12 +580,18 @@ class _Compression:
             "remove": plan.layers_before - plan.layers_after,
             "sparsity": o.selection.sparsity,
             "removed_layers": plan.removed,
-            "calibration": asdict(o.data) if self.selection.needs != "nothing" or self.repair.slots else None,
+            "calibration": asdict(o.data) if self.selection.needs != "nothing" or self.repair.needs_text else None,
             "dtype": o.model.dtype,
             "heal": o.healing.recipe() if heal_summary else None,
         }
         if applied.streamline is not None:
             what["streamline"] = records.streamline_record(o.repair, applied.streamline)
+        if applied.linear is not None:
+            what["linear"] = applied.linear.to_dict()
+        if applied.merge is not None:
+            what["merge"] = applied.merge
+        if evidence.search is not None:
+            what["search"] = evidence.search
         if self.method.share:
             what.update(groups=plan.groups, share_init=o.foldgpt.share_init, gates=asdict(o.foldgpt.gates),
                         cure=asdict(o.foldgpt.cure) if self.cures else None)
@@ -577,7 +603,19 @@ class _Compression:
         if applied.streamline is not None:
             text = records.streamline_summary(self.opts.repair, applied.streamline, plan.layers_before)
             return text + (" Then " + records.heal_sentence(heal_summary) if heal_summary else "")
-        return (f"Removed {len(plan.removed)} of {plan.layers_before} decoder layers by `{plan.method}`; "
+        repaired = ""
+        if applied.linear is not None:
+            runs = applied.linear.runs
+            repaired = (f" with ReplaceMe's linear repair ({applied.linear.options['objective']}): "
+                        + ", ".join(f"layers {r['removed'][0]}..{r['removed'][1]} folded into layer {r['into']} "
+                                    f"(fit error {r['removal_error']:.3f} -> {r['fit_error']:.3f})" for r in runs)
+                        + ("; " + ", ".join(f"layers {a}..{b} unrepaired (no layer before them)"
+                                            for a, b in applied.linear.unrepaired) if applied.linear.unrepaired else ""))
+        if applied.merge is not None:
+            repaired = " merged into the layers before them (LaCo's merge): " + ", ".join(
+                f"layers {m['merged'][0]}..{m['merged'][-1]} into layer {m['into']}" for m in applied.merge["merged"])
+        return (f"Removed {len(plan.removed)} of {plan.layers_before} decoder layers by `{plan.method}`"
+                f" (selection {plan.selection}){repaired}; "
                 + (records.heal_sentence(heal_summary) if heal_summary else "no retraining."))
 
 

@@ -7,6 +7,8 @@ A compression recipe (``layerfold compress``, ``layerfold run``) is one :class:`
     layer_pass  how the layer-by-layer calibration pass runs
     selection   which layers go (``--method``) and how many
     repair      what stands in for them (LLM-Streamline's trained replacement)
+    search      selections that search with forward passes (sleb, iterative-bi, laco)
+    linear      ReplaceMe's linear repair (--repair linear)
     foldgpt     FoldGPT's gates, sharing and cure
     healing     recovery training with the original as teacher
     evaluation  what is measured before and after
@@ -36,6 +38,8 @@ from .importance.gates import GateOptions
 from .importance.layer_pass import LayerPassOptions
 from .methods.foldgpt import GATES_METADATA, FoldGPTOptions
 from .methods.registry import SelectionOptions
+from .methods.replaceme import LinearRepairOptions
+from .methods.search import SearchOptions
 from .methods.streamline import StreamlineOptions
 from .models.loading import ModelOptions
 from .models.saving import OutputOptions
@@ -63,6 +67,11 @@ class CompressOptions:
     repair: StreamlineOptions = field(default_factory=StreamlineOptions, metadata={
         "help": "LLM-Streamline (--method streamline): --remove N replaces N+1 consecutive layers by one trained "
                 "replacement; --sparsity counts the replacement's own parameters", "prefix": "train-"})
+    search: SearchOptions = field(default_factory=SearchOptions, metadata={
+        "help": "selections that search with forward passes of candidate models (--select sleb, iterative-bi, laco)"})
+    linear: LinearRepairOptions = field(default_factory=LinearRepairOptions, metadata={
+        "help": "ReplaceMe (--repair linear): each run of removed layers becomes a linear map folded into the kept "
+                "layer before it", "prefix": "linear-"})
     foldgpt: FoldGPTOptions = field(default_factory=FoldGPTOptions, metadata={
         "help": "FoldGPT (--method foldgpt): learned gates choose the layers, adjacent retained layers share "
                 "their linear weights, then a cure"})

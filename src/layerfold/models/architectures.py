@@ -77,6 +77,11 @@ class Architecture:
     attention_outputs: tuple[str, ...] = ("self_attn.o_proj",)
     #: how llama.cpp holds this family; None: llama.cpp does not know it (no GGUF export)
     llama_cpp: LlamaCppLayout | None = None
+    #: the linear layer (inside a decoder layer) whose output is the MLP branch's output as it
+    #: joins the residual stream; ReplaceMe's linear repair folds its transform into it. None
+    #: where a norm follows the MLP (post-norm families): a linear map after the norm is not a
+    #: linear map of the projection's output, so the fold would not be exact
+    mlp_output: str | None = "mlp.down_proj"
     #: extra notes for the model card
     notes: tuple[str, ...] = field(default_factory=tuple)
 
@@ -98,18 +103,19 @@ ARCHITECTURES: dict[str, Architecture] = {
         ),
         Architecture("gemma", llama_cpp=LlamaCppLayout("gemma", **_LLAMA_CPP_GEMMA, transformers_reads=False)),
         Architecture(
-            "gemma2", per_layer_lists=("layer_types",), residual_branches=_POST_NORM_BRANCHES,
+            "gemma2", per_layer_lists=("layer_types",), residual_branches=_POST_NORM_BRANCHES, mlp_output=None,
             llama_cpp=LlamaCppLayout("gemma2", **_LLAMA_CPP_GEMMA, swa_pattern=2, softcapping=True),
         ),
         Architecture(
             "gemma3_text", per_layer_lists=("layer_types",), residual_branches=_POST_NORM_BRANCHES,
+            mlp_output=None,
             llama_cpp=LlamaCppLayout("gemma3", **_LLAMA_CPP_GEMMA, swa_pattern=6, swa_rope_theta=10000.0),
         ),
         Architecture("phi3", llama_cpp=LlamaCppLayout("phi3", caveat=(
             "llama-cpp-python 0.3.36 did not load layerfold's tiny phi3 test files ('error loading model vocabulary: "
             "unordered_map::at', with BPE and SentencePiece tokenizers); transformers reads them with the same "
             "logits. Check the file in your llama.cpp build (benchmarks/interop.md)"))),
-        Architecture("olmo2", residual_branches=_POST_NORM_BRANCHES,
+        Architecture("olmo2", residual_branches=_POST_NORM_BRANCHES, mlp_output=None,
                      llama_cpp=LlamaCppLayout("olmo2", transformers_reads=False)),
     ]
 }
