@@ -59,15 +59,16 @@ CHAT_TEMPLATE = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s
 _WORDS = ["the", "cat", "sat", "on", "mat", "then", "there"]
 
 
-def tiny_bpe_tokenizer():
-    """Byte-level BPE with real merges (GPT-2 style) and a chat template."""
+def tiny_bpe_tokenizer(words=tuple(_WORDS)):
+    """Byte-level BPE with real merges (GPT-2 style) and a chat template; ``words=("t",)``
+    makes one merge and fits the 260 rows of VOCAB."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{c: i + 3 for i, c in enumerate(alphabet)}}
     merges = []
-    for word in ["\u0120" + w for w in _WORDS]:  # merge each word left to right
+    for word in ["\u0120" + w for w in words]:  # merge each word left to right
         cur = word[0]
         for ch in word[1:]:
             if (cur, ch) not in merges:

@@ -134,7 +134,10 @@ def test_export_gguf_of_a_shared_model_is_unfolded_first(shared_folder):
     import gguf
     from transformers import AutoModelForCausalLM
 
+    from conftest import tiny_bpe_tokenizer
+
     _, out, ref = shared_folder[:3]
+    tiny_bpe_tokenizer(words=("t",)).save_pretrained(out)  # llama.cpp needs merges; one fits the 260 rows
     path = out.parent / "shared.gguf"
     assert main(["-q", "export", str(out), "--gguf", str(path), "--outtype", "f32"]) == 0
     names = {t.name for t in gguf.GGUFReader(str(path)).tensors}

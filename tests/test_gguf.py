@@ -43,16 +43,16 @@ READ_BACK = sorted(t for t, a in ARCHITECTURES.items() if a.llama_cpp and a.llam
 LLAMA_CPP_ONLY = sorted(t for t, a in ARCHITECTURES.items() if a.llama_cpp and not a.llama_cpp.transformers_reads)
 
 
-def _ids(vocab=250, t=20, seed=1):
+def _ids(vocab=300, t=20, seed=1):
     return torch.randint(3, vocab, (2, t), generator=torch.Generator().manual_seed(seed))
 
 
-def _folder(tmp_path, model_type, tokenizer=tiny_tokenizer, **overrides) -> Path:
+def _folder(tmp_path, model_type, tokenizer=tiny_bpe_tokenizer, remove=None, **overrides) -> Path:
     """A pruned tiny model folder, saved as layerfold would (stock transformers format)."""
     from layerfold.models.architectures import architecture_for
 
-    model = build_tiny(model_type, **{**GGUF_CONFIGS[model_type], **overrides})
-    remove_layers(model, architecture_for(model.config), REMOVE.get(model_type, [1, 3]))
+    model = build_tiny(model_type, **{"vocab_size": 320, **GGUF_CONFIGS[model_type], **overrides})
+    remove_layers(model, architecture_for(model.config), REMOVE.get(model_type, [1, 3]) if remove is None else remove)
     d = tmp_path / f"{model_type}-folder"
     model.save_pretrained(d)
     tokenizer().save_pretrained(d)
@@ -162,7 +162,7 @@ def test_families_transformers_cannot_read_hold_every_tensor(tmp_path, model_typ
 def test_tokenizer_and_chat_template_travel(tmp_path, make):
     from transformers import AutoTokenizer
 
-    folder = _folder(tmp_path, "llama", tokenizer=make, vocab_size=320)
+    folder = _folder(tmp_path, "llama", tokenizer=make)
     out = tmp_path / "m.gguf"
     assert _export(folder, out) == 0
     src = AutoTokenizer.from_pretrained(str(folder))
@@ -176,14 +176,14 @@ def test_tokenizer_and_chat_template_travel(tmp_path, make):
     assert len(fields["tokenizer.ggml.tokens"].data) == 320  # padded to the embedding's rows
     if make is tiny_bpe_tokenizer:
         assert fields["tokenizer.chat_template"].contents() == CHAT_TEMPLATE
-        assert fields["tokenizer.ggml.pre"].contents() == "gpt2"
+        assert fields["tokenizer.ggml.pre"].contents() == "gpt-2"  # llama.cpp refuses "gpt2" here
 
 
 def test_a_models_own_gguf_tokenizer_is_copied(tmp_path):
     """A model made from a GGUF keeps that file's tokenizer fields verbatim."""
     import gguf
 
-    folder = _folder(tmp_path, "llama", tokenizer=tiny_bpe_tokenizer, vocab_size=320)
+    folder = _folder(tmp_path, "llama")
     first = tmp_path / "first.gguf"
     assert _export(folder, first) == 0
     second = tmp_path / "second.gguf"
@@ -237,16 +237,18 @@ def test_architecture_llama_cpp_lacks_is_refused(tmp_path, capsys, monkeypatch):
 
 def test_broken_sliding_window_pattern_is_refused(tmp_path, capsys):
     """llama.cpp fixes gemma2's pattern (even layers slide); removing one layer breaks it."""
-    from layerfold.models.architectures import architecture_for
-
-    model = build_tiny("gemma2", **GGUF_CONFIGS["gemma2"])
-    remove_layers(model, architecture_for(model.config), [2])
-    folder = tmp_path / "gemma2-odd"
-    model.save_pretrained(folder)
-    tiny_tokenizer().save_pretrained(folder)
+    folder = _folder(tmp_path, "gemma2", remove=[2])
     assert _export(folder, tmp_path / "m.gguf") == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "llama.cpp fixes which layers attend globally" in err
+    assert not (tmp_path / "m.gguf").exists()
+
+
+def test_bpe_tokenizer_without_merges_is_refused(tmp_path, capsys):
+    folder = _folder(tmp_path, "llama", tokenizer=tiny_tokenizer)  # byte-level, no merges
+    assert _export(folder, tmp_path / "m.gguf") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no merges" in err
     assert not (tmp_path / "m.gguf").exists()
 
 
@@ -279,10 +281,11 @@ def test_sliding_window_families_llama_cpp_lacks_cap_the_context():
 # -- compress --gguf ----------------------------------------------------------------------
 
 
-def test_compress_writes_a_checked_gguf_beside_the_folder(tmp_path, tiny_model_dir, capsys):
+def test_compress_writes_a_checked_gguf_beside_the_folder(tmp_path, capsys):
+    source = _folder(tmp_path, "llama", remove=[])
     out = tmp_path / "pruned"
     gguf_path = tmp_path / "pruned.gguf"
-    rc = main(["-q", "compress", tiny_model_dir("llama"), "--method", "last-n", "--remove", "2", "--no-heal",
+    rc = main(["-q", "compress", str(source), "--method", "last-n", "--remove", "2", "--no-heal",
                "--no-eval", "-o", str(out), "--gguf", str(gguf_path), "--outtype", "f32", "--dtype", "fp32"])
     assert rc == 0, capsys.readouterr().err
     printed = capsys.readouterr().out
@@ -294,6 +297,20 @@ def test_compress_writes_a_checked_gguf_beside_the_folder(tmp_path, tiny_model_d
     import json
 
     assert json.loads((out / "layerfold.json").read_text())["gguf"]["check"]["passed"] is True
+
+
+def test_compress_refuses_a_tokenizer_llama_cpp_cannot_load_before_any_work(tmp_path, tiny_model_dir, capsys,
+                                                                              monkeypatch):
+    import layerfold.pipeline as pipeline
+
+    def no_calibration(*a, **k):
+        raise AssertionError("calibrated before refusing")
+
+    monkeypatch.setattr(pipeline, "load_calibration", no_calibration)
+    rc = main(["-q", "compress", tiny_model_dir("llama"), "--method", "bi", "--remove", "2", "--no-heal",
+               "-o", str(tmp_path / "o"), "--gguf", str(tmp_path / "o.gguf")])
+    assert rc == 2 and "no merges" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists() and not (tmp_path / "o.gguf").exists()
 
 
 def test_compress_refuses_an_existing_gguf_before_any_work(tmp_path, tiny_model_dir, capsys, monkeypatch):

@@ -274,7 +274,8 @@ def _print_gguf(g) -> None:
     if c is None:
         print("gguf check   not run: transformers cannot read this family's GGUF files")
     elif c.get("passed") is None:
-        print(f"gguf check   could not read it back: {c['error']}", file=sys.stderr)
+        print(f"gguf check   not run: {c['error']}" if c["tool"] == "none" else
+              f"gguf check   could not read it back: {c['error']}", file=sys.stdout if c["tool"] == "none" else sys.stderr)
     else:
         verdict = "ok" if c["passed"] else "DIFFERS MORE THAN EXPECTED"
         print(f"gguf check   {verdict}: read back with transformers, max |logit diff| {c['max_abs_logit_diff']:.3g} "

@@ -775,10 +775,10 @@ def export(opts: ExportOptions, loaded: LoadedModel | None = None) -> dict:
 
         check_gguf_path(opts.gguf.path, opts.output.force)
     loaded = loaded or _load(opts.model)
-    plan = _gguf_plan(opts.gguf, loaded)  # before any writing: what llama.cpp cannot express is refused
+    previous = _previous_record(loaded.local_dir)
+    plan = _gguf_plan(opts.gguf, loaded, previous.get("source"))  # before any writing: what llama.cpp cannot express is refused
     stored = count_parameters(loaded.model)
     n = unfold(loaded)
-    previous = _previous_record(loaded.local_dir)
     n_layers = len(decoder_layers(loaded.model, loaded.arch))
     layer_map = previous.get("layer_map") or list(range(n_layers))  # unfolding keeps every layer where it is
     source = previous.get("source") or loaded.source
@@ -809,13 +809,16 @@ def export(opts: ExportOptions, loaded: LoadedModel | None = None) -> dict:
     return result
 
 
-def _gguf_plan(gguf_opts, loaded: LoadedModel):
-    """What the GGUF file will say (None without --gguf); refuses what llama.cpp cannot express."""
+def _gguf_plan(gguf_opts, loaded: LoadedModel, source: str | None = None):
+    """What the GGUF file will say (None without --gguf); refuses what llama.cpp cannot express
+    (the architecture, its settings, the tokenizer)."""
     if not gguf_opts.enabled:
         return None
-    from .export.gguf import check_llama_cpp
+    from .export.gguf import check_llama_cpp, gguf_tokenizer
 
-    return check_llama_cpp(loaded.model.config)
+    plan = check_llama_cpp(loaded.model.config)
+    gguf_tokenizer(loaded, source if source is not None else loaded.source)
+    return plan
 
 
 def _write_gguf(gguf_opts, loaded: LoadedModel, plan, *, source, layer_map, force: bool, progress: bool):
@@ -826,7 +829,9 @@ def _write_gguf(gguf_opts, loaded: LoadedModel, plan, *, source, layer_map, forc
     materialize(loaded.model, loaded.arch)
     r = write_gguf(loaded, gguf_opts.path, gguf_opts.outtype, plan=plan, source=source, layer_map=layer_map,
                    force=force, progress=progress)
-    if gguf_opts.check:
+    if not gguf_opts.check:
+        r.check = {"tool": "none", "passed": None, "error": "skipped (--no-gguf-check)"}
+    else:
         try:
             r.check = check_with_transformers(loaded, r.path, r.outtype, tokens=min(16, plan.context_length))
         except Exception as e:  # the file is written; a reader that fails is reported, not fatal
@@ -851,7 +856,7 @@ def _checked_outputs(*, gguf=None, mergekit: str | None = None) -> list[str]:
             how = (f"not read back here (transformers cannot read {gguf.arch} GGUF files); "
                    "layerfold's GGUF writer is checked for this family with llama.cpp in benchmarks/interop.md")
         elif c.get("passed") is None:
-            how = f"reading it back with {c['tool']} failed: {c['error']}"
+            how = f"not read back: {c['error']}" if c["tool"] == "none" else f"reading it back with {c['tool']} failed: {c['error']}"
         else:
             how = (f"read back with {c['tool']}: max |logit difference| {c['max_abs_logit_diff']:.3g} on "
                    f"{c['tokens']} tokens, top-1 agreement {c['top1_agreement']:.0%}"

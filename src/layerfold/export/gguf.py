@@ -274,6 +274,19 @@ def original_gguf(source: str | None) -> Path | None:
     return p if p.suffix.lower() == ".gguf" and p.is_file() else None
 
 
+def gguf_tokenizer(loaded, source: str | None):
+    """(copied fields, None) from the GGUF the model came from, else (None, Vocab) from its
+    tokenizer.json; raises for a tokenizer llama.cpp cannot load. Cheap: run it before work."""
+    from .gguf_vocab import tokenizer_fields_from_gguf, vocab_from_tokenizer
+
+    vocab_size = loaded.model.config.vocab_size
+    original = original_gguf(source)
+    fields = tokenizer_fields_from_gguf(original, vocab_size) if original is not None else None
+    if fields:
+        return fields, None, f"copied from {original.name}"
+    return None, vocab_from_tokenizer(loaded.tokenizer, vocab_size), "the model's tokenizer.json"
+
+
 def write_gguf(loaded, path: str | Path, outtype: str = "f16", *, plan: LlamaCppPlan | None = None,
                source: str | None = None, layer_map=None, force: bool = False, progress: bool = True) -> GGUFResult:
     """Write ``loaded`` (a standard model, fully in memory) as a GGUF file at ``path``.
@@ -283,21 +296,14 @@ def write_gguf(loaded, path: str | Path, outtype: str = "f16", *, plan: LlamaCpp
     """
     import gguf
 
-    from .gguf_vocab import tokenizer_fields_from_gguf, vocab_from_tokenizer
-
     if outtype not in OUTTYPES:
         raise LayerfoldError(f"--outtype {outtype!r} is not one of {', '.join(OUTTYPES)}")
     out = check_gguf_path(path, force).resolve()
     model, config = loaded.model, loaded.model.config
     plan = plan or check_llama_cpp(config)
-    notes = list(plan.notes)
+    notes = list(plan.notes) + ([plan.layout.caveat] if plan.layout.caveat else [])
 
-    fields, tokenizer_from = None, "the model's tokenizer.json"
-    original = original_gguf(source)
-    if original is not None:
-        fields = tokenizer_fields_from_gguf(original, config.vocab_size)
-        tokenizer_from = f"copied from {original.name}" if fields else tokenizer_from
-    vocab = None if fields else vocab_from_tokenizer(loaded.tokenizer, config.vocab_size)
+    fields, vocab, tokenizer_from = gguf_tokenizer(loaded, source)
     if vocab is not None:
         notes += vocab.notes
 

@@ -96,8 +96,11 @@ def vocab_from_tokenizer(tokenizer, vocab_size: int) -> Vocab:
 
     byte_level = _uses_byte_level(spec)
     if kind == "BPE" and byte_level:
-        v = Vocab("gpt2", tokens, types, merges=[_merge_text(m) for m in model.get("merges") or []],
-                  pre=_pre_tokenizer_name(spec))
+        merges = [_merge_text(m) for m in model.get("merges") or []]
+        if not merges:
+            raise LayerfoldError("this byte-level BPE tokenizer has no merges; llama.cpp cannot load a BPE "
+                                 "vocabulary without them")
+        v = Vocab("gpt2", tokens, types, merges=merges, pre=_pre_tokenizer_name(spec))
         if v.pre is None:
             v.pre = "default"
             v.notes.append("pre-tokenizer not recognised: llama.cpp splits text with its default rule, "
@@ -147,7 +150,7 @@ def _pre_tokenizer_name(spec: dict) -> str | None:
     parts = _parts(spec.get("pre_tokenizer"))
     types = [p.get("type") for p in parts]
     if types == ["ByteLevel"] and parts[0].get("use_regex", True):
-        return "gpt2"
+        return "gpt-2"  # llama.cpp's name (the tokenizer model is "gpt2", the pre-tokenizer "gpt-2")
     if types == ["Digits", "ByteLevel"] and parts[0].get("individual_digits") and parts[1].get("use_regex", True):
         return "smollm"  # digits one by one, then GPT-2's rule
     if types == ["Split", "ByteLevel"] and not parts[1].get("use_regex", True):
