@@ -401,7 +401,7 @@ class _Compression:
             base = Path(o.output.path).expanduser().resolve().parent if o.output.path else Path.cwd()
         base.mkdir(parents=True, exist_ok=True)
         train_ids = ids
-        if plan.repair != "none" and o.repair.spec.trainable:
+        if plan.repair == "replacement" and o.repair.spec.trainable:  # other repairs fit on the calibration
             from .methods.streamline import training_text
 
             # the replacement's own text, written by / read for the original before any surgery
