@@ -284,6 +284,19 @@ class _Rows:
         return [self.rows[self._perm(p // self.n)[p % self.n]] for p in range(m * self.b, (m + 1) * self.b)]
 
 
+def load_checkpoint(path: Path, **kwargs) -> dict:
+    """A checkpoint this project wrote: tensors, numbers and strings only. ``weights_only=True``
+    refuses anything else (a pickle that would run code on loading) with an error, never runs it."""
+    import pickle
+
+    try:
+        return torch.load(path, weights_only=True, **kwargs)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise LayerfoldError(f"{path}: refused: not a checkpoint layerfold wrote ({first}); delete it or "
+                             "choose another --checkpoint-dir") from None
+
+
 class _BestState:
     """The trainable tensors at the best validation so far, in memory or in a file
     (``torch.save`` writes tensor by tensor; read back memory-mapped)."""
@@ -308,7 +321,7 @@ class _BestState:
     def tensors(self) -> dict[str, torch.Tensor]:
         if self.path is None:
             return self.state
-        return torch.load(self.path, mmap=True, weights_only=True)
+        return load_checkpoint(self.path, mmap=True)
 
     @torch.no_grad()
     def restore(self) -> None:
@@ -380,8 +393,8 @@ class _History:
 class Diverged(RuntimeFailure):
     """The loss (or the gradient) stopped being a finite number."""
 
-    def __init__(self, step: int, what: str):
-        super().__init__(f"training diverged at step {step} ({what})")
+    def __init__(self, step: int, what: str, advice: str = ""):
+        super().__init__(f"training diverged at step {step} ({what})" + (f"; {advice}" if advice else ""))
         self.step, self.what = step, what
 
 
@@ -400,13 +413,13 @@ class _Checkpoints:
                      "lower the learning rate and rerun with --resume")
         else:
             where = "stopped; no checkpoint was written (--checkpoint-dir keeps one): lower the learning rate"
-        return Diverged(e.step, f"{e.what}; {where}")
+        return Diverged(e.step, e.what, where)
 
     def restore(self, model, params, optimizer, scheduler, history: _History) -> int:
         """The step to start at: 0, or where the last checkpoint of this very run left off."""
         if not (self.config.resume and self.path is not None and self.path.is_file()):
             return 0
-        state = torch.load(self.path, map_location=input_device(model), weights_only=True)
+        state = load_checkpoint(self.path, map_location=input_device(model))
         if state["fingerprint"] != self.fingerprint:
             raise LayerfoldError(
                 f"{self.path}: the checkpoint belongs to a different run (other settings, data or model); "
