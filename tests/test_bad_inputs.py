@@ -857,3 +857,21 @@ def test_safetensors_header_counts(tmp_path):
     with pytest.raises(LayerfoldError, match="truncated"):
         safetensors_header(tmp_path / "x.safetensors")
     assert struct.unpack("<Q", data[:8])[0] < len(data)
+
+
+def test_the_api_refuses_before_loading_too(model, calib):
+    """the Python API runs the same validation: compress(opts) refuses --remove 6 of 6 without loading"""
+    from dataclasses import replace
+
+    from layerfold.errors import LayerfoldError
+    from layerfold.pipeline import CompressOptions, analyze, compress
+    from layerfold.recipe import AnalyzeOptions
+
+    opts = CompressOptions()
+    opts = replace(opts, model=replace(opts.model, model=str(model)), selection=replace(opts.selection, remove=6))
+    with pytest.raises(LayerfoldError, match="cannot remove 6 of 6 layers"):
+        compress(opts)
+    a = AnalyzeOptions()
+    a = replace(a, model=replace(a.model, model=str(model)), data=replace(a.data, source=calib, seq_len=300))
+    with pytest.raises(LayerfoldError, match="longer than the 256 positions"):
+        analyze(a)

@@ -222,9 +222,11 @@ def _cmd_analyze(opts: AnalyzeOptions, glob: GlobalOptions) -> int:
     print(f"\n{r.scores.samples} sequences, {r.scores.tokens:,} tokens, {r.seconds:.1f}s")
     if opts.json:
         import json
+        from pathlib import Path
 
-        with open(opts.json, "w", encoding="utf-8") as f:
-            json.dump(r.scores.to_dict(), f, indent=2)
+        from .eval.result import write_text_atomically
+
+        write_text_atomically(Path(opts.json), json.dumps(r.scores.to_dict(), indent=2))
         print(f"scores written to {opts.json}")
     return 0
 

@@ -520,7 +520,7 @@ def _check_compress(o, loaded=None) -> None:
         return
     out = o.output.path
     if out is None and facts is not None and layers_after is not None:
-        from .pipeline import default_output_name
+        from .models.saving import default_output_name
 
         name = f"foldgpt-g{o.foldgpt.group_size}" if method.share and not o.foldgpt.groups else \
             ("foldgpt" if method.share else method.name)

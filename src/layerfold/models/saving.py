@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -39,6 +40,14 @@ class OutputOptions:
         "help": "print the plan (layer map, replacements, parameters and bytes before and after, the stages that "
                 "would run) and stop: no decoder layer is read beyond what choosing needs, and with --scores no "
                 "weight at all", "flag": "--dry-run"})
+
+
+def default_output_name(source: str, method: str, n_remove: int) -> str:
+    """``./<model>-<method>-minus<N>``: the model's name without folders or ``.gguf``."""
+    name = source.split(":", 1)[1] if source.startswith("embedded:") else Path(source.rstrip("/")).name
+    name = re.sub(r"\.gguf$", "", name, flags=re.I)
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-") or "model"
+    return f"{name}-{method}-minus{n_remove}"
 
 
 def check_output_dir(out: Path, force: bool, protect: Path | None = None) -> None:
@@ -130,11 +139,13 @@ def save_model_folder(
     max_shard_size: str = "2GB",
     force: bool = False,
     state_dict: dict | None = None,
+    finish: Callable[[Path], None] | None = None,
 ) -> Path:
     """Save weights (sharded safetensors with index), configs, tokenizer and a model card.
 
     ``state_dict`` overrides the weights written (e.g. shared tensors stored once);
-    ``extra_files`` are written last, so they may replace a generated file such as config.json.
+    ``extra_files`` are written last, so they may replace a generated file such as config.json;
+    then ``finish(tmp)`` may add more to the temporary folder before it is renamed into place.
     """
     check_output_dir(out, force, protect=loaded.local_dir)
 
@@ -160,6 +171,8 @@ def save_model_folder(
                 path.write_bytes(content)
             else:
                 path.write_text(content, encoding="utf-8")
+        if finish is not None:
+            finish(tmp)
 
     return write_atomically(out, force, write)
 
