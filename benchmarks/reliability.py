@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "reliability.md"
 
 AUDIT = [  # (what the audit saw, arguments after `layerfold`)
+    ("for scale: `layerfold --version` (Python start-up and imports only)", ["--version"]),
     ("`compress --remove 30` on the 30-layer model (was: calibrating and scoring, still running after 120 s)",
      ["compress", "--remove", "30"]),
     ("`compress --remove 31` (was: still running after 120 s)", ["compress", "--remove", "31"]),
@@ -49,10 +50,11 @@ def audit_rows(tmp: Path) -> list[str]:
     for what, args in AUDIT:
         argv = [a.format(**{k: str(v) for k, v in files.items()}) for a in args]
         t = time.perf_counter()
+        extra = ["-o", str(tmp / "out")] if argv[0] == "compress" else []
         p = subprocess.run([sys.executable, "-c", "import sys; from layerfold.cli import main; sys.exit(main())",
-                            "-q", *argv, "-o", str(tmp / "out")], capture_output=True, text=True, env=env, cwd=tmp)
+                            "-q", *argv, *extra], capture_output=True, text=True, env=env, cwd=tmp)
         seconds = time.perf_counter() - t
-        line = (p.stderr.strip().splitlines() or [""])[-1].replace(str(tmp) + "/", "").replace("|", "\\|")
+        line = ((p.stderr + p.stdout).strip().splitlines() or [""])[-1].replace(str(tmp) + "/", "").replace("|", "\\|")
         rows.append(f"| {what} | {p.returncode} | {seconds:.1f} | `{line}` |")
         assert not (tmp / "out").exists()
     return rows

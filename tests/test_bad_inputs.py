@@ -16,6 +16,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 import signal
 import struct
@@ -130,7 +131,7 @@ def refused(capsys, request, argv, needle, *, code=2, out=None, limit=FAST, kind
     if out is not None:
         _assert_nothing_written(Path(out))
     RESULTS.append({"case": request.node.name.removeprefix("test_"), "command": _command([str(a) for a in argv]),
-                    "message": lines[0], "code": rc, "seconds": seconds, "kind": kind,
+                    "message": re.sub(r"/tmp/pytest-of-[^/]+/pytest-\d+/[^/ ]+", "TMP", lines[0]), "code": rc, "seconds": seconds, "kind": kind,
                     "doc": (request.function.__doc__ or "").strip().splitlines()[0] if request.function.__doc__ else ""})
     return lines[0]
 

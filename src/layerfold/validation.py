@@ -325,6 +325,8 @@ def check_text_source(source: str, text_field: str, seq_len: int, what: str) -> 
             texts = read_texts(source, text_field)
         except UnicodeDecodeError:
             raise LayerfoldError(f"{what} {source}: not UTF-8 text") from None
+        except LayerfoldError as e:  # the run's own reader: its message, naming the option
+            raise LayerfoldError(f"{what} {e}") from None
         # no tokenizer makes more tokens than UTF-8 bytes, plus a word start and an end-of-text
         # per document: a text below that bound cannot fill one sequence
         bound = sum(len(t.encode("utf-8")) + 2 for t in texts)
