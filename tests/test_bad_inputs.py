@@ -598,7 +598,7 @@ def test_compare_missing_file(capsys, request, tmp_path):
 
 def test_export_without_output(capsys, request, model):
     """export with no -o"""
-    refused(capsys, request, ["-q", "export", model], "export needs an output folder")
+    refused(capsys, request, ["-q", "export", model], "export needs an output")
 
 
 def test_export_output_exists(capsys, request, model, tmp_path):

@@ -659,10 +659,9 @@ def _check_compare(o, loaded=None) -> None:
 
 
 def _check_export(o, loaded=None) -> None:
-    if not o.output.path:
-        raise LayerfoldError("export needs an output folder (-o OUT)")
-    if not o.unfold:
-        raise LayerfoldError("export knows one format so far: --unfold (a standard model folder)")
+    gguf = getattr(o, "gguf", None)
+    if not o.output.path and not (gguf is not None and gguf.enabled):
+        raise LayerfoldError("export needs an output: -o OUT (a standard model folder) and/or --gguf OUT.gguf")
     facts = _facts(o.model, loaded)
     estimate = output_bytes(facts, _dtype(o.model))
     if facts is not None and facts.local_dir is not None:
@@ -672,7 +671,8 @@ def _check_export(o, loaded=None) -> None:
         if shared and estimate:  # every shared tensor is written once per layer: at most one layer each
             per = sum(facts.layer_params) / max(1, sum(1 for x in facts.layer_params if x))
             estimate = int((facts.other_params + per * facts.num_layers) * DTYPE_BYTES.get(_dtype(o.model), 4))
-    check_output(Path(o.output.path), o.output.force, facts, estimate)
+    if o.output.path:
+        check_output(Path(o.output.path), o.output.force, facts, estimate)
 
 
 def _check_run(o, loaded=None) -> None:
