@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import tempfile
 import time
@@ -24,6 +23,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from . import recipe as recipes
+from . import validation
 from .data.calibration import load_calibration
 from .errors import LayerfoldError
 from .eval.evaluate import EvalOptions
@@ -34,8 +34,8 @@ from .methods.streamline import StreamlineResult
 from .models.card import model_card
 from .export.mergekit import MERGEKIT_FILE
 from .models.layer_map import LayerMap
-from .models.loading import EMBEDDED_NAME, LoadedModel, ModelOptions, load_model, locate_model
-from .models.saving import check_output_dir, folder_bytes, save_model_folder
+from .models.loading import LoadedModel, ModelOptions, load_model, locate_model
+from .models.saving import check_output_dir, default_output_name, folder_bytes, save_model_folder
 from .models.surgery import count_parameters, decoder_layers
 from .recipe import AnalyzeOptions, CompressOptions, EvaluateOptions, ExportOptions, HealModelOptions
 from .report import record as records
@@ -64,7 +64,7 @@ def analyze(opts: AnalyzeOptions, loaded: LoadedModel | None = None) -> AnalyzeR
     from .methods import pruning
 
     t0 = time.perf_counter()
-    opts.layer_pass.validate()
+    validation.check(opts, loaded)
     # layers are read from disk one at a time; gates train through the whole model at once
     loaded = loaded or _load(opts.model, lazy=opts.gates is None)
     ids = load_calibration(opts.data, loaded, progress=opts.progress)
@@ -121,17 +121,10 @@ class CompressResult:
     plan: Plan | None = None
 
 
-def default_output_name(source: str, method: str, n_remove: int) -> str:
-    name = EMBEDDED_NAME.split(":")[1] if source == EMBEDDED_NAME else Path(source.rstrip("/")).name
-    name = re.sub(r"\.gguf$", "", name, flags=re.I)
-    name = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-") or "model"
-    return f"{name}-{method}-minus{n_remove}"
-
-
 def compress(opts: CompressOptions, loaded: LoadedModel | None = None) -> CompressResult:
     """Compress a model as ``opts`` says and save a complete model folder (with ``--dry-run``:
     only plan). ``loaded``: the model, already loaded (it is changed in place)."""
-    run = _Compression(opts)
+    run = _Compression(opts, loaded)
     if opts.selection.scores and opts.output.dry_run:
         return run.dry(run.plan(_skeleton(opts.model), run.saved_evidence()))
     loaded = run.load(loaded)
@@ -167,15 +160,16 @@ class _Healing:
 class _Compression:
     """The stages of :func:`compress`, sharing the options and the stage timings."""
 
-    def __init__(self, opts: CompressOptions):
+    def __init__(self, opts: CompressOptions, loaded: LoadedModel | None = None):
         self.opts = opts
         self.method, self.selection, self.repair = opts.selection.parts()
         self.seconds: dict[str, float] = {}
-        self._check()
+        self._check(loaded)
 
-    def _check(self) -> None:
-        """Every option, before any slow work."""
+    def _check(self, loaded: LoadedModel | None) -> None:
+        """Every option, against the model's config and file headers, before any slow work."""
         o = self.opts
+        validation.check(o, loaded)
         o.data.validate()
         o.layer_pass.validate()
         o.selection.validate()
@@ -514,15 +508,23 @@ class _Compression:
             files.pop("training_log.jsonl")
         files["layerfold.json"] = json.dumps(record, indent=2, default=str) + "\n"
         files[recipes.RECIPE_FILE] = recipe_yaml
+        written = {}
+
+        def finish(tmp: Path) -> None:
+            """The evaluation results and the report join the folder before it is renamed into place."""
+            if after is not None and after.cost is not None:
+                after.cost.bytes_on_disk = folder_bytes(tmp)
+            written["report"] = _write_report(tmp, record, before, after) if o.evaluation.report else None
+
         if mergekit:
             files[MERGEKIT_FILE] = mergekit
         t = time.perf_counter()
         if plan.groups and any(len(g) > 1 for g in plan.groups):
             from .export.shared import save_shared_folder
 
-            out = save_shared_folder(loaded, out, card=card, extra_files=files, force=o.output.force)
+            out = save_shared_folder(loaded, out, card=card, extra_files=files, force=o.output.force, finish=finish)
         else:
-            out = save_model_folder(loaded, out, card=card, extra_files=files, force=o.output.force)
+            out = save_model_folder(loaded, out, card=card, extra_files=files, force=o.output.force, finish=finish)
         self._timed("save", t)
         extra = {}
         if o.gguf.enabled:
@@ -531,9 +533,7 @@ class _Compression:
                 params_before=plan.params_before, params_after=params_after, layers_before=plan.layers_before,
                 summary=summary, recipe_yaml=recipe_yaml, outputs=outputs + _checked_outputs(gguf=g)[1:]),
                 layer_map=layer_map, source=loaded.source)
-        if after is not None and after.cost is not None:
-            after.cost.bytes_on_disk = folder_bytes(out)
-        report = _write_report(out, record, before, after) if o.evaluation.report else None
+        report = out / written["report"].name if written.get("report") else None
         if self.method.share:
             extra |= {"groups": plan.groups, "gates": evidence.gates.gates if evidence.gates else None,
                      "gate_check": evidence.gates.check if evidence.gates else None,
@@ -632,10 +632,9 @@ class _Compression:
 
 
 def _write_report(out: Path, record: dict, eval_before, eval_after) -> Path | None:
-    """Evaluation results and the HTML report, added to the finished model folder.
-
-    The model folder is complete before this runs; a report that cannot be written is a
-    warning, never a lost model.
+    """Evaluation results and the HTML report, added to the model folder (still under its
+    temporary name) once its weights, configs and tokenizer are written; a report that cannot
+    be written is a warning, never a lost model.
     """
     import sys
 
@@ -665,13 +664,9 @@ class HealModelResult:
 
 def heal_model(opts: HealModelOptions) -> HealModelResult:
     """Load a compressed model and its teacher, heal, and save a new model folder."""
-    from .healing import CALIBRATION_TEXT, heal, healing_data, prepare_teacher
+    from .healing import heal, healing_data, prepare_teacher
 
-    opts.healing.validate()
-    if opts.healing.data.source == CALIBRATION_TEXT:
-        raise LayerfoldError("--heal-data calib (the calibration text) works only with `layerfold compress`")
-    if not opts.healing.enabled:
-        raise LayerfoldError("--heal-tokens must be positive for layerfold heal")
+    validation.check(opts)
     if opts.no_teacher:
         opts = replace(opts, healing=replace_heal_losses_without_teacher(opts.healing))
     if opts.model.model is None:
@@ -762,6 +757,7 @@ def export(opts: ExportOptions, loaded: LoadedModel | None = None) -> dict:
     as a GGUF file for llama.cpp (``--gguf``), read back and checked."""
     from .export.unfold import unfold
 
+    validation.check(opts, loaded)
     out_dir = Path(opts.output.path) if opts.output.path else None
     if out_dir is None and not opts.gguf.enabled:
         raise LayerfoldError("export needs an output: -o OUT (a standard model folder) and/or --gguf OUT.gguf")
@@ -876,8 +872,7 @@ def evaluate_model(opts: EvaluateOptions):
     read from its JSON result) when one is given: (reference or None, result)."""
     from .eval import EvalResult, evaluate
 
-    if opts.batch_size < 1:
-        raise LayerfoldError(f"--batch-size must be at least 1 (got {opts.batch_size})")
+    validation.check(opts)
     kw = dict(tasks=list(opts.tasks), ppl=list(opts.ppl), limit=opts.limit, batch_size=opts.batch_size,
               data_dir=opts.data_dir, ppl_window=opts.ppl_window, ppl_stride=opts.ppl_stride,
               ppl_limit=opts.ppl_limit, speed=opts.speed, progress=opts.progress)

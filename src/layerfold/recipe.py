@@ -274,6 +274,23 @@ def read_recipe(path: str | Path, overrides: list[str] = ()):
     return from_text(p.read_text(encoding="utf-8"), overrides, where=str(path))
 
 
+def run_recipe(opts: RunOptions):
+    """The options ``layerfold run`` runs: the recipe's, with ``--set``, ``-o``, ``--force``
+    and ``--dry-run`` applied."""
+    import dataclasses
+
+    if not opts.recipe:
+        raise LayerfoldError("give the recipe file to run (e.g. layerfold run OUT/recipe.yaml)")
+    recipe = read_recipe(opts.recipe, opts.set)
+    output = {"path": opts.output} if opts.output is not None else {}
+    output.update({"force": True} if opts.force else {})
+    if opts.dry_run:
+        if not isinstance(recipe, CompressOptions):
+            raise LayerfoldError("--dry-run plans compressions; this recipe is not one")
+        output["dry_run"] = True
+    return dataclasses.replace(recipe, output=dataclasses.replace(recipe.output, **output))
+
+
 def from_text(text: str, overrides: list[str] = (), where: str = "the recipe"):
     """:func:`read_recipe` for the text of a recipe."""
     import yaml
