@@ -33,6 +33,7 @@ from ._version import __version__
 from .data.calibration import CalibrationSpec
 from .errors import LayerfoldError
 from .eval.evaluate import DEFAULT_PPL_WINDOW, EvalOptions
+from .export.gguf import GGUFOptions
 from .healing import HealOptions, compress_defaults, heal_command_defaults
 from .importance.gates import GateOptions
 from .importance.layer_pass import LayerPassOptions
@@ -46,6 +47,8 @@ from .models.loading import ModelOptions
 from .models.saving import OutputOptions
 
 RECIPE_FILE = "recipe.yaml"
+GGUF_HELP = ("also write the model as one GGUF file for llama.cpp / Ollama (shared weights written out per layer), "
+             "read back and checked")
 _CALIBRATION_FLAGS = {"source": "--calib", "seq_len": "--seq-len", "text_field": "--text-field", "split": "--split",
                       "seed": "--seed"}
 
@@ -83,6 +86,7 @@ class CompressOptions:
         "help": "before and after, written into the output folder with report.html", "prefix": "eval-",
         "flags": {"tasks": "--eval-tasks", "ppl": "--eval-ppl", "limit": "--eval-limit"}})
     output: OutputOptions = field(default_factory=OutputOptions, metadata={"help": "where the model goes"})
+    gguf: GGUFOptions = field(default_factory=GGUFOptions, metadata={"help": GGUF_HELP, "prefix": "gguf-"})
     progress: bool = field(default=True, metadata={"schema": False})
 
     def command(self) -> str:
@@ -185,9 +189,12 @@ class ExportOptions:
     model: ModelOptions = field(default_factory=ModelOptions, metadata={
         "help": "the model to export", "exclude": ("placement",)})
     unfold: bool = field(default=True, metadata={
-        "help": "materialise shared tensors (the only export format so far)", "flag": "--unfold"})
+        "help": "materialise shared tensors (always done: neither a standard folder nor GGUF can share them)",
+        "flag": "--unfold"})
     output: OutputOptions = field(default_factory=OutputOptions, metadata={
-        "help": "where the exported model goes", "helps": {"path": "output folder"}})
+        "help": "a standard model folder (-o), and/or a GGUF file (--gguf)", "helps": {"path": "output folder"}})
+    gguf: GGUFOptions = field(default_factory=GGUFOptions, metadata={"help": GGUF_HELP, "prefix": "gguf-"})
+    progress: bool = field(default=True, metadata={"schema": False})
 
 
 @dataclass
