@@ -143,6 +143,8 @@ def _cmd_compress(opts: CompressOptions, glob: GlobalOptions) -> int:
     t0 = time.perf_counter()
     r = compress(opts)
     if r.output is None:  # --dry-run
+        if r.extra.get("auto_text"):
+            print(r.extra["auto_text"])
         print(r.plan.describe())
         return 0
     _print_compress(r, opts, time.perf_counter() - t0)
@@ -158,6 +160,9 @@ def _cmd_run(opts: RunOptions, glob: GlobalOptions) -> int:
 
 
 def _print_compress(r, opts: CompressOptions, total: float) -> None:
+    if r.extra.get("auto_text"):
+        print(r.extra["auto_text"])
+        print(f"chosen       {r.extra['auto']['chosen']}")
     print(f"method       {r.method}")
     print(f"layers       {r.layers_before} -> {r.layers_after} (removed {', '.join(map(str, r.removed))})")
     pct = 100 * (1 - r.params_after / r.params_before)

@@ -163,6 +163,8 @@ class _Compression:
     def __init__(self, opts: CompressOptions, loaded: LoadedModel | None = None):
         self.opts = opts
         self.method, self.selection, self.repair = opts.selection.parts()
+        self.plan_opts = opts  # with --method auto: the options with the search's choice, once made
+        self.auto = None  # methods.auto.AutoResult
         self.seconds: dict[str, float] = {}
         self._check(loaded)
 
@@ -180,7 +182,14 @@ class _Compression:
             o.repair.validate()
         if self.repair.name == "linear":
             o.linear.validate()
-        if self.selection.needs == "search":
+        if self.method.auto:
+            o.auto.validate()
+            if o.selection.scores:
+                raise LayerfoldError("--method auto scores candidate models; saved scores (--scores) cannot stand in")
+            for _, repair in o.auto.candidates():
+                if repair == "linear":
+                    o.linear.validate()
+        if self.selection.needs == "search" or self.method.auto:
             o.search.validate()
             if o.selection.scores:
                 raise LayerfoldError(f"the {self.selection.name} selection searches with forward passes; saved "
@@ -222,9 +231,9 @@ class _Compression:
         sharing): weights stay on disk until a layer is used, so importance, pair collection
         and saving need about one layer in memory."""
         t = time.perf_counter()
-        lazy = self.selection.needs not in ("gates", "search") and not self.method.share
+        lazy = self.selection.needs not in ("gates", "search") and not self.method.share and not self.method.auto
         loaded = loaded or _load(self.opts.model, lazy=lazy)
-        if self.repair.check is not None:  # before any calibration work
+        if self.repair.check is not None and not self.method.auto:  # before any calibration work
             self.repair.check(loaded.arch)
         self._timed("load", t)
         return loaded
@@ -266,6 +275,16 @@ class _Compression:
             return evidence
         t = time.perf_counter()
         evidence = Evidence()
+        if self.method.auto:
+            from .methods.auto import search_plans
+            from .methods.registry import REPAIRS, SELECTIONS
+
+            self.auto = search_plans(o, loaded, ids, progress=o.progress)
+            selection, repair = self.auto.chosen
+            self.plan_opts = replace(o, selection=o.selection.chosen(selection, repair))
+            self.selection, self.repair = SELECTIONS[selection], REPAIRS[repair]
+            self._timed("plan_search", t)
+            return self.auto.evidence
         if self.selection.needs == "scores":
             evidence.scores = measure_similarity(loaded.model, loaded.arch, ids, batch_size=o.layer_pass.batch_size,
                                                  max_activation_bytes=o.layer_pass.max_memory, progress=o.progress)
@@ -284,15 +303,18 @@ class _Compression:
         return evidence
 
     def plan(self, loaded: LoadedModel, evidence: Evidence) -> Plan:
-        plan = make_plan(self.opts, loaded.model, loaded.arch, evidence)
+        plan = make_plan(self.plan_opts, loaded.model, loaded.arch, evidence)
         plan.stages = self._stages()
         return plan
 
     def _stages(self) -> list[str]:
         o = self.opts
-        streamed = self.selection.needs not in ("gates", "search") and not self.method.share
+        streamed = self.selection.needs not in ("gates", "search") and not self.method.share and not self.method.auto
         stages = ["load" + (" (layers streamed)" if streamed else "")]
-        if o.selection.scores:
+        if self.method.auto:
+            stages += ["calibrate", f"plan search ({len(o.auto.plans)} candidates by held-out KL; chose "
+                                    f"{self.selection.name}+{self.repair.name})"]
+        elif o.selection.scores:
             stages.append(f"scores from {o.selection.scores}")
         elif self.selection.needs == "scores":
             stages += ["calibrate", "score (one layer-by-layer pass)"]
@@ -326,7 +348,8 @@ class _Compression:
         return CompressResult(output=None, method=plan.method, removed=plan.removed, layer_map=plan.layer_map.to_list(),
                               layers_before=plan.layers_before, layers_after=plan.layers_after,
                               params_before=plan.params_before, params_after=plan.params_after, bytes_on_disk=0,
-                              seconds=self.seconds, plan=plan)
+                              seconds=self.seconds, plan=plan,
+                              extra={"auto": self.auto.to_dict(), "auto_text": self.auto.describe()} if self.auto else {})
 
     # evaluate before -> apply -> heal -> evaluate after --------------------------------------
 
@@ -493,6 +516,8 @@ class _Compression:
             "peak_rss_mib": records.peak_rss_mib(),
             "seconds": self.seconds,
         }
+        if self.auto is not None:
+            record["auto"] = self.auto.to_dict()
         if self.method.share:
             record.update(params_after_removal=applied.params_after_removal, params_stored=params_after)
         if evidence.gates is not None:
@@ -540,6 +565,8 @@ class _Compression:
                      "params_after_removal": record["params_after_removal"], "cure": record.get("cure")}
         if applied.linear is not None:
             extra["linear"] = applied.linear.to_dict()
+        if self.auto is not None:
+            extra.update(auto=record["auto"], auto_text=self.auto.describe())
         return CompressResult(
             output=out, method=plan.method, removed=plan.removed, layer_map=layer_map,
             layers_before=plan.layers_before, layers_after=plan.layers_after, params_before=plan.params_before,

@@ -7,6 +7,7 @@ A compression recipe (``layerfold compress``, ``layerfold run``) is one :class:`
     layer_pass  how the layer-by-layer calibration pass runs
     selection   which layers go (``--method``) and how many
     repair      what stands in for them (LLM-Streamline's trained replacement)
+    auto        the plan search of --method auto
     search      selections that search with forward passes (sleb, iterative-bi, laco)
     linear      ReplaceMe's linear repair (--repair linear)
     foldgpt     FoldGPT's gates, sharing and cure
@@ -38,6 +39,7 @@ from .importance.gates import GateOptions
 from .importance.layer_pass import LayerPassOptions
 from .methods.foldgpt import GATES_METADATA, FoldGPTOptions
 from .methods.registry import SelectionOptions
+from .methods.auto import AutoOptions
 from .methods.replaceme import LinearRepairOptions
 from .methods.search import SearchOptions
 from .methods.streamline import StreamlineOptions
@@ -67,6 +69,8 @@ class CompressOptions:
     repair: StreamlineOptions = field(default_factory=StreamlineOptions, metadata={
         "help": "LLM-Streamline (--method streamline): --remove N replaces N+1 consecutive layers by one trained "
                 "replacement; --sparsity counts the replacement's own parameters", "prefix": "train-"})
+    auto: AutoOptions = field(default_factory=AutoOptions, metadata={
+        "help": "--method auto: candidate plans scored by held-out KL to the original; the best is built and healed"})
     search: SearchOptions = field(default_factory=SearchOptions, metadata={
         "help": "selections that search with forward passes of candidate models (--select sleb, iterative-bi, laco)"})
     linear: LinearRepairOptions = field(default_factory=LinearRepairOptions, metadata={

@@ -112,6 +112,17 @@ def write_report(out_dir: str | os.PathLike, record: dict, eval_before=None, eva
     if recipe.get("removed_layers") is not None:
         parts.append(f"<tr><td>removed layers</td><td>{_esc(', '.join(map(str, recipe['removed_layers'])))}</td></tr>")
     parts.append("</table>")
+    auto = record.get("auto")
+    if auto:
+        parts.append(f"<h2>Plan search</h2><p>{len(auto['table'])} candidate plans scored by KL to the original on "
+                     f"{auto['heldout_rows']} held-out rows; built: <b>{_esc(auto['chosen'])}</b>.</p>")
+        rows = "".join(
+            f"<tr><td>{_esc(r['plan'])}</td><td>{r['kl']:.4f}</td><td>{r['top1']:.3f}</td><td>{r['ppl']:.2f}</td>"
+            f"<td>{_esc(','.join(map(str, r['removed'])))}</td></tr>" if "kl" in r else
+            f"<tr><td>{_esc(r['plan'])}</td><td colspan='4'>refused: {_esc(r['refused'])}</td></tr>"
+            for r in auto["table"])
+        parts.append("<table><tr><th>plan</th><th>held-out KL</th><th>top-1</th><th>held-out ppl</th>"
+                     f"<th>removed</th></tr>{rows}</table>")
     parts.append("<h2>Which layers</h2>" + img("layer_map", "kept and removed layers"))
     parts.append("<p class='note'>Layer map, new &larr; old: " + _esc(", ".join(
         f"{i}&larr;{o}" if o is not None else f"{i}&larr;new" for i, o in enumerate(layer_map))).replace(
