@@ -138,7 +138,8 @@ def main() -> None:
             elif name != "original":
                 loss, _, init = name.partition(":")
                 opts = StreamlineOptions(replacement="layer" if loss != "none" else "none",
-                                         loss=loss if loss != "none" else "mse", init=init or "first",
+                                         loss=loss if loss != "none" else StreamlineOptions().loss,
+                                         init=init or "first",
                                          train_tokens=args.train_tokens, eval_every=args.eval_every)
                 r = replace_and_train(model, arch, text, start, window, opts, work_dir=work, progress=False,
                                       store=store if loss in PAIR_LOSSES else None)

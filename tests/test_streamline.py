@@ -165,7 +165,8 @@ def test_mse_training_lowers_validation_loss(tmp_path, replacement, loss):
     arch = ARCHITECTURES["llama"]
     ids = _ids(20, 16)
     scores = measure_similarity(model, arch, ids, progress=False)
-    opts = StreamlineOptions(replacement=replacement, loss=loss, epochs=4, batch_size=4, lr=2e-3, min_lr=5e-4)
+    opts = StreamlineOptions(replacement=replacement, loss=loss, init="first", epochs=4, batch_size=4, lr=2e-3,
+                             min_lr=5e-4)
     log = tmp_path / "log.jsonl"
     r = streamline(model, arch, ids, scores, opts, remove=2, work_dir=tmp_path, log_path=log, progress=False)
     # an attention-free replacement cannot copy a random block's attention: it only improves
@@ -186,7 +187,7 @@ def test_in_place_training_changes_only_the_replacement(tmp_path, loss):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     ids = _ids(16, 16)
     scores = measure_similarity(model, arch, ids, progress=False)
-    opts = StreamlineOptions(loss=loss, epochs=4, batch_size=4, lr=2e-3, min_lr=5e-4)
+    opts = StreamlineOptions(loss=loss, init="first", epochs=4, batch_size=4, lr=2e-3, min_lr=5e-4)
     r = streamline(model, arch, ids, scores, opts, remove=2, work_dir=tmp_path, progress=False)
     assert r.fit.best_val < r.fit.first_val
     layers = decoder_layers(model, arch)
@@ -246,7 +247,7 @@ def test_cli_streamline_writes_log_and_record(tmp_path, tiny_model_dir, text_fil
     assert "6 -> 4" in stdout and "training" in stdout
     record = json.loads((out / "layerfold.json").read_text())
     sl = record["recipe"]["streamline"]
-    assert sl["replacement"] == "layer" and sl["loss"] == "mse" and sl["pair_dtype"] == "fp32"
+    assert sl["replacement"] == "layer" and sl["loss"] == StreamlineOptions().loss and sl["pair_dtype"] == "fp32"
     assert "--train-tokens 64" in record["command"] and "--pair-dtype fp32" in record["command"]
     # 64 tokens of 16: 4 rows, one a step (4 // 32 steps rounds up to a batch of 1), 32 validation rows
     t = sl["training"]

@@ -119,7 +119,8 @@ def test_run_records_batch_steps_tokens_and_a_validation_curve(tmp_path):
     ids = _ids(44)
     start, window = 1, 3
     text = TrainingText(ids, 4)
-    opts = StreamlineOptions(batch=8, min_steps=5, batch_size=4, lr=1e-3, min_lr=1e-4, pair_dtype="fp32", eval_every=1)
+    opts = StreamlineOptions(loss="mse", init="first", batch=8, min_steps=5, batch_size=4, lr=1e-3, min_lr=1e-4,
+                             pair_dtype="fp32", eval_every=1)
     log = tmp_path / "log.jsonl"
     r = replace_and_train(model, LLAMA, text, start, window, opts, work_dir=tmp_path, log_path=log, progress=False)
     t = r.training
@@ -149,7 +150,7 @@ def test_run_records_batch_steps_tokens_and_a_validation_curve(tmp_path):
 @pytest.mark.parametrize("loss", ["lm", "kl"])
 def test_in_place_losses_use_the_training_text_and_its_validation_rows(tmp_path, loss):
     model = build_tiny("llama", layers=6)
-    opts = StreamlineOptions(loss=loss, batch=4, min_steps=3, batch_size=2, lr=2e-3, min_lr=5e-4)
+    opts = StreamlineOptions(loss=loss, init="first", batch=4, min_steps=3, batch_size=2, lr=2e-3, min_lr=5e-4)
     r = replace_and_train(model, LLAMA, TrainingText(_ids(14), 2), 1, 3, opts, work_dir=tmp_path, progress=False)
     assert (r.training["train_rows"], r.training["val_rows"], r.training["steps"]) == (12, 2, 3)
     assert r.fit.best_val < r.fit.first_val and len(decoder_layers(model, LLAMA)) == 4
@@ -207,14 +208,24 @@ def test_replacement_starts_as_the_chosen_layer(tmp_path, init, source):
         torch.testing.assert_close(value, original[name], rtol=0, atol=1e-6)
 
 
-def test_last_layer_init_of_another_attention_type_is_refused(tmp_path):
-    model = build_tiny("gemma2", layers=6)  # sliding, full, sliding, full, ...
-    with pytest.raises(LayerfoldError, match="--train-init last: layer 3 is a full_attention layer"):
-        replace_and_train(model, ARCHITECTURES["gemma2"], _ids(6), 0, 4, StreamlineOptions(init="last"),
-                          work_dir=tmp_path, progress=False)
-    assert len(decoder_layers(model, ARCHITECTURES["gemma2"])) == 6
+def test_last_layer_init_keeps_the_slots_attention_type():
+    from layerfold.methods.streamline import init_layer
+
+    cfg = build_tiny("gemma2", layers=6).config  # sliding, full, sliding, full, ...
+    gemma2 = ARCHITECTURES["gemma2"]
+    last = StreamlineOptions(init="last")
+    assert init_layer(last, 0, 4, cfg, gemma2) == 2  # layer 3 is a full layer; the slot 0 a sliding one
+    assert init_layer(last, 1, 3, cfg, gemma2) == 3
+    assert init_layer(StreamlineOptions(init="first"), 1, 3, cfg, gemma2) == 1
+    assert StreamlineOptions().init == "last"  # the default: the best measured (benchmarks/streamline.md)
+    assert init_layer(last, 1, 4, build_tiny("llama", layers=6).config, LLAMA) == 4
 
 
 def test_init_applies_only_to_layer_replacements():
-    with pytest.raises(LayerfoldError, match="applies to layer and swiglu"):
-        StreamlineOptions(replacement="ffn", init="last").validate()
+    from layerfold.methods.streamline import init_layer
+
+    cfg = build_tiny("llama", layers=6).config
+    for kind in ("ffn", "none"):  # an FFN starts as the identity; none keeps the first layer
+        opts = StreamlineOptions(replacement=kind, init="last")
+        opts.validate()
+        assert init_layer(opts, 1, 4, cfg, LLAMA) == 1
