@@ -17,7 +17,7 @@ import os
 import sys
 import time
 
-from . import schema
+from . import preflight, schema
 from ._version import __version__
 from .errors import LayerfoldError
 from .recipe import (
@@ -154,6 +154,7 @@ def _cmd_run(opts: RunOptions, glob: GlobalOptions) -> int:
             raise LayerfoldError("--dry-run plans compressions; this recipe is not one")
         output["dry_run"] = True
     recipe = dataclasses.replace(recipe, output=dataclasses.replace(recipe.output, **output))
+    preflight.check(recipe)  # the recipe is the command's real options
     handler = next(_HANDLERS[name] for name, (root, *_) in COMMANDS.items() if isinstance(recipe, root))
     return handler(_quiet(recipe, glob.quiet), glob)
 
@@ -295,7 +296,9 @@ def main(argv: list[str] | None = None) -> int:
 
         hf_logging.disable_progress_bar()
     try:
-        return args.func(_quiet(schema.from_arguments(args.root(), args), glob.quiet), glob)
+        opts = _quiet(schema.from_arguments(args.root(), args), glob.quiet)
+        preflight.check(opts)  # packages and devices the options need, before any model or data
+        return args.func(opts, glob)
     except LayerfoldError as e:
         if glob.debug:
             raise
