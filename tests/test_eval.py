@@ -216,8 +216,8 @@ def test_compress_writes_report_with_before_and_after(tiny_model_dir, task_files
     assert code == 0, stdout
     assert "mc stability" in stdout
     html = (out / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == 4  # layer map, importance, heatmap, before/after
-    for name in ("layer_map", "importance", "block_similarity", "before_after"):
+    assert html.count("data:image/png;base64,") == 5  # layer map, importance, heatmap, before/after, healing
+    for name in ("layer_map", "importance", "block_similarity", "before_after", "healing"):
         assert (out / "figures" / f"{name}.png").read_bytes().startswith(b"\x89PNG")
     before, after = EvalResult.load(out / "eval_before.json"), EvalResult.load(out / "eval_after.json")
     assert after.reference == before.model

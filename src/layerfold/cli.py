@@ -284,7 +284,11 @@ _HANDLERS = {"compress": _cmd_compress, "run": _cmd_run, "heal": _cmd_heal, "ana
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    try:
+        parser = build_parser()  # option defaults may read the environment ($LAYERFOLD_HEAL_TOKENS)
+    except LayerfoldError as e:
+        print(f"layerfold: error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
     args = parser.parse_args(argv)
     glob = schema.from_arguments(GlobalOptions(), args)
     if args.command is None:
