@@ -55,30 +55,73 @@ def tiny_tokenizer():
     )
 
 
-def tiny_config(model_type: str, layers: int = 6):
+CHAT_TEMPLATE = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
+_WORDS = ["the", "cat", "sat", "on", "mat", "then", "there"]
+
+
+def tiny_bpe_tokenizer():
+    """Byte-level BPE with real merges (GPT-2 style) and a chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{c: i + 3 for i, c in enumerate(alphabet)}}
+    merges = []
+    for word in ["\u0120" + w for w in _WORDS]:  # merge each word left to right
+        cur = word[0]
+        for ch in word[1:]:
+            if (cur, ch) not in merges:
+                merges.append((cur, ch))
+            cur += ch
+            vocab.setdefault(cur, len(vocab))
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    t = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                pad_token="</s>")
+    t.chat_template = CHAT_TEMPLATE
+    return t
+
+
+def tiny_spm_tokenizer():
+    """SentencePiece-style BPE (byte fallback, '\u2581' for spaces), as Llama 2 / Mistral ship it."""
+    from tokenizers import Tokenizer, decoders, models, normalizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<0x{b:02X}>": 3 + b for b in range(256)}}
+    for ch in "\u2581abcdefghijklmnopqrstuvwxyz":
+        vocab[ch] = len(vocab)
+    merges = []
+    for word in ["\u2581" + w for w in _WORDS]:
+        cur = word[0]
+        for ch in word[1:]:
+            if (cur, ch) not in merges:
+                merges.append((cur, ch))
+            cur += ch
+            vocab.setdefault(cur, len(vocab))
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="</s>")
+
+
+def tiny_config(model_type: str, layers: int = 6, **overrides):
+    """A tiny config of ``model_type``; ``overrides`` replace the family's defaults."""
     from transformers import AutoConfig
 
-    return AutoConfig.for_model(
-        model_type,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=VOCAB,
-        max_position_embeddings=256,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=2,
-        **ARCH_CONFIGS[model_type],
-    )
+    kwargs = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=256, bos_token_id=1,
+                  eos_token_id=2, pad_token_id=2)
+    return AutoConfig.for_model(model_type, **{**kwargs, **ARCH_CONFIGS[model_type], **overrides})
 
 
-def build_tiny(model_type: str, layers: int = 6, seed: int = 0):
+def build_tiny(model_type: str, layers: int = 6, seed: int = 0, **overrides):
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(model_type, layers))
+    model = AutoModelForCausalLM.from_config(tiny_config(model_type, layers, **overrides))
     # random init leaves many weights tiny; scale up so layers change the hidden state
     with torch.no_grad():
         for name, p in model.named_parameters():

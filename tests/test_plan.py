@@ -41,7 +41,8 @@ def _compress(tiny_model_dir, text_file, tmp_path, name, *flags):
 
 
 @pytest.mark.parametrize("flags", [
-    ["--method", "bi"], ["--method", "angular"], ["--method", "streamline-block"], ["--method", "last-n"],
+    ["--method", "bi"], ["--method", "bi", "--repair", "linear"], ["--method", "sleb"],
+    ["--method", "laco", "--laco-threshold", "0.3"], ["--method", "angular"], ["--method", "streamline-block"], ["--method", "last-n"],
     ["--method", "streamline", "--train-tokens", "32"],
     ["--method", "streamline", "--replacement", "ffn", "--ffn-width", "16", "--train-tokens", "32"],
     ["--method", "streamline", "--replacement", "none"],

@@ -86,9 +86,14 @@ COMMANDS = {
     "compare": (CompareOptions, "side-by-side table of saved evaluation results",
                 "Print JSON results of `layerfold eval --json` side by side; the first is the reference: "
                 "every figure of the others is also shown as a share of it, and stability is computed against it."),
-    "export": (ExportOptions, "write a layerfold model in another form (--unfold: a standard model folder)",
-               "Write a model whose layers share weights (layerfold compress --method foldgpt) as a standard "
-               "Hugging Face folder with every shared tensor materialised, for tools that cannot express sharing."),
+    "export": (ExportOptions, "write a model as a GGUF file for llama.cpp (--gguf) or a standard folder (-o)",
+               "Write a finished model for the tools users run it with:\n"
+               "  --gguf OUT.gguf   one GGUF file for llama.cpp / Ollama (--outtype f32, f16, bf16 or q8_0), with the\n"
+               "                    tokenizer and chat template; read back with transformers and checked\n"
+               "  -o OUT            a standard Hugging Face folder\n"
+               "A model whose layers share weights (layerfold compress --method foldgpt) is written out with every\n"
+               "shared tensor materialised, since neither form can share them.\n\n"
+               "example:  layerfold export ./SmolLM2-135M-Instruct-bi-minus8 --gguf pruned-f16.gguf --outtype f16"),
 }
 
 
@@ -183,6 +188,14 @@ def _print_compress(r, opts: CompressOptions, total: float) -> None:
         if sl.fit:
             print(f"training     {opts.repair.loss} loss {sl.fit.first_val:.4g} -> {sl.fit.best_val:.4g} "
                   f"(best of {sl.fit.steps} steps, {sl.fit.seconds:.1f}s); log in training_log.jsonl")
+    if r.extra.get("linear"):
+        fit = r.extra["linear"]
+        for run in fit["runs"]:
+            print(f"linear map   layers {run['removed'][0]}..{run['removed'][1]} -> folded into layer {run['into']} "
+                  f"({fit['options']['objective']}; relative error {run['removal_error']:.3f} removed, "
+                  f"{run['fit_error']:.3f} repaired, {run['tokens']:,} tokens)")
+        for a, b in fit["unrepaired"]:
+            print(f"linear map   layers {a}..{b} removed unrepaired (no layer before them to fold into)")
     steps = ", ".join(f"{k} {v:.1f}s" for k, v in r.seconds.items())
     if r.heal:
         _print_heal(r.heal)
@@ -193,6 +206,8 @@ def _print_compress(r, opts: CompressOptions, total: float) -> None:
 
         print()
         print(eval_table([r.eval_before, r.eval_after], names=["before", "after"]))
+    if r.extra.get("gguf") is not None:
+        _print_gguf(r.extra["gguf"])
     if r.report is not None:
         print(f"report       {r.report}")
 
@@ -240,11 +255,31 @@ def _cmd_export(opts: ExportOptions, glob: GlobalOptions) -> int:
     from .pipeline import export
 
     r = export(opts)
-    print(f"unfolded     {r['unshared_tensors']} shared tensors materialised")
-    print(f"parameters   {r['params_stored_before']:,} stored -> {r['params_after']:,}")
-    print(f"on disk      {r['bytes_on_disk'] / 2**20:.1f} MiB of safetensors")
-    print(f"saved to     {r['output']}")
+    if r["unshared_tensors"]:
+        print(f"unfolded     {r['unshared_tensors']} shared tensors materialised")
+        print(f"parameters   {r['params_stored_before']:,} stored -> {r['params_after']:,}")
+    if r["output"] is not None:
+        print(f"on disk      {r['bytes_on_disk'] / 2**20:.1f} MiB of safetensors")
+        print(f"saved to     {r['output']}")
+    if r["gguf"] is not None:
+        _print_gguf(r["gguf"])
     return 0
+
+
+def _print_gguf(g) -> None:
+    print(f"gguf         {g.path} ({g.outtype}, llama.cpp arch {g.arch}, {g.tensors} tensors, "
+          f"{g.bytes / 2**20:.1f} MiB; tokenizer {g.tokenizer})")
+    for note in g.notes:
+        print(f"             note: {note}")
+    c = g.check
+    if c is None:
+        print("gguf check   not run: transformers cannot read this family's GGUF files")
+    elif c.get("passed") is None:
+        print(f"gguf check   could not read it back: {c['error']}", file=sys.stderr)
+    else:
+        verdict = "ok" if c["passed"] else "DIFFERS MORE THAN EXPECTED"
+        print(f"gguf check   {verdict}: read back with transformers, max |logit diff| {c['max_abs_logit_diff']:.3g} "
+              f"on {c['tokens']} tokens, top-1 agreement {c['top1_agreement']:.0%}")
 
 
 def _cmd_eval(opts: EvaluateOptions, glob: GlobalOptions) -> int:

@@ -13,6 +13,38 @@ from ..errors import LayerfoldError
 
 
 @dataclass(frozen=True)
+class LlamaCppLayout:
+    """How llama.cpp holds one family: what a GGUF file of it must say (``export/gguf.py``).
+
+    Tensor names come from the ``gguf`` package's map for ``arch``; this says what differs
+    from the Hugging Face checkpoint beyond the names.
+    """
+
+    #: llama.cpp's architecture name (``general.architecture``)
+    arch: str
+    #: llama.cpp's llama rotates adjacent pairs of q/k, Hugging Face's the two halves: the
+    #: rows of q_proj and k_proj are reordered on export
+    permute_qk: bool = False
+    #: gemma's RMSNorm scales by (1 + w), llama.cpp's by w: this is added to every norm weight
+    norm_shift: float = 0.0
+    #: the layer pattern llama.cpp fixes for sliding-window attention (layer i slides when
+    #: i % n < n - 1); None: llama.cpp gives this family no sliding window at all
+    swa_pattern: int | None = None
+    #: llama.cpp's fixed rope base of the sliding layers (gemma3), if it fixes one
+    swa_rope_theta: float | None = None
+    #: llama.cpp scales queries by 1/sqrt(head_dim) and ignores ``query_pre_attn_scalar``
+    query_scale_is_head_dim: bool = False
+    #: gemma2's attention and final logit soft-capping go into the metadata
+    softcapping: bool = False
+    #: transformers' GGUF loader (``from_pretrained(dir, gguf_file=...)``) reads this family
+    #: back; the tests compare logits through it
+    transformers_reads: bool = True
+
+
+_LLAMA_CPP_GEMMA = dict(norm_shift=1.0, query_scale_is_head_dim=True)
+
+
+@dataclass(frozen=True)
 class Architecture:
     """Where things are in a Hugging Face causal LM of one family."""
 
@@ -41,6 +73,13 @@ class Architecture:
     #: linear layers (inside a decoder layer) whose output is the attention branch's output;
     #: zero weights there make the layer attention-free (LLM-Streamline's FFN-only form)
     attention_outputs: tuple[str, ...] = ("self_attn.o_proj",)
+    #: how llama.cpp holds this family; None: llama.cpp does not know it (no GGUF export)
+    llama_cpp: LlamaCppLayout | None = None
+    #: the linear layer (inside a decoder layer) whose output is the MLP branch's output as it
+    #: joins the residual stream; ReplaceMe's linear repair folds its transform into it. None
+    #: where a norm follows the MLP (post-norm families): a linear map after the norm is not a
+    #: linear map of the projection's output, so the fold would not be exact
+    mlp_output: str | None = "mlp.down_proj"
     #: extra notes for the model card
     notes: tuple[str, ...] = field(default_factory=tuple)
 
@@ -50,23 +89,29 @@ _POST_NORM_BRANCHES = ("post_attention_layernorm", "post_feedforward_layernorm")
 ARCHITECTURES: dict[str, Architecture] = {
     a.model_type: a
     for a in [
-        Architecture("llama"),
-        Architecture("mistral"),
+        Architecture("llama", llama_cpp=LlamaCppLayout("llama", permute_qk=True)),
+        Architecture("mistral", llama_cpp=LlamaCppLayout("llama", permute_qk=True)),
         Architecture(
-            "qwen2", per_layer_lists=("layer_types",), layer_thresholds=("max_window_layers",)
+            "qwen2", per_layer_lists=("layer_types",), layer_thresholds=("max_window_layers",),
+            llama_cpp=LlamaCppLayout("qwen2"),
         ),
         Architecture(
-            "qwen3", per_layer_lists=("layer_types",), layer_thresholds=("max_window_layers",)
+            "qwen3", per_layer_lists=("layer_types",), layer_thresholds=("max_window_layers",),
+            llama_cpp=LlamaCppLayout("qwen3"),
         ),
-        Architecture("gemma"),
+        Architecture("gemma", llama_cpp=LlamaCppLayout("gemma", **_LLAMA_CPP_GEMMA, transformers_reads=False)),
         Architecture(
-            "gemma2", per_layer_lists=("layer_types",), residual_branches=_POST_NORM_BRANCHES
+            "gemma2", per_layer_lists=("layer_types",), residual_branches=_POST_NORM_BRANCHES, mlp_output=None,
+            llama_cpp=LlamaCppLayout("gemma2", **_LLAMA_CPP_GEMMA, swa_pattern=2, softcapping=True),
         ),
         Architecture(
-            "gemma3_text", per_layer_lists=("layer_types",), residual_branches=_POST_NORM_BRANCHES
+            "gemma3_text", per_layer_lists=("layer_types",), residual_branches=_POST_NORM_BRANCHES,
+            mlp_output=None,
+            llama_cpp=LlamaCppLayout("gemma3", **_LLAMA_CPP_GEMMA, swa_pattern=6, swa_rope_theta=10000.0),
         ),
-        Architecture("phi3"),
-        Architecture("olmo2", residual_branches=_POST_NORM_BRANCHES),
+        Architecture("phi3", llama_cpp=LlamaCppLayout("phi3")),
+        Architecture("olmo2", residual_branches=_POST_NORM_BRANCHES, mlp_output=None,
+                     llama_cpp=LlamaCppLayout("olmo2", transformers_reads=False)),
     ]
 }
 
