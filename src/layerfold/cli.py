@@ -22,7 +22,7 @@ import sys
 import threading
 import time
 
-from . import schema
+from . import preflight, schema
 from ._version import __version__
 from .errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_RUNTIME, EXIT_TERMINATED, EXIT_USAGE, LayerfoldError, Terminated
 from .recipe import (
@@ -155,6 +155,7 @@ def _cmd_run(opts: RunOptions, glob: GlobalOptions) -> int:
     from .recipe import run_recipe
 
     recipe = run_recipe(opts)
+    preflight.check(recipe)  # the recipe is the command's real options
     handler = next(_HANDLERS[name] for name, (root, *_) in COMMANDS.items() if isinstance(recipe, root))
     return handler(_quiet(recipe, glob.quiet), glob)
 
@@ -324,7 +325,11 @@ def _terminate(signum, frame):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    try:
+        parser = build_parser()  # option defaults may read the environment ($LAYERFOLD_HEAL_TOKENS)
+    except LayerfoldError as e:
+        print(f"layerfold: error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
     args = parser.parse_args(argv)
     glob = schema.from_arguments(GlobalOptions(), args)
     if args.command is None:
@@ -342,6 +347,7 @@ def main(argv: list[str] | None = None) -> int:
         opts = _quiet(schema.from_arguments(args.root(), args), glob.quiet)
         from . import validation
 
+        preflight.check(opts)  # packages and devices the options need, before any model or data
         validation.check(opts)  # everything the options, the config and the file headers can tell
         return args.func(opts, glob)
     except LayerfoldError as e:

@@ -166,6 +166,9 @@ class _Compression:
         self.plan_opts = opts  # with --method auto: the options with the search's choice, once made
         self.auto = None  # methods.auto.AutoResult
         self.seconds: dict[str, float] = {}
+        self.heldout = None  # (held-out rows, the original's log-probs on them)
+        self.original = None  # a copy of the original, for the alternating speed runs
+        self.heal_curve: list[dict] = []  # held-out fit and loss against healing tokens
         self._check(loaded)
 
     def _check(self, loaded: LoadedModel | None) -> None:
@@ -375,8 +378,47 @@ class _Compression:
         source = str(loaded.source)
         if before.cost and (source.startswith("embedded:") or source.lower().endswith(".gguf")):
             before.cost.bytes_on_disk = None  # a quantized GGUF file: not comparable to safetensors
+        self._heldout_reference(loaded, before)
+        self._keep_original_for_speed(loaded)
         self._timed("eval_before", t)
         return before
+
+    def _heldout_reference(self, loaded: LoadedModel, before) -> None:
+        """Held-out rows and the original's log-probabilities on them (eval.heldout): the
+        data-free quality figures before and after, and along the healing."""
+        import sys
+
+        from .eval.heldout import heldout_ids, reference_fit, reference_log_probs
+
+        rows = self.opts.evaluation.heldout_rows
+        if not rows:
+            return
+        try:
+            ids = heldout_ids(self.opts.data, loaded, rows, progress=self.opts.progress)
+        except LayerfoldError as e:
+            print(f"layerfold: note: no held-out figures: {e}", file=sys.stderr)
+            return
+        ref = reference_log_probs(loaded.model, ids)
+        self.heldout = (ids, ref)
+        before.heldout = reference_fit(ids, ref).to_dict()
+
+    def _keep_original_for_speed(self, loaded: LoadedModel) -> None:
+        """A copy of the original, to time it in alternation with the compressed model at the end."""
+        import copy
+
+        from .models.loading import is_dispatched
+
+        if self.opts.evaluation.speed_rounds and not is_dispatched(loaded.model):
+            self.original = copy.deepcopy(loaded.model)
+            self.original.requires_grad_(False)
+
+    def heldout_fit(self, model) -> dict | None:
+        from .eval.heldout import compare_to_reference
+
+        if self.heldout is None:
+            return None
+        ids, ref = self.heldout
+        return compare_to_reference(model, ids, ref).to_dict()
 
     def prepare_healing(self, loaded: LoadedModel, ids, plan: Plan) -> _Healing | None:
         """The healing text and the teacher's answers come from the original, before surgery
@@ -454,9 +496,19 @@ class _Compression:
             self._timed("cure", t)
             return {"cure": {k: v for k, v in cure.items() if k != "history"}}
         from .healing import heal
+        from .train import steps_for_tokens
 
+        eval_fn, eval_every = None, 0
+        if self.heldout is not None:  # the held-out fit along the way: before healing, then ~4 times
+            start = self.heldout_fit(loaded.model)
+            self.heal_curve.append({"tokens": 0, "heldout": start})
+            eval_fn = self.heldout_fit
+            steps = steps_for_tokens(o.healing.tokens, o.healing.batch_size, o.healing.grad_accum, healing.ids.shape[1])
+            eval_every = max(1, steps // 4)
         result = heal(loaded, None, o.healing, ids=healing.ids, prepared_teacher=healing.teacher,
-                      layer_map=applied.layer_map.kept)
+                      layer_map=applied.layer_map.kept, eval_fn=eval_fn, eval_every=eval_every)
+        self.heal_curve += [{"tokens": r["tokens"], "loss": r.get("loss"), "heldout": r.get("eval")}
+                            for r in result.train.history if "tokens" in r]
         self._timed("heal", t)
         return {"heal": result.summary()}
 
@@ -469,6 +521,15 @@ class _Compression:
         t = time.perf_counter()
         after = evaluate(loaded.model, loaded.tokenizer, name=str(self._output(loaded, plan)), reference=before,
                          progress=self.opts.progress, **kw)
+        after.heldout = self.heldout_fit(loaded.model)
+        if self.original is not None:
+            from .eval.before_after import alternating_speed, fill_costs
+
+            speed = alternating_speed(self.original, loaded.model, rounds=self.opts.evaluation.speed_rounds,
+                                      progress=self.opts.progress)
+            fill_costs(before.cost if before is not None else None, after.cost, speed)
+            self.original = None
+            _free_memory()
         self._timed("eval_after", t)
         return after
 
@@ -511,6 +572,7 @@ class _Compression:
             "scores": evidence.scores.to_dict() if evidence.scores is not None and not o.selection.scores else None,
             "evaluation": {"before": before.summary(), "after": after.summary()} if after else None,
             "heal": heal_summary,
+            "heal_curve": self.heal_curve or None,
             "plan": plan.to_dict(),
             "options": recipes.schema.to_dict(recipes.absolute_paths(o)),
             "peak_rss_mib": records.peak_rss_mib(),
