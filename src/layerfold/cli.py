@@ -329,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
         parser = build_parser()  # option defaults may read the environment ($LAYERFOLD_HEAL_TOKENS)
     except LayerfoldError as e:
         print(f"layerfold: error: {e}", file=sys.stderr)
-        return EXIT_USER_ERROR
+        return EXIT_USAGE
     args = parser.parse_args(argv)
     glob = schema.from_arguments(GlobalOptions(), args)
     if args.command is None:
