@@ -156,3 +156,28 @@ def text_file(tmp_path_factory):
     ]
     path.write_text("\n\n".join(paragraphs), encoding="utf-8")
     return str(path)
+
+
+def stability_by_hand(reference_examples, examples, norm: bool = False) -> float:
+    """METHODS.md's stability, written out with plain arithmetic from the raw per-example
+    scores of two results (``TaskResult.examples``), independently of ``eval.stability``:
+    s_i = population std of the original's choice scores, w = softmax(s) over examples,
+    stability = sum of w_i over the examples where both are right or both are wrong."""
+    import math
+
+    def scores(e):
+        return [l / max(c, 1) for l, c in zip(e["ll"], e["chars"])] if norm else list(e["ll"])
+
+    def right(e):
+        s = scores(e)
+        return s.index(max(s)) == e["gold"]
+
+    spreads = []
+    for e in reference_examples:
+        s = scores(e)
+        mean = sum(s) / len(s)
+        spreads.append(math.sqrt(sum((x - mean) ** 2 for x in s) / len(s)))
+    top = max(spreads)
+    weights = [math.exp(x - top) for x in spreads]
+    total = sum(weights)
+    return sum(w / total for w, a, b in zip(weights, reference_examples, examples) if right(a) == right(b))

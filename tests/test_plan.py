@@ -49,7 +49,8 @@ def _train(flags, text_file):
 
 @pytest.mark.parametrize("flags", [
     ["--method", "bi"], ["--method", "bi", "--repair", "linear"], ["--method", "sleb"],
-    ["--method", "laco", "--laco-threshold", "0.3"], ["--method", "angular"], ["--method", "streamline-block"], ["--method", "last-n"],
+    ["--method", "laco", "--laco-threshold", "0.3"], ["--method", "auto", "--auto-plans", "bi+none,bi+linear"],
+    ["--method", "angular"], ["--method", "streamline-block"], ["--method", "last-n"],
     ["--method", "streamline", "--train-tokens", "32"],
     ["--method", "streamline", "--replacement", "ffn", "--ffn-width", "16", "--train-tokens", "32"],
     ["--method", "streamline", "--replacement", "none"],

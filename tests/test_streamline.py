@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from conftest import build_tiny
+from conftest import build_tiny, stability_by_hand
 from layerfold.cli import main
 from layerfold.data.calibration import CalibrationSpec
 from layerfold.data.pairs import PairStore
@@ -256,7 +256,10 @@ def test_cli_streamline_writes_log_and_record(tmp_path, tiny_model_dir, text_fil
     assert "4 steps of 1 sequences" in (out / "README.md").read_text()
     assert record["layer_map"].count(None) == 1
     ev = record["evaluation"]
-    assert 0 <= ev["after"]["mc/stability"] <= 1 and "mc/acc" in ev["before"]
+    before = json.loads((out / "eval_before.json").read_text())["tasks"]["mc"]["examples"]
+    after = json.loads((out / "eval_after.json").read_text())["tasks"]["mc"]["examples"]
+    assert ev["after"]["mc/stability"] == pytest.approx(stability_by_hand(before, after), abs=1e-12)
+    assert "mc/acc" in ev["before"]
     assert "stability" in stdout and (out / "eval_after.json").exists()
     assert "| mc |" in (out / "README.md").read_text()
 
@@ -269,7 +272,10 @@ def test_cli_rejects_training_nothing(tmp_path, tiny_model_dir, text_file, capsy
     assert not (tmp_path / "o").exists()
 
 
-def test_fit_keeps_the_best_state_on_disk_as_in_memory(tmp_path):
+def test_fit_restores_the_best_validation_steps_weights_in_memory_and_on_disk(tmp_path):
+    """Validation losses are scripted so that step 3 is the best; each validation also takes
+    its own copy of the weights. After training, the module holds exactly step 3's copy (not
+    the last step's), whether the best state was kept in memory or on disk."""
     from layerfold.train import fit
 
     def run(best_state_dir):
@@ -278,13 +284,24 @@ def test_fit_keeps_the_best_state_on_disk_as_in_memory(tmp_path):
         x = torch.randn(32, 4)
         y = x @ torch.randn(4, 4)
         scripted = iter([5.0, 4.0, 3.0, 1.0] + [2.0] * 20)  # validation losses: step 3 is the best
-        r = fit(module, lambda rows, autocast: torch.nn.functional.mse_loss(module(x[rows]), y[rows]),
-                TrainConfig(steps=10, batch_size=16, lr=2e-4, eval_every=1, progress=False), rows=32,
-                validate=lambda: next(scripted), best_state_dir=best_state_dir)
-        final = module(x).detach()
-        return r, module.weight.detach().clone(), final
+        seen = []  # the weights at each validation: before training (step 0), after step 1, 2, ...
 
-    (r_mem, w_mem, _), (r_disk, w_disk, _) = run(None), run(tmp_path / "best")
-    assert r_mem.best_step == r_disk.best_step == 3
-    torch.testing.assert_close(w_mem, w_disk, rtol=0, atol=0)
+        def validate():
+            seen.append((module.weight.detach().clone(), module.bias.detach().clone()))
+            return next(scripted)
+
+        r = fit(module, lambda rows, autocast: torch.nn.functional.mse_loss(module(x[rows]), y[rows]),
+                TrainConfig(steps=10, batch_size=16, lr=1e-2, eval_every=1, progress=False), rows=32,
+                validate=validate, best_state_dir=best_state_dir)
+        return r, module, seen
+
+    for where in (None, tmp_path / "best"):
+        r, module, seen = run(where)
+        assert r.best_step == 3 and len(seen) == 11
+        step3_weight, step3_bias = seen[3]
+        torch.testing.assert_close(module.weight.detach(), step3_weight, rtol=0, atol=0)
+        torch.testing.assert_close(module.bias.detach(), step3_bias, rtol=0, atol=0)
+        last_weight, _ = seen[10]
+        assert not torch.equal(step3_weight, last_weight)  # training moved on: restoring did something
+        assert not torch.equal(step3_weight, seen[2][0])  # and step 3 is not a neighbour's state
     assert not any((tmp_path / "best").iterdir())  # removed once restored

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import tempfile
 import time
@@ -24,6 +23,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from . import recipe as recipes
+from . import validation
 from .data.calibration import load_calibration
 from .errors import LayerfoldError
 from .eval.evaluate import EvalOptions
@@ -34,8 +34,8 @@ from .methods.streamline import StreamlineResult
 from .models.card import model_card
 from .export.mergekit import MERGEKIT_FILE
 from .models.layer_map import LayerMap
-from .models.loading import EMBEDDED_NAME, LoadedModel, ModelOptions, load_model, locate_model
-from .models.saving import check_output_dir, folder_bytes, save_model_folder
+from .models.loading import LoadedModel, ModelOptions, load_model, locate_model
+from .models.saving import check_output_dir, default_output_name, folder_bytes, save_model_folder
 from .models.surgery import count_parameters, decoder_layers
 from .recipe import AnalyzeOptions, CompressOptions, EvaluateOptions, ExportOptions, HealModelOptions
 from .report import record as records
@@ -64,7 +64,7 @@ def analyze(opts: AnalyzeOptions, loaded: LoadedModel | None = None) -> AnalyzeR
     from .methods import pruning
 
     t0 = time.perf_counter()
-    opts.layer_pass.validate()
+    validation.check(opts, loaded)
     # layers are read from disk one at a time; gates train through the whole model at once
     loaded = loaded or _load(opts.model, lazy=opts.gates is None)
     ids = load_calibration(opts.data, loaded, progress=opts.progress)
@@ -121,17 +121,10 @@ class CompressResult:
     plan: Plan | None = None
 
 
-def default_output_name(source: str, method: str, n_remove: int) -> str:
-    name = EMBEDDED_NAME.split(":")[1] if source == EMBEDDED_NAME else Path(source.rstrip("/")).name
-    name = re.sub(r"\.gguf$", "", name, flags=re.I)
-    name = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-") or "model"
-    return f"{name}-{method}-minus{n_remove}"
-
-
 def compress(opts: CompressOptions, loaded: LoadedModel | None = None) -> CompressResult:
     """Compress a model as ``opts`` says and save a complete model folder (with ``--dry-run``:
     only plan). ``loaded``: the model, already loaded (it is changed in place)."""
-    run = _Compression(opts)
+    run = _Compression(opts, loaded)
     if opts.selection.scores and opts.output.dry_run:
         return run.dry(run.plan(_skeleton(opts.model), run.saved_evidence()))
     loaded = run.load(loaded)
@@ -167,15 +160,21 @@ class _Healing:
 class _Compression:
     """The stages of :func:`compress`, sharing the options and the stage timings."""
 
-    def __init__(self, opts: CompressOptions):
+    def __init__(self, opts: CompressOptions, loaded: LoadedModel | None = None):
         self.opts = opts
         self.method, self.selection, self.repair = opts.selection.parts()
+        self.plan_opts = opts  # with --method auto: the options with the search's choice, once made
+        self.auto = None  # methods.auto.AutoResult
         self.seconds: dict[str, float] = {}
-        self._check()
+        self.heldout = None  # (held-out rows, the original's log-probs on them)
+        self.original = None  # a copy of the original, for the alternating speed runs
+        self.heal_curve: list[dict] = []  # held-out fit and loss against healing tokens
+        self._check(loaded)
 
-    def _check(self) -> None:
-        """Every option, before any slow work."""
+    def _check(self, loaded: LoadedModel | None) -> None:
+        """Every option, against the model's config and file headers, before any slow work."""
         o = self.opts
+        validation.check(o, loaded)
         o.data.validate()
         o.layer_pass.validate()
         o.selection.validate()
@@ -186,7 +185,14 @@ class _Compression:
             o.repair.validate()
         if self.repair.name == "linear":
             o.linear.validate()
-        if self.selection.needs == "search":
+        if self.method.auto:
+            o.auto.validate()
+            if o.selection.scores:
+                raise LayerfoldError("--method auto scores candidate models; saved scores (--scores) cannot stand in")
+            for _, repair in o.auto.candidates():
+                if repair == "linear":
+                    o.linear.validate()
+        if self.selection.needs == "search" or self.method.auto:
             o.search.validate()
             if o.selection.scores:
                 raise LayerfoldError(f"the {self.selection.name} selection searches with forward passes; saved "
@@ -228,9 +234,9 @@ class _Compression:
         sharing): weights stay on disk until a layer is used, so importance, pair collection
         and saving need about one layer in memory."""
         t = time.perf_counter()
-        lazy = self.selection.needs not in ("gates", "search") and not self.method.share
+        lazy = self.selection.needs not in ("gates", "search") and not self.method.share and not self.method.auto
         loaded = loaded or _load(self.opts.model, lazy=lazy)
-        if self.repair.check is not None:  # before any calibration work
+        if self.repair.check is not None and not self.method.auto:  # before any calibration work
             self.repair.check(loaded.arch)
         self._timed("load", t)
         return loaded
@@ -272,6 +278,16 @@ class _Compression:
             return evidence
         t = time.perf_counter()
         evidence = Evidence()
+        if self.method.auto:
+            from .methods.auto import search_plans
+            from .methods.registry import REPAIRS, SELECTIONS
+
+            self.auto = search_plans(o, loaded, ids, progress=o.progress)
+            selection, repair = self.auto.chosen
+            self.plan_opts = replace(o, selection=o.selection.chosen(selection, repair))
+            self.selection, self.repair = SELECTIONS[selection], REPAIRS[repair]
+            self._timed("plan_search", t)
+            return self.auto.evidence
         if self.selection.needs == "scores":
             evidence.scores = measure_similarity(loaded.model, loaded.arch, ids, batch_size=o.layer_pass.batch_size,
                                                  max_activation_bytes=o.layer_pass.max_memory, progress=o.progress)
@@ -290,15 +306,18 @@ class _Compression:
         return evidence
 
     def plan(self, loaded: LoadedModel, evidence: Evidence) -> Plan:
-        plan = make_plan(self.opts, loaded.model, loaded.arch, evidence)
+        plan = make_plan(self.plan_opts, loaded.model, loaded.arch, evidence)
         plan.stages = self._stages()
         return plan
 
     def _stages(self) -> list[str]:
         o = self.opts
-        streamed = self.selection.needs not in ("gates", "search") and not self.method.share
+        streamed = self.selection.needs not in ("gates", "search") and not self.method.share and not self.method.auto
         stages = ["load" + (" (layers streamed)" if streamed else "")]
-        if o.selection.scores:
+        if self.method.auto:
+            stages += ["calibrate", f"plan search ({len(o.auto.plans)} candidates by held-out KL; chose "
+                                    f"{self.selection.name}+{self.repair.name})"]
+        elif o.selection.scores:
             stages.append(f"scores from {o.selection.scores}")
         elif self.selection.needs == "scores":
             stages += ["calibrate", "score (one layer-by-layer pass)"]
@@ -332,7 +351,8 @@ class _Compression:
         return CompressResult(output=None, method=plan.method, removed=plan.removed, layer_map=plan.layer_map.to_list(),
                               layers_before=plan.layers_before, layers_after=plan.layers_after,
                               params_before=plan.params_before, params_after=plan.params_after, bytes_on_disk=0,
-                              seconds=self.seconds, plan=plan)
+                              seconds=self.seconds, plan=plan,
+                              extra={"auto": self.auto.to_dict(), "auto_text": self.auto.describe()} if self.auto else {})
 
     # evaluate before -> apply -> heal -> evaluate after --------------------------------------
 
@@ -358,8 +378,47 @@ class _Compression:
         source = str(loaded.source)
         if before.cost and (source.startswith("embedded:") or source.lower().endswith(".gguf")):
             before.cost.bytes_on_disk = None  # a quantized GGUF file: not comparable to safetensors
+        self._heldout_reference(loaded, before)
+        self._keep_original_for_speed(loaded)
         self._timed("eval_before", t)
         return before
+
+    def _heldout_reference(self, loaded: LoadedModel, before) -> None:
+        """Held-out rows and the original's log-probabilities on them (eval.heldout): the
+        data-free quality figures before and after, and along the healing."""
+        import sys
+
+        from .eval.heldout import heldout_ids, reference_fit, reference_log_probs
+
+        rows = self.opts.evaluation.heldout_rows
+        if not rows:
+            return
+        try:
+            ids = heldout_ids(self.opts.data, loaded, rows, progress=self.opts.progress)
+        except LayerfoldError as e:
+            print(f"layerfold: note: no held-out figures: {e}", file=sys.stderr)
+            return
+        ref = reference_log_probs(loaded.model, ids)
+        self.heldout = (ids, ref)
+        before.heldout = reference_fit(ids, ref).to_dict()
+
+    def _keep_original_for_speed(self, loaded: LoadedModel) -> None:
+        """A copy of the original, to time it in alternation with the compressed model at the end."""
+        import copy
+
+        from .models.loading import is_dispatched
+
+        if self.opts.evaluation.speed_rounds and not is_dispatched(loaded.model):
+            self.original = copy.deepcopy(loaded.model)
+            self.original.requires_grad_(False)
+
+    def heldout_fit(self, model) -> dict | None:
+        from .eval.heldout import compare_to_reference
+
+        if self.heldout is None:
+            return None
+        ids, ref = self.heldout
+        return compare_to_reference(model, ids, ref).to_dict()
 
     def prepare_healing(self, loaded: LoadedModel, ids, plan: Plan) -> _Healing | None:
         """The healing text and the teacher's answers come from the original, before surgery
@@ -437,9 +496,19 @@ class _Compression:
             self._timed("cure", t)
             return {"cure": {k: v for k, v in cure.items() if k != "history"}}
         from .healing import heal
+        from .train import steps_for_tokens
 
+        eval_fn, eval_every = None, 0
+        if self.heldout is not None:  # the held-out fit along the way: before healing, then ~4 times
+            start = self.heldout_fit(loaded.model)
+            self.heal_curve.append({"tokens": 0, "heldout": start})
+            eval_fn = self.heldout_fit
+            steps = steps_for_tokens(o.healing.tokens, o.healing.batch_size, o.healing.grad_accum, healing.ids.shape[1])
+            eval_every = max(1, steps // 4)
         result = heal(loaded, None, o.healing, ids=healing.ids, prepared_teacher=healing.teacher,
-                      layer_map=applied.layer_map.kept)
+                      layer_map=applied.layer_map.kept, eval_fn=eval_fn, eval_every=eval_every)
+        self.heal_curve += [{"tokens": r["tokens"], "loss": r.get("loss"), "heldout": r.get("eval")}
+                            for r in result.train.history if "tokens" in r]
         self._timed("heal", t)
         return {"heal": result.summary()}
 
@@ -452,6 +521,15 @@ class _Compression:
         t = time.perf_counter()
         after = evaluate(loaded.model, loaded.tokenizer, name=str(self._output(loaded, plan)), reference=before,
                          progress=self.opts.progress, **kw)
+        after.heldout = self.heldout_fit(loaded.model)
+        if self.original is not None:
+            from .eval.before_after import alternating_speed, fill_costs
+
+            speed = alternating_speed(self.original, loaded.model, rounds=self.opts.evaluation.speed_rounds,
+                                      progress=self.opts.progress)
+            fill_costs(before.cost if before is not None else None, after.cost, speed)
+            self.original = None
+            _free_memory()
         self._timed("eval_after", t)
         return after
 
@@ -494,11 +572,14 @@ class _Compression:
             "scores": evidence.scores.to_dict() if evidence.scores is not None and not o.selection.scores else None,
             "evaluation": {"before": before.summary(), "after": after.summary()} if after else None,
             "heal": heal_summary,
+            "heal_curve": self.heal_curve or None,
             "plan": plan.to_dict(),
             "options": recipes.schema.to_dict(recipes.absolute_paths(o)),
             "peak_rss_mib": records.peak_rss_mib(),
             "seconds": self.seconds,
         }
+        if self.auto is not None:
+            record["auto"] = self.auto.to_dict()
         if self.method.share:
             record.update(params_after_removal=applied.params_after_removal, params_stored=params_after)
         if evidence.gates is not None:
@@ -514,15 +595,23 @@ class _Compression:
             files.pop("training_log.jsonl")
         files["layerfold.json"] = json.dumps(record, indent=2, default=str) + "\n"
         files[recipes.RECIPE_FILE] = recipe_yaml
+        written = {}
+
+        def finish(tmp: Path) -> None:
+            """The evaluation results and the report join the folder before it is renamed into place."""
+            if after is not None and after.cost is not None:
+                after.cost.bytes_on_disk = folder_bytes(tmp)
+            written["report"] = _write_report(tmp, record, before, after) if o.evaluation.report else None
+
         if mergekit:
             files[MERGEKIT_FILE] = mergekit
         t = time.perf_counter()
         if plan.groups and any(len(g) > 1 for g in plan.groups):
             from .export.shared import save_shared_folder
 
-            out = save_shared_folder(loaded, out, card=card, extra_files=files, force=o.output.force)
+            out = save_shared_folder(loaded, out, card=card, extra_files=files, force=o.output.force, finish=finish)
         else:
-            out = save_model_folder(loaded, out, card=card, extra_files=files, force=o.output.force)
+            out = save_model_folder(loaded, out, card=card, extra_files=files, force=o.output.force, finish=finish)
         self._timed("save", t)
         extra = {}
         if o.gguf.enabled:
@@ -531,15 +620,15 @@ class _Compression:
                 params_before=plan.params_before, params_after=params_after, layers_before=plan.layers_before,
                 summary=summary, recipe_yaml=recipe_yaml, outputs=outputs + _checked_outputs(gguf=g)[1:]),
                 layer_map=layer_map, source=loaded.source)
-        if after is not None and after.cost is not None:
-            after.cost.bytes_on_disk = folder_bytes(out)
-        report = _write_report(out, record, before, after) if o.evaluation.report else None
+        report = out / written["report"].name if written.get("report") else None
         if self.method.share:
             extra |= {"groups": plan.groups, "gates": evidence.gates.gates if evidence.gates else None,
                      "gate_check": evidence.gates.check if evidence.gates else None,
                      "params_after_removal": record["params_after_removal"], "cure": record.get("cure")}
         if applied.linear is not None:
             extra["linear"] = applied.linear.to_dict()
+        if self.auto is not None:
+            extra.update(auto=record["auto"], auto_text=self.auto.describe())
         return CompressResult(
             output=out, method=plan.method, removed=plan.removed, layer_map=layer_map,
             layers_before=plan.layers_before, layers_after=plan.layers_after, params_before=plan.params_before,
@@ -632,10 +721,9 @@ class _Compression:
 
 
 def _write_report(out: Path, record: dict, eval_before, eval_after) -> Path | None:
-    """Evaluation results and the HTML report, added to the finished model folder.
-
-    The model folder is complete before this runs; a report that cannot be written is a
-    warning, never a lost model.
+    """Evaluation results and the HTML report, added to the model folder (still under its
+    temporary name) once its weights, configs and tokenizer are written; a report that cannot
+    be written is a warning, never a lost model.
     """
     import sys
 
@@ -665,13 +753,9 @@ class HealModelResult:
 
 def heal_model(opts: HealModelOptions) -> HealModelResult:
     """Load a compressed model and its teacher, heal, and save a new model folder."""
-    from .healing import CALIBRATION_TEXT, heal, healing_data, prepare_teacher
+    from .healing import heal, healing_data, prepare_teacher
 
-    opts.healing.validate()
-    if opts.healing.data.source == CALIBRATION_TEXT:
-        raise LayerfoldError("--heal-data calib (the calibration text) works only with `layerfold compress`")
-    if not opts.healing.enabled:
-        raise LayerfoldError("--heal-tokens must be positive for layerfold heal")
+    validation.check(opts)
     if opts.no_teacher:
         opts = replace(opts, healing=replace_heal_losses_without_teacher(opts.healing))
     if opts.model.model is None:
@@ -762,6 +846,7 @@ def export(opts: ExportOptions, loaded: LoadedModel | None = None) -> dict:
     as a GGUF file for llama.cpp (``--gguf``), read back and checked."""
     from .export.unfold import unfold
 
+    validation.check(opts, loaded)
     out_dir = Path(opts.output.path) if opts.output.path else None
     if out_dir is None and not opts.gguf.enabled:
         raise LayerfoldError("export needs an output: -o OUT (a standard model folder) and/or --gguf OUT.gguf")
@@ -876,8 +961,7 @@ def evaluate_model(opts: EvaluateOptions):
     read from its JSON result) when one is given: (reference or None, result)."""
     from .eval import EvalResult, evaluate
 
-    if opts.batch_size < 1:
-        raise LayerfoldError(f"--batch-size must be at least 1 (got {opts.batch_size})")
+    validation.check(opts)
     kw = dict(tasks=list(opts.tasks), ppl=list(opts.ppl), limit=opts.limit, batch_size=opts.batch_size,
               data_dir=opts.data_dir, ppl_window=opts.ppl_window, ppl_stride=opts.ppl_stride,
               ppl_limit=opts.ppl_limit, speed=opts.speed, progress=opts.progress)

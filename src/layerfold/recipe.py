@@ -7,6 +7,7 @@ A compression recipe (``layerfold compress``, ``layerfold run``) is one :class:`
     layer_pass  how the layer-by-layer calibration pass runs
     selection   which layers go (``--method``) and how many
     repair      what stands in for them (LLM-Streamline's trained replacement)
+    auto        the plan search of --method auto
     search      selections that search with forward passes (sleb, iterative-bi, laco)
     linear      ReplaceMe's linear repair (--repair linear)
     foldgpt     FoldGPT's gates, sharing and cure
@@ -38,6 +39,7 @@ from .importance.gates import GateOptions
 from .importance.layer_pass import LayerPassOptions
 from .methods.foldgpt import GATES_METADATA, FoldGPTOptions
 from .methods.registry import SelectionOptions
+from .methods.auto import AutoOptions
 from .methods.replaceme import LinearRepairOptions
 from .methods.search import SearchOptions
 from .methods.streamline import StreamlineOptions
@@ -67,6 +69,8 @@ class CompressOptions:
     repair: StreamlineOptions = field(default_factory=StreamlineOptions, metadata={
         "help": "LLM-Streamline (--method streamline): --remove N replaces N+1 consecutive layers by one trained "
                 "replacement; --sparsity counts the replacement's own parameters", "prefix": "train-"})
+    auto: AutoOptions = field(default_factory=AutoOptions, metadata={
+        "help": "--method auto: candidate plans scored by held-out KL to the original; the best is built and healed"})
     search: SearchOptions = field(default_factory=SearchOptions, metadata={
         "help": "selections that search with forward passes of candidate models (--select sleb, iterative-bi, laco)"})
     linear: LinearRepairOptions = field(default_factory=LinearRepairOptions, metadata={
@@ -272,6 +276,23 @@ def read_recipe(path: str | Path, overrides: list[str] = ()):
     if not p.is_file():
         raise LayerfoldError(f"{path}: no such recipe file")
     return from_text(p.read_text(encoding="utf-8"), overrides, where=str(path))
+
+
+def run_recipe(opts: RunOptions):
+    """The options ``layerfold run`` runs: the recipe's, with ``--set``, ``-o``, ``--force``
+    and ``--dry-run`` applied."""
+    import dataclasses
+
+    if not opts.recipe:
+        raise LayerfoldError("give the recipe file to run (e.g. layerfold run OUT/recipe.yaml)")
+    recipe = read_recipe(opts.recipe, opts.set)
+    output = {"path": opts.output} if opts.output is not None else {}
+    output.update({"force": True} if opts.force else {})
+    if opts.dry_run:
+        if not isinstance(recipe, CompressOptions):
+            raise LayerfoldError("--dry-run plans compressions; this recipe is not one")
+        output["dry_run"] = True
+    return dataclasses.replace(recipe, output=dataclasses.replace(recipe.output, **output))
 
 
 def from_text(text: str, overrides: list[str] = (), where: str = "the recipe"):

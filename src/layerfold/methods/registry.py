@@ -159,6 +159,7 @@ class Method:
     repair: str
     share: bool = False  # FoldGPT: adjacent kept layers then share their linear weights
     cure: bool = False  # FoldGPT: its cure is the healing
+    auto: bool = False  # the selection and repair are chosen by a plan search (methods/auto.py)
 
 
 METHODS: dict[str, Method] = {m.name: m for m in [
@@ -174,6 +175,8 @@ METHODS: dict[str, Method] = {m.name: m for m in [
            "bi", "linear"),
     Method("laco", "LaCo: layers merged into the layer before them while the output stays similar", "laco",
            "merge"),
+    Method("auto", "search: score candidate plans (selection x repair, no training) by held-out KL to the "
+                   "original, build the best, then heal (candidates: --auto-plans)", "bi", "none", auto=True),
     Method("foldgpt", "FoldGPT: learned gates choose the layers, adjacent retained layers share their linear "
                       "weights, then a cure", "gates", "none", share=True, cure=True),
 ]}
@@ -207,6 +210,9 @@ class SelectionOptions:
         if self.method not in METHODS:
             raise LayerfoldError(f"unknown method {self.method!r}; choose from {', '.join(METHODS)}")
         method = METHODS[self.method]
+        if method.auto and (self.select or self.repair) and not getattr(self, "_chosen", False):
+            raise LayerfoldError("--method auto chooses the selection and the repair itself; list the candidates "
+                                 "with --auto-plans SELECTION+REPAIR,... instead of --select/--repair")
         selection = SELECTIONS[self.select or method.selection]
         repair = REPAIRS[self.repair or method.repair]
         if repair.contiguous and not selection.contiguous:
@@ -218,6 +224,14 @@ class SelectionOptions:
     def validate(self) -> None:
         self.parts()
         pruning.check_target(self.remove, self.sparsity)
+
+    def chosen(self, selection: str, repair: str) -> SelectionOptions:
+        """These options with the plan search's choice (``--method auto``) filled in."""
+        from dataclasses import replace
+
+        out = replace(self, select=selection, repair=repair)
+        out._chosen = True
+        return out
 
 
 # -- planning ----------------------------------------------------------------------------

@@ -24,11 +24,18 @@ def evaluation_table(before, after, limit: int | None) -> str:
         o, c = before.tasks[name].metrics, task.metrics
         if "acc" in o and "stability" in c:
             rows.append(f"| {name} | {o['acc']:.3f} | {c['acc']:.3f} | {c['stability']:.3f} |")
-    if len(rows) == 2:
-        return ""
-    scope = f"first {limit} examples of each task" if limit else "all examples"
-    return f"Evaluation ({scope}; stability as in LLM-Streamline: confidence-weighted agreement " \
-           "with the original on which answers are right; `eval_after.json` has everything):\n\n" + "\n".join(rows)
+    text = []
+    h = after.heldout
+    if h:
+        text.append(f"On {h['rows']} held-out rows of calibration-style text (never used for selection or healing): "
+                    f"KL to the original {h['kl']:.3f} per token, top-1 agreement {100 * h['top1']:.1f}%, "
+                    f"perplexity {h['reference_ppl']:.2f} (original) -> {h['ppl']:.2f}.")
+    if len(rows) > 2:
+        scope = f"first {limit} examples of each task" if limit else "all examples"
+        text.append(f"Evaluation ({scope}; stability as in LLM-Streamline: confidence-weighted agreement "
+                    "with the original on which answers are right; `eval_after.json` has everything):\n\n"
+                    + "\n".join(rows))
+    return "\n\n".join(text)
 
 
 def streamline_record(so, sl) -> dict:
