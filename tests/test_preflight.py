@@ -59,12 +59,14 @@ def test_main_job_without_peft_stops_at_once(monkeypatch, capsys, no_loading):
 
 
 def test_heal_command_without_peft(monkeypatch, capsys, no_loading, tiny_model_dir, tmp_path):
+    tiny_model_dir = tiny_model_dir("llama")
     _hide(monkeypatch, "peft")
     _fails_fast(capsys, ["heal", str(tiny_model_dir), "--teacher", str(tiny_model_dir), "-o", str(tmp_path / "o")],
                 "'peft'", "pip install peft")
 
 
 def test_recipe_run_without_peft(monkeypatch, capsys, no_loading, tiny_model_dir, tmp_path):
+    tiny_model_dir = tiny_model_dir("llama")
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(f"model:\n  model: {tiny_model_dir}\nhealing:\n  tokens: 512\n")
     _hide(monkeypatch, "peft")
@@ -72,24 +74,28 @@ def test_recipe_run_without_peft(monkeypatch, capsys, no_loading, tiny_model_dir
 
 
 def test_hf_data_without_datasets(monkeypatch, capsys, no_loading, tiny_model_dir, tmp_path):
+    tiny_model_dir = tiny_model_dir("llama")
     _hide(monkeypatch, "datasets")
     _fails_fast(capsys, ["compress", str(tiny_model_dir), "--calib", "hf:wikitext:wikitext-2-raw-v1", "--no-heal",
                          "-o", str(tmp_path / "o")], "hf:wikitext", "'datasets'", "pip install")
 
 
 def test_hf_healing_data_without_datasets(monkeypatch, capsys, no_loading, tiny_model_dir, tmp_path):
+    tiny_model_dir = tiny_model_dir("llama")
     _hide(monkeypatch, "datasets")
     _fails_fast(capsys, ["heal", str(tiny_model_dir), "--teacher", str(tiny_model_dir), "--heal-data", "hf:c4",
                          "-o", str(tmp_path / "o")], "'datasets'")
 
 
 def test_lm_eval_without_lm_eval(monkeypatch, capsys, no_loading, tiny_model_dir):
+    tiny_model_dir = tiny_model_dir("llama")
     _hide(monkeypatch, "lm_eval")
     _fails_fast(capsys, ["eval", str(tiny_model_dir), "--lm-eval", "piqa"], "--lm-eval", "'lm_eval'",
                 "layerfold[lm-eval]")
 
 
 def test_cuda_without_a_cuda_device(monkeypatch, capsys, no_loading, tiny_model_dir):
+    tiny_model_dir = tiny_model_dir("llama")
     import torch
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
@@ -97,6 +103,7 @@ def test_cuda_without_a_cuda_device(monkeypatch, capsys, no_loading, tiny_model_
 
 
 def test_cuda_index_beyond_the_visible_devices(monkeypatch, capsys, no_loading, tiny_model_dir):
+    tiny_model_dir = tiny_model_dir("llama")
     import torch
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)

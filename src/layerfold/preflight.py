@@ -35,7 +35,12 @@ INSTALL = {
 
 def check(opts) -> None:
     """Raise a one-line error if ``opts`` (a command's options) needs a package or device that
-    is not there. Cheap: it imports only the packages the options ask for."""
+    is not there. Cheap: it imports only the packages the options ask for. ``layerfold run``'s
+    options are checked as the recipe's (read, not run)."""
+    from .recipe import RunOptions, run_recipe
+
+    if isinstance(opts, RunOptions):
+        opts = run_recipe(opts)
     for what, module in needed_packages(opts):
         require(module, what)
     for device in _devices(opts):
