@@ -41,6 +41,9 @@ class Architecture:
     #: linear layers (inside a decoder layer) whose output is the attention branch's output;
     #: zero weights there make the layer attention-free (LLM-Streamline's FFN-only form)
     attention_outputs: tuple[str, ...] = ("self_attn.o_proj",)
+    #: config key of a cap the causal LM applies to its logits after the output head
+    #: (logits = cap * tanh(logits / cap)); losses that compute logits chunk by chunk apply it
+    logit_softcap: str | None = None
     #: extra notes for the model card
     notes: tuple[str, ...] = field(default_factory=tuple)
 
@@ -60,10 +63,12 @@ ARCHITECTURES: dict[str, Architecture] = {
         ),
         Architecture("gemma"),
         Architecture(
-            "gemma2", per_layer_lists=("layer_types",), residual_branches=_POST_NORM_BRANCHES
+            "gemma2", per_layer_lists=("layer_types",), residual_branches=_POST_NORM_BRANCHES,
+            logit_softcap="final_logit_softcapping",
         ),
         Architecture(
-            "gemma3_text", per_layer_lists=("layer_types",), residual_branches=_POST_NORM_BRANCHES
+            "gemma3_text", per_layer_lists=("layer_types",), residual_branches=_POST_NORM_BRANCHES,
+            logit_softcap="final_logit_softcapping",
         ),
         Architecture("phi3"),
         Architecture("olmo2", residual_branches=_POST_NORM_BRANCHES),
