@@ -52,7 +52,8 @@ def parse_variant(spec: str) -> GateOptions:
         key, _, value = pair.partition("=")
         if key not in kinds:
             raise SystemExit(f"unknown GateOptions field {key!r}")
-        changes[key] = int(value) if kinds[key] in ("int", int) else float(value)
+        kind = kinds[key]
+        changes[key] = int(value) if kind in ("int", int) else (value if kind in ("str", str) else float(value))
     return replace(GateOptions(gate_type=gate_type), **changes)
 
 

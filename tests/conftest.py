@@ -55,30 +55,74 @@ def tiny_tokenizer():
     )
 
 
-def tiny_config(model_type: str, layers: int = 6):
+CHAT_TEMPLATE = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
+_WORDS = ["the", "cat", "sat", "on", "mat", "then", "there"]
+
+
+def tiny_bpe_tokenizer(words=tuple(_WORDS)):
+    """Byte-level BPE with real merges (GPT-2 style) and a chat template; ``words=("t",)``
+    makes one merge and fits the 260 rows of VOCAB."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{c: i + 3 for i, c in enumerate(alphabet)}}
+    merges = []
+    for word in ["\u0120" + w for w in words]:  # merge each word left to right
+        cur = word[0]
+        for ch in word[1:]:
+            if (cur, ch) not in merges:
+                merges.append((cur, ch))
+            cur += ch
+            vocab.setdefault(cur, len(vocab))
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    t = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                pad_token="</s>")
+    t.chat_template = CHAT_TEMPLATE
+    return t
+
+
+def tiny_spm_tokenizer():
+    """SentencePiece-style BPE (byte fallback, '\u2581' for spaces), as Llama 2 / Mistral ship it."""
+    from tokenizers import Tokenizer, decoders, models, normalizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<0x{b:02X}>": 3 + b for b in range(256)}}
+    for ch in "\u2581abcdefghijklmnopqrstuvwxyz":
+        vocab[ch] = len(vocab)
+    merges = []
+    for word in ["\u2581" + w for w in _WORDS]:
+        cur = word[0]
+        for ch in word[1:]:
+            if (cur, ch) not in merges:
+                merges.append((cur, ch))
+            cur += ch
+            vocab.setdefault(cur, len(vocab))
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="</s>")
+
+
+def tiny_config(model_type: str, layers: int = 6, **overrides):
+    """A tiny config of ``model_type``; ``overrides`` replace the family's defaults."""
     from transformers import AutoConfig
 
-    return AutoConfig.for_model(
-        model_type,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=VOCAB,
-        max_position_embeddings=256,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=2,
-        **ARCH_CONFIGS[model_type],
-    )
+    kwargs = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=256, bos_token_id=1,
+                  eos_token_id=2, pad_token_id=2)
+    return AutoConfig.for_model(model_type, **{**kwargs, **ARCH_CONFIGS[model_type], **overrides})
 
 
-def build_tiny(model_type: str, layers: int = 6, seed: int = 0):
+def build_tiny(model_type: str, layers: int = 6, seed: int = 0, **overrides):
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(model_type, layers))
+    model = AutoModelForCausalLM.from_config(tiny_config(model_type, layers, **overrides))
     # random init leaves many weights tiny; scale up so layers change the hidden state
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -112,3 +156,28 @@ def text_file(tmp_path_factory):
     ]
     path.write_text("\n\n".join(paragraphs), encoding="utf-8")
     return str(path)
+
+
+def stability_by_hand(reference_examples, examples, norm: bool = False) -> float:
+    """METHODS.md's stability, written out with plain arithmetic from the raw per-example
+    scores of two results (``TaskResult.examples``), independently of ``eval.stability``:
+    s_i = population std of the original's choice scores, w = softmax(s) over examples,
+    stability = sum of w_i over the examples where both are right or both are wrong."""
+    import math
+
+    def scores(e):
+        return [l / max(c, 1) for l, c in zip(e["ll"], e["chars"])] if norm else list(e["ll"])
+
+    def right(e):
+        s = scores(e)
+        return s.index(max(s)) == e["gold"]
+
+    spreads = []
+    for e in reference_examples:
+        s = scores(e)
+        mean = sum(s) / len(s)
+        spreads.append(math.sqrt(sum((x - mean) ** 2 for x in s) / len(s)))
+    top = max(spreads)
+    weights = [math.exp(x - top) for x in spreads]
+    total = sum(weights)
+    return sum(w / total for w, a, b in zip(weights, reference_examples, examples) if right(a) == right(b))

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import VOCAB, build_tiny, tiny_tokenizer
+from conftest import VOCAB, build_tiny, stability_by_hand, tiny_tokenizer
 from layerfold.cli import main
 from layerfold.errors import LayerfoldError
 from layerfold.eval import EvalResult, encode_pair, evaluate, load_task, perplexity, stability
@@ -187,7 +187,12 @@ def test_evaluate_result_roundtrip_and_stability(task_files, tmp_path):
     same = evaluate(model, tok, tasks=tasks, reference=path, cost=False)
     assert same.tasks["mc"].metrics["stability"] == pytest.approx(1.0)
     other = evaluate(build_tiny("llama", seed=3), tok, tasks=tasks, reference=ref, cost=False)
-    assert 0.0 <= other.tasks["wino"].metrics["stability"] <= 1.0
+    for name in ("mc", "wino"):
+        for norm, key in ((False, "stability"), (True, "stability_norm")):
+            by_hand = stability_by_hand(ref.tasks[name].examples, other.tasks[name].examples, norm)
+            assert other.tasks[name].metrics[key] == pytest.approx(by_hand, abs=1e-12)
+    # another model changed some answers: the figure is not the trivial 1 of agreeing on everything
+    assert min(other.tasks[n].metrics["stability"] for n in ("mc", "wino")) < 1.0
     with pytest.raises(LayerfoldError, match="other examples"):
         evaluate(model, tok, tasks=tasks, reference=ref, limit=1, cost=False)
 
@@ -216,8 +221,8 @@ def test_compress_writes_report_with_before_and_after(tiny_model_dir, task_files
     assert code == 0, stdout
     assert "mc stability" in stdout
     html = (out / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == 4  # layer map, importance, heatmap, before/after
-    for name in ("layer_map", "importance", "block_similarity", "before_after"):
+    assert html.count("data:image/png;base64,") == 5  # layer map, importance, heatmap, before/after, healing
+    for name in ("layer_map", "importance", "block_similarity", "before_after", "healing"):
         assert (out / "figures" / f"{name}.png").read_bytes().startswith(b"\x89PNG")
     before, after = EvalResult.load(out / "eval_before.json"), EvalResult.load(out / "eval_after.json")
     assert after.reference == before.model

@@ -129,6 +129,24 @@ def test_export_unfold_writes_a_standard_model_with_identical_logits(shared_fold
         torch.testing.assert_close(model(input_ids=IDS).logits, ref, rtol=0, atol=0)
 
 
+def test_export_gguf_of_a_shared_model_is_unfolded_first(shared_folder):
+    """The GGUF of a FoldGPT folder holds every layer's tensors and gives its logits."""
+    import gguf
+    from transformers import AutoModelForCausalLM
+
+    from conftest import tiny_bpe_tokenizer
+
+    _, out, ref = shared_folder[:3]
+    tiny_bpe_tokenizer(words=("t",)).save_pretrained(out)  # llama.cpp needs merges; one fits the 260 rows
+    path = out.parent / "shared.gguf"
+    assert main(["-q", "export", str(out), "--gguf", str(path), "--outtype", "f32"]) == 0
+    names = {t.name for t in gguf.GGUFReader(str(path)).tensors}
+    assert {"blk.0.attn_q.weight", "blk.1.attn_q.weight"} <= names
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=IDS).logits, ref, rtol=0, atol=1e-5)
+
+
 def test_cure_trains_shared_weights_once_and_keeps_sharing():
     from layerfold.methods.foldgpt import CureOptions, run_cure
     from layerfold.models.surgery import copy_model, remove_layers

@@ -120,9 +120,11 @@ def test_lazy_model_generates_like_the_eager_one(tiny_model_dir):
 
 @pytest.mark.parametrize("replacement", ["layer", "ffn"])
 def test_streamed_streamline_equals_in_memory(replacement, tiny_model_dir, text_file, tmp_path):
+    from layerfold.data.calibration import CalibrationSpec
     from layerfold.methods.streamline import StreamlineOptions
 
-    so = StreamlineOptions(replacement=replacement, ffn_width=16, train_tokens=64)
+    so = StreamlineOptions(replacement=replacement, ffn_width=16, train_tokens=64,
+                           data=CalibrationSpec(source=text_file, seq_len=16, seed=1))
     outs, lazy = _compress_both_ways(tiny_model_dir("qwen2"), text_file, tmp_path, method="streamline", remove=2,
                                      repair=so)
     _same_weights(outs["eager"], outs["lazy"])

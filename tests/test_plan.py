@@ -35,13 +35,22 @@ def test_layer_map_of_each_transform():
 def _compress(tiny_model_dir, text_file, tmp_path, name, *flags):
     out = tmp_path / name
     code = main(["-q", "compress", tiny_model_dir("llama"), "--remove", "2", "--calib", text_file,
-                 "--calib-samples", "6", "--seq-len", "16", "--no-heal", "--no-eval", "-o", str(out), *flags])
+                 "--calib-samples", "6", "--seq-len", "16", "--no-heal", "--no-eval", "-o", str(out),
+                 *_train(flags, text_file)])
     assert code == 0
     return out
 
 
+def _train(flags, text_file):
+    """LLM-Streamline's training text from the small file, as short rows (not self-written)."""
+    trains = "streamline" in flags or "replacement" in flags
+    return [*flags, "--train-data", text_file, "--train-seq-len", "16"] if trains else list(flags)
+
+
 @pytest.mark.parametrize("flags", [
-    ["--method", "bi"], ["--method", "angular"], ["--method", "streamline-block"], ["--method", "last-n"],
+    ["--method", "bi"], ["--method", "bi", "--repair", "linear"], ["--method", "sleb"],
+    ["--method", "laco", "--laco-threshold", "0.3"], ["--method", "auto", "--auto-plans", "bi+none,bi+linear"],
+    ["--method", "angular"], ["--method", "streamline-block"], ["--method", "last-n"],
     ["--method", "streamline", "--train-tokens", "32"],
     ["--method", "streamline", "--replacement", "ffn", "--ffn-width", "16", "--train-tokens", "32"],
     ["--method", "streamline", "--replacement", "none"],
@@ -59,7 +68,7 @@ def test_the_dry_run_plan_is_what_compress_builds(capsys, tiny_model_dir, text_f
     dry = tmp_path / "dry"
     assert main(["-q", "compress", tiny_model_dir("llama"), "--remove", "2", "--calib", text_file,
                  "--calib-samples", "6", "--seq-len", "16", "--no-heal", "--no-eval", "-o", str(dry),
-                 "--dry-run", *flags]) == 0
+                 "--dry-run", *_train(flags, text_file)]) == 0
     printed = capsys.readouterr().out
     assert not dry.exists()  # a dry run writes nothing
     out = _compress(tiny_model_dir, text_file, tmp_path, "real", *flags)

@@ -7,11 +7,12 @@ import json
 import pytest
 import torch
 
-from conftest import build_tiny
+from conftest import build_tiny, stability_by_hand
 from layerfold.cli import main
 from layerfold.data.calibration import CalibrationSpec
 from layerfold.data.pairs import PairStore
 from layerfold.errors import LayerfoldError
+from layerfold.healing import HealOptions
 from layerfold.importance import measure_similarity
 from layerfold.importance.layer_pass import capture_layer_inputs, run_layer
 from layerfold.methods.streamline import (
@@ -24,6 +25,11 @@ from layerfold.methods.registry import SelectionOptions
 from layerfold.models.saving import OutputOptions
 from layerfold.pipeline import CompressOptions, ModelOptions, compress
 from layerfold.train import TrainConfig, lr_factor
+
+
+def _text(path, seq_len=16):
+    """Training text read from a file (self-written text would make each test generate it)."""
+    return CalibrationSpec(source=path, seq_len=seq_len, seed=1)
 
 
 def _ids(n=12, T=16, seed=0):
@@ -91,7 +97,8 @@ def test_sparsity_reports_exact_parameters(tmp_path, tiny_model_dir, text_file):
     r = compress(CompressOptions(
         model=ModelOptions(tiny_model_dir("llama")), selection=SelectionOptions(method="streamline", sparsity=0.3),
         data=CalibrationSpec(source=text_file, samples=6, seq_len=16), output=OutputOptions(str(tmp_path / "o")),
-        progress=False, repair=StreamlineOptions(replacement="ffn", ffn_width=16, train_tokens=32),
+        progress=False, repair=StreamlineOptions(replacement="ffn", ffn_width=16, train_tokens=32, data=_text(text_file)),
+        healing=HealOptions(tokens=0),  # healing is tested in test_heal.py; here it would only cost minutes
     ), loaded=loaded)
     sl = r.streamline
     ffn = 2 * 64 * 16 + 16 + 64 + 64  # up, up bias, down bias, norm
@@ -158,7 +165,8 @@ def test_mse_training_lowers_validation_loss(tmp_path, replacement, loss):
     arch = ARCHITECTURES["llama"]
     ids = _ids(20, 16)
     scores = measure_similarity(model, arch, ids, progress=False)
-    opts = StreamlineOptions(replacement=replacement, loss=loss, epochs=4, batch_size=4, lr=2e-3, min_lr=5e-4)
+    opts = StreamlineOptions(replacement=replacement, loss=loss, init="first", epochs=4, batch_size=4, lr=2e-3,
+                             min_lr=5e-4)
     log = tmp_path / "log.jsonl"
     r = streamline(model, arch, ids, scores, opts, remove=2, work_dir=tmp_path, log_path=log, progress=False)
     # an attention-free replacement cannot copy a random block's attention: it only improves
@@ -179,7 +187,7 @@ def test_in_place_training_changes_only_the_replacement(tmp_path, loss):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     ids = _ids(16, 16)
     scores = measure_similarity(model, arch, ids, progress=False)
-    opts = StreamlineOptions(loss=loss, epochs=4, batch_size=4, lr=2e-3, min_lr=5e-4)
+    opts = StreamlineOptions(loss=loss, init="first", epochs=4, batch_size=4, lr=2e-3, min_lr=5e-4)
     r = streamline(model, arch, ids, scores, opts, remove=2, work_dir=tmp_path, progress=False)
     assert r.fit.best_val < r.fit.first_val
     layers = decoder_layers(model, arch)
@@ -207,7 +215,8 @@ def test_saved_model_reloads_with_same_logits(tmp_path, tiny_model_dir, text_fil
     r = compress(CompressOptions(
         model=ModelOptions(tiny_model_dir(model_type)), selection=SelectionOptions(method="streamline", remove=2),
         data=CalibrationSpec(source=text_file, samples=6, seq_len=16), output=OutputOptions(str(tmp_path / "o")),
-        progress=False, repair=StreamlineOptions(replacement=replacement, train_tokens=64),
+        progress=False, repair=StreamlineOptions(replacement=replacement, train_tokens=64, data=_text(text_file)),
+        healing=HealOptions(tokens=0),
     ), loaded=loaded)
     assert (r.output / "training_log.jsonl").exists() == (replacement != "none")
     reloaded = AutoModelForCausalLM.from_pretrained(r.output, trust_remote_code=replacement == "ffn").eval()
@@ -231,17 +240,26 @@ def test_cli_streamline_writes_log_and_record(tmp_path, tiny_model_dir, text_fil
                                         "gold": 0}) + "\n" for i in range(5)))
     code = main(["-q", "compress", tiny_model_dir("llama"), "--method", "streamline", "--remove", "2",
                  "--calib", text_file, "--calib-samples", "6", "--seq-len", "16", "--train-tokens", "64",
-                 "--pair-dtype", "fp32", "--eval-tasks", str(task), "--eval-limit", "4", "-o", str(out)])
+                 "--train-data", text_file, "--train-seq-len", "16", "--pair-dtype", "fp32", "--no-heal",
+                 "--eval-tasks", str(task), "--eval-limit", "4", "-o", str(out)])
     stdout = capsys.readouterr().out
     assert code == 0
     assert "6 -> 4" in stdout and "training" in stdout
     record = json.loads((out / "layerfold.json").read_text())
     sl = record["recipe"]["streamline"]
-    assert sl["replacement"] == "layer" and sl["loss"] == "mse" and sl["pair_dtype"] == "fp32"
+    assert sl["replacement"] == "layer" and sl["loss"] == StreamlineOptions().loss and sl["pair_dtype"] == "fp32"
     assert "--train-tokens 64" in record["command"] and "--pair-dtype fp32" in record["command"]
+    # 64 tokens of 16: 4 rows, one a step (4 // 32 steps rounds up to a batch of 1), 32 validation rows
+    t = sl["training"]
+    assert (t["train_rows"], t["val_rows"], t["batch"], t["steps"], t["tokens_seen"]) == (4, 32, 1, 4, 64)
+    assert [v["step"] for v in t["validation"]] == [0, 1, 2, 3, 4] and all(v["se"] > 0 for v in t["validation"])
+    assert "4 steps of 1 sequences" in (out / "README.md").read_text()
     assert record["layer_map"].count(None) == 1
     ev = record["evaluation"]
-    assert 0 <= ev["after"]["mc/stability"] <= 1 and "mc/acc" in ev["before"]
+    before = json.loads((out / "eval_before.json").read_text())["tasks"]["mc"]["examples"]
+    after = json.loads((out / "eval_after.json").read_text())["tasks"]["mc"]["examples"]
+    assert ev["after"]["mc/stability"] == pytest.approx(stability_by_hand(before, after), abs=1e-12)
+    assert "mc/acc" in ev["before"]
     assert "stability" in stdout and (out / "eval_after.json").exists()
     assert "| mc |" in (out / "README.md").read_text()
 
@@ -254,7 +272,10 @@ def test_cli_rejects_training_nothing(tmp_path, tiny_model_dir, text_file, capsy
     assert not (tmp_path / "o").exists()
 
 
-def test_fit_keeps_the_best_state_on_disk_as_in_memory(tmp_path):
+def test_fit_restores_the_best_validation_steps_weights_in_memory_and_on_disk(tmp_path):
+    """Validation losses are scripted so that step 3 is the best; each validation also takes
+    its own copy of the weights. After training, the module holds exactly step 3's copy (not
+    the last step's), whether the best state was kept in memory or on disk."""
     from layerfold.train import fit
 
     def run(best_state_dir):
@@ -263,13 +284,24 @@ def test_fit_keeps_the_best_state_on_disk_as_in_memory(tmp_path):
         x = torch.randn(32, 4)
         y = x @ torch.randn(4, 4)
         scripted = iter([5.0, 4.0, 3.0, 1.0] + [2.0] * 20)  # validation losses: step 3 is the best
-        r = fit(module, lambda rows, autocast: torch.nn.functional.mse_loss(module(x[rows]), y[rows]),
-                TrainConfig(steps=10, batch_size=16, lr=2e-4, eval_every=1, progress=False), rows=32,
-                validate=lambda: next(scripted), best_state_dir=best_state_dir)
-        final = module(x).detach()
-        return r, module.weight.detach().clone(), final
+        seen = []  # the weights at each validation: before training (step 0), after step 1, 2, ...
 
-    (r_mem, w_mem, _), (r_disk, w_disk, _) = run(None), run(tmp_path / "best")
-    assert r_mem.best_step == r_disk.best_step == 3
-    torch.testing.assert_close(w_mem, w_disk, rtol=0, atol=0)
+        def validate():
+            seen.append((module.weight.detach().clone(), module.bias.detach().clone()))
+            return next(scripted)
+
+        r = fit(module, lambda rows, autocast: torch.nn.functional.mse_loss(module(x[rows]), y[rows]),
+                TrainConfig(steps=10, batch_size=16, lr=1e-2, eval_every=1, progress=False), rows=32,
+                validate=validate, best_state_dir=best_state_dir)
+        return r, module, seen
+
+    for where in (None, tmp_path / "best"):
+        r, module, seen = run(where)
+        assert r.best_step == 3 and len(seen) == 11
+        step3_weight, step3_bias = seen[3]
+        torch.testing.assert_close(module.weight.detach(), step3_weight, rtol=0, atol=0)
+        torch.testing.assert_close(module.bias.detach(), step3_bias, rtol=0, atol=0)
+        last_weight, _ = seen[10]
+        assert not torch.equal(step3_weight, last_weight)  # training moved on: restoring did something
+        assert not torch.equal(step3_weight, seen[2][0])  # and step 3 is not a neighbour's state
     assert not any((tmp_path / "best").iterdir())  # removed once restored

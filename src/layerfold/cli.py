@@ -5,7 +5,10 @@ parser (one help section per group). What is here is what a terminal needs on to
 commands' descriptions, what each prints, and errors as one line.
 
 Every problem a user can fix ends as one line on stderr and a non-zero exit; ``--debug``
-shows the traceback instead.
+shows the traceback instead. Before any weight loads, ``validation.check`` checks the options
+against the model's config and file headers (bad input: exit 2). Exit codes (``errors``):
+0 done, 1 internal error, 2 bad input, 3 runtime failure (diverged training, full disk),
+130 interrupted (Ctrl-C), 143 stopped by SIGTERM; none leaves a half-written output.
 """
 
 from __future__ import annotations
@@ -14,12 +17,14 @@ import argparse
 import dataclasses
 import errno
 import os
+import signal
 import sys
+import threading
 import time
 
-from . import schema
+from . import preflight, schema
 from ._version import __version__
-from .errors import LayerfoldError
+from .errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_RUNTIME, EXIT_TERMINATED, EXIT_USAGE, LayerfoldError, Terminated
 from .recipe import (
     AnalyzeOptions,
     CompareOptions,
@@ -31,8 +36,6 @@ from .recipe import (
     RunOptions,
 )
 from .schema import parse_size  # noqa: F401  (the size syntax of --max-memory, for scripts)
-
-EXIT_USER_ERROR = 2
 
 
 class _Parser(argparse.ArgumentParser):
@@ -86,9 +89,14 @@ COMMANDS = {
     "compare": (CompareOptions, "side-by-side table of saved evaluation results",
                 "Print JSON results of `layerfold eval --json` side by side; the first is the reference: "
                 "every figure of the others is also shown as a share of it, and stability is computed against it."),
-    "export": (ExportOptions, "write a layerfold model in another form (--unfold: a standard model folder)",
-               "Write a model whose layers share weights (layerfold compress --method foldgpt) as a standard "
-               "Hugging Face folder with every shared tensor materialised, for tools that cannot express sharing."),
+    "export": (ExportOptions, "write a model as a GGUF file for llama.cpp (--gguf) or a standard folder (-o)",
+               "Write a finished model for the tools users run it with:\n"
+               "  --gguf OUT.gguf   one GGUF file for llama.cpp / Ollama (--outtype f32, f16, bf16 or q8_0), with the\n"
+               "                    tokenizer and chat template; read back with transformers and checked\n"
+               "  -o OUT            a standard Hugging Face folder\n"
+               "A model whose layers share weights (layerfold compress --method foldgpt) is written out with every\n"
+               "shared tensor materialised, since neither form can share them.\n\n"
+               "example:  layerfold export ./SmolLM2-135M-Instruct-bi-minus8 --gguf pruned-f16.gguf --outtype f16"),
 }
 
 
@@ -135,6 +143,8 @@ def _cmd_compress(opts: CompressOptions, glob: GlobalOptions) -> int:
     t0 = time.perf_counter()
     r = compress(opts)
     if r.output is None:  # --dry-run
+        if r.extra.get("auto_text"):
+            print(r.extra["auto_text"])
         print(r.plan.describe())
         return 0
     _print_compress(r, opts, time.perf_counter() - t0)
@@ -142,23 +152,18 @@ def _cmd_compress(opts: CompressOptions, glob: GlobalOptions) -> int:
 
 
 def _cmd_run(opts: RunOptions, glob: GlobalOptions) -> int:
-    from .recipe import read_recipe
+    from .recipe import run_recipe
 
-    if not opts.recipe:
-        raise LayerfoldError("give the recipe file to run (e.g. layerfold run OUT/recipe.yaml)")
-    recipe = read_recipe(opts.recipe, opts.set)
-    output = {"path": opts.output} if opts.output is not None else {}
-    output.update({"force": True} if opts.force else {})
-    if opts.dry_run:
-        if not isinstance(recipe, CompressOptions):
-            raise LayerfoldError("--dry-run plans compressions; this recipe is not one")
-        output["dry_run"] = True
-    recipe = dataclasses.replace(recipe, output=dataclasses.replace(recipe.output, **output))
+    recipe = run_recipe(opts)
+    preflight.check(recipe)  # the recipe is the command's real options
     handler = next(_HANDLERS[name] for name, (root, *_) in COMMANDS.items() if isinstance(recipe, root))
     return handler(_quiet(recipe, glob.quiet), glob)
 
 
 def _print_compress(r, opts: CompressOptions, total: float) -> None:
+    if r.extra.get("auto_text"):
+        print(r.extra["auto_text"])
+        print(f"chosen       {r.extra['auto']['chosen']}")
     print(f"method       {r.method}")
     print(f"layers       {r.layers_before} -> {r.layers_after} (removed {', '.join(map(str, r.removed))})")
     pct = 100 * (1 - r.params_after / r.params_before)
@@ -182,6 +187,14 @@ def _print_compress(r, opts: CompressOptions, total: float) -> None:
         if sl.fit:
             print(f"training     {opts.repair.loss} loss {sl.fit.first_val:.4g} -> {sl.fit.best_val:.4g} "
                   f"(best of {sl.fit.steps} steps, {sl.fit.seconds:.1f}s); log in training_log.jsonl")
+    if r.extra.get("linear"):
+        fit = r.extra["linear"]
+        for run in fit["runs"]:
+            print(f"linear map   layers {run['removed'][0]}..{run['removed'][1]} -> folded into layer {run['into']} "
+                  f"({fit['options']['objective']}; relative error {run['removal_error']:.3f} removed, "
+                  f"{run['fit_error']:.3f} repaired, {run['tokens']:,} tokens)")
+        for a, b in fit["unrepaired"]:
+            print(f"linear map   layers {a}..{b} removed unrepaired (no layer before them to fold into)")
     steps = ", ".join(f"{k} {v:.1f}s" for k, v in r.seconds.items())
     if r.heal:
         _print_heal(r.heal)
@@ -192,6 +205,8 @@ def _print_compress(r, opts: CompressOptions, total: float) -> None:
 
         print()
         print(eval_table([r.eval_before, r.eval_after], names=["before", "after"]))
+    if r.extra.get("gguf") is not None:
+        _print_gguf(r.extra["gguf"])
     if r.report is not None:
         print(f"report       {r.report}")
 
@@ -228,9 +243,11 @@ def _cmd_analyze(opts: AnalyzeOptions, glob: GlobalOptions) -> int:
     print(f"\n{r.scores.samples} sequences, {r.scores.tokens:,} tokens, {r.seconds:.1f}s")
     if opts.json:
         import json
+        from pathlib import Path
 
-        with open(opts.json, "w", encoding="utf-8") as f:
-            json.dump(r.scores.to_dict(), f, indent=2)
+        from .eval.result import write_text_atomically
+
+        write_text_atomically(Path(opts.json), json.dumps(r.scores.to_dict(), indent=2))
         print(f"scores written to {opts.json}")
     return 0
 
@@ -239,11 +256,32 @@ def _cmd_export(opts: ExportOptions, glob: GlobalOptions) -> int:
     from .pipeline import export
 
     r = export(opts)
-    print(f"unfolded     {r['unshared_tensors']} shared tensors materialised")
-    print(f"parameters   {r['params_stored_before']:,} stored -> {r['params_after']:,}")
-    print(f"on disk      {r['bytes_on_disk'] / 2**20:.1f} MiB of safetensors")
-    print(f"saved to     {r['output']}")
+    if r["unshared_tensors"]:
+        print(f"unfolded     {r['unshared_tensors']} shared tensors materialised")
+        print(f"parameters   {r['params_stored_before']:,} stored -> {r['params_after']:,}")
+    if r["output"] is not None:
+        print(f"on disk      {r['bytes_on_disk'] / 2**20:.1f} MiB of safetensors")
+        print(f"saved to     {r['output']}")
+    if r["gguf"] is not None:
+        _print_gguf(r["gguf"])
     return 0
+
+
+def _print_gguf(g) -> None:
+    print(f"gguf         {g.path} ({g.outtype}, llama.cpp arch {g.arch}, {g.tensors} tensors, "
+          f"{g.bytes / 2**20:.1f} MiB; tokenizer {g.tokenizer})")
+    for note in g.notes:
+        print(f"             note: {note}")
+    c = g.check
+    if c is None:
+        print("gguf check   not run: transformers cannot read this family's GGUF files")
+    elif c.get("passed") is None:
+        print(f"gguf check   not run: {c['error']}" if c["tool"] == "none" else
+              f"gguf check   could not read it back: {c['error']}", file=sys.stdout if c["tool"] == "none" else sys.stderr)
+    else:
+        verdict = "ok" if c["passed"] else "DIFFERS MORE THAN EXPECTED"
+        print(f"gguf check   {verdict}: read back with transformers, max |logit diff| {c['max_abs_logit_diff']:.3g} "
+              f"on {c['tokens']} tokens, top-1 agreement {c['top1_agreement']:.0%}")
 
 
 def _cmd_eval(opts: EvaluateOptions, glob: GlobalOptions) -> int:
@@ -282,42 +320,64 @@ _HANDLERS = {"compress": _cmd_compress, "run": _cmd_run, "heal": _cmd_heal, "ana
              "eval": _cmd_eval, "compare": _cmd_compare, "export": _cmd_export}
 
 
+def _terminate(signum, frame):
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    try:
+        parser = build_parser()  # option defaults may read the environment ($LAYERFOLD_HEAL_TOKENS)
+    except LayerfoldError as e:
+        print(f"layerfold: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
     args = parser.parse_args(argv)
     glob = schema.from_arguments(GlobalOptions(), args)
     if args.command is None:
         parser.print_help()
-        return EXIT_USER_ERROR
+        return EXIT_USAGE
     if glob.quiet:
         os.environ["TQDM_DISABLE"] = "1"
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
+    # SIGTERM unwinds like Ctrl-C: every temporary folder is removed on the way out
+    previous = signal.signal(signal.SIGTERM, _terminate) if threading.current_thread() is threading.main_thread() \
+        else None
     try:
-        return args.func(_quiet(schema.from_arguments(args.root(), args), glob.quiet), glob)
+        opts = _quiet(schema.from_arguments(args.root(), args), glob.quiet)
+        from . import validation
+
+        preflight.check(opts)  # packages and devices the options need, before any model or data
+        validation.check(opts)  # everything the options, the config and the file headers can tell
+        return args.func(opts, glob)
     except LayerfoldError as e:
         if glob.debug:
             raise
         print(f"layerfold: error: {e}", file=sys.stderr)
-        return EXIT_USER_ERROR
+        return e.exit_code
     except KeyboardInterrupt:
         print("layerfold: interrupted; nothing was written", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
+    except Terminated:
+        print("layerfold: stopped by SIGTERM; nothing was written", file=sys.stderr)
+        return EXIT_TERMINATED
     except OSError as e:
         if glob.debug:
             raise
         what = "no space left on device" if e.errno == errno.ENOSPC else (e.strerror or str(e))
         where = f" ({e.filename})" if getattr(e, "filename", None) else ""
-        print(f"layerfold: error: {what}{where}", file=sys.stderr)
-        return 1
+        print(f"layerfold: error: {what}{where}; nothing was written", file=sys.stderr)
+        return EXIT_RUNTIME
     except Exception as e:  # a bug: still one line, with a way to see more
         if glob.debug:
             raise
         first = (str(e).strip().splitlines() or [""])[0]
         print(f"layerfold: internal error: {type(e).__name__}: {first} (rerun with --debug for details)",
               file=sys.stderr)
-        return 1
+        return EXIT_INTERNAL
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

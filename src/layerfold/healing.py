@@ -228,8 +228,29 @@ def compress_defaults() -> HealOptions:
     scores), so it costs no text generation."""
     # LoRA (rank 16, every linear layer, merged at the end) beat training the last three
     # layers at every budget measured there, per token and per second
-    return HealOptions(tokens=32768, train="lora",
+    return HealOptions(tokens=main_job_heal_tokens(), train="lora",
                        data=CalibrationSpec(source=CALIBRATION_TEXT, seed=HEAL_SEED))
+
+
+MAIN_JOB_HEAL_TOKENS = 32768
+HEAL_TOKENS_ENV = "LAYERFOLD_HEAL_TOKENS"
+
+
+def main_job_heal_tokens() -> int:
+    """The main job's healing budget: 32,768 tokens, or ``$LAYERFOLD_HEAL_TOKENS`` (CI runs the
+    README's own command line with a smaller budget; the recorded recipe holds what ran)."""
+    import os
+
+    text = os.environ.get(HEAL_TOKENS_ENV, "").strip()
+    if not text:
+        return MAIN_JOB_HEAL_TOKENS
+    try:
+        tokens = int(text.replace("_", ""))
+    except ValueError:
+        tokens = -1
+    if tokens < 0:
+        raise LayerfoldError(f"${HEAL_TOKENS_ENV} must be a number of tokens, 0 or more (got {text!r})")
+    return tokens
 
 
 def _parse_layers(text: str, n: int) -> list[int]:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import tempfile
 import time
@@ -24,6 +23,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from . import recipe as recipes
+from . import validation
 from .data.calibration import load_calibration
 from .errors import LayerfoldError
 from .eval.evaluate import EvalOptions
@@ -32,9 +32,10 @@ from .methods.plan import Plan
 from .methods.registry import Applied, Evidence, apply_plan, layers_to_select, make_plan
 from .methods.streamline import StreamlineResult
 from .models.card import model_card
+from .export.mergekit import MERGEKIT_FILE
 from .models.layer_map import LayerMap
-from .models.loading import EMBEDDED_NAME, LoadedModel, ModelOptions, load_model, locate_model
-from .models.saving import check_output_dir, folder_bytes, save_model_folder
+from .models.loading import LoadedModel, ModelOptions, load_model, locate_model
+from .models.saving import check_output_dir, default_output_name, folder_bytes, save_model_folder
 from .models.surgery import count_parameters, decoder_layers
 from .recipe import AnalyzeOptions, CompressOptions, EvaluateOptions, ExportOptions, HealModelOptions
 from .report import record as records
@@ -63,7 +64,7 @@ def analyze(opts: AnalyzeOptions, loaded: LoadedModel | None = None) -> AnalyzeR
     from .methods import pruning
 
     t0 = time.perf_counter()
-    opts.layer_pass.validate()
+    validation.check(opts, loaded)
     # layers are read from disk one at a time; gates train through the whole model at once
     loaded = loaded or _load(opts.model, lazy=opts.gates is None)
     ids = load_calibration(opts.data, loaded, progress=opts.progress)
@@ -120,20 +121,14 @@ class CompressResult:
     plan: Plan | None = None
 
 
-def default_output_name(source: str, method: str, n_remove: int) -> str:
-    name = EMBEDDED_NAME.split(":")[1] if source == EMBEDDED_NAME else Path(source.rstrip("/")).name
-    name = re.sub(r"\.gguf$", "", name, flags=re.I)
-    name = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-") or "model"
-    return f"{name}-{method}-minus{n_remove}"
-
-
 def compress(opts: CompressOptions, loaded: LoadedModel | None = None) -> CompressResult:
     """Compress a model as ``opts`` says and save a complete model folder (with ``--dry-run``:
     only plan). ``loaded``: the model, already loaded (it is changed in place)."""
-    run = _Compression(opts)
+    run = _Compression(opts, loaded)
     if opts.selection.scores and opts.output.dry_run:
         return run.dry(run.plan(_skeleton(opts.model), run.saved_evidence()))
     loaded = run.load(loaded)
+    run.check_gguf(loaded)  # the family and its rope: refused before any slow work
     ids = run.calibrate(loaded)
     evidence = run.score(loaded, ids)
     plan = run.plan(loaded, evidence)
@@ -142,6 +137,7 @@ def compress(opts: CompressOptions, loaded: LoadedModel | None = None) -> Compre
     before = run.evaluate_before(loaded)
     healing = run.prepare_healing(loaded, ids, plan)
     applied = run.apply(loaded, plan, ids, evidence)
+    run.check_gguf(loaded)  # the pruned layer pattern, before healing
     healed = run.heal(loaded, healing, applied)
     after = run.evaluate_after(loaded, plan, before)
     return run.save(loaded, plan, evidence, applied, healed, before, after)
@@ -164,15 +160,21 @@ class _Healing:
 class _Compression:
     """The stages of :func:`compress`, sharing the options and the stage timings."""
 
-    def __init__(self, opts: CompressOptions):
+    def __init__(self, opts: CompressOptions, loaded: LoadedModel | None = None):
         self.opts = opts
         self.method, self.selection, self.repair = opts.selection.parts()
+        self.plan_opts = opts  # with --method auto: the options with the search's choice, once made
+        self.auto = None  # methods.auto.AutoResult
         self.seconds: dict[str, float] = {}
-        self._check()
+        self.heldout = None  # (held-out rows, the original's log-probs on them)
+        self.original = None  # a copy of the original, for the alternating speed runs
+        self.heal_curve: list[dict] = []  # held-out fit and loss against healing tokens
+        self._check(loaded)
 
-    def _check(self) -> None:
-        """Every option, before any slow work."""
+    def _check(self, loaded: LoadedModel | None) -> None:
+        """Every option, against the model's config and file headers, before any slow work."""
         o = self.opts
+        validation.check(o, loaded)
         o.data.validate()
         o.layer_pass.validate()
         o.selection.validate()
@@ -181,6 +183,20 @@ class _Compression:
             o.healing.validate()
         if self.repair.name == "replacement":
             o.repair.validate()
+        if self.repair.name == "linear":
+            o.linear.validate()
+        if self.method.auto:
+            o.auto.validate()
+            if o.selection.scores:
+                raise LayerfoldError("--method auto scores candidate models; saved scores (--scores) cannot stand in")
+            for _, repair in o.auto.candidates():
+                if repair == "linear":
+                    o.linear.validate()
+        if self.selection.needs == "search" or self.method.auto:
+            o.search.validate()
+            if o.selection.scores:
+                raise LayerfoldError(f"the {self.selection.name} selection searches with forward passes; saved "
+                                     "scores (--scores) cannot stand in for it")
         if self.method.share or self.method.cure:
             o.foldgpt.validate()
             if o.foldgpt.delta_rank:
@@ -189,6 +205,16 @@ class _Compression:
             raise LayerfoldError(f"{o.selection.scores}: no such scores file (write one with layerfold analyze --json)")
         if o.output.path and not o.output.dry_run:
             check_output_dir(Path(o.output.path), o.output.force)
+        o.gguf.validate()
+        if o.gguf.enabled and not o.output.dry_run:
+            from .export.gguf import check_gguf_path
+
+            check_gguf_path(o.gguf.path, o.output.force)
+
+    def check_gguf(self, loaded: LoadedModel) -> None:
+        """With --gguf: what llama.cpp cannot express is refused now, not after the work."""
+        if not self.opts.output.dry_run:
+            _gguf_plan(self.opts.gguf, loaded)
 
     @property
     def heals(self) -> bool:
@@ -208,14 +234,16 @@ class _Compression:
         sharing): weights stay on disk until a layer is used, so importance, pair collection
         and saving need about one layer in memory."""
         t = time.perf_counter()
-        lazy = self.selection.needs != "gates" and not self.method.share
+        lazy = self.selection.needs not in ("gates", "search") and not self.method.share and not self.method.auto
         loaded = loaded or _load(self.opts.model, lazy=lazy)
+        if self.repair.check is not None and not self.method.auto:  # before any calibration work
+            self.repair.check(loaded.arch)
         self._timed("load", t)
         return loaded
 
     def calibrate(self, loaded: LoadedModel):
         """The calibration text, where the selection or the repair reads it."""
-        needs = (self.selection.needs != "nothing" and not self.opts.selection.scores) or self.repair.slots > 0
+        needs = (self.selection.needs != "nothing" and not self.opts.selection.scores) or self.repair.needs_text
         if not needs:
             return None
         t = time.perf_counter()
@@ -250,10 +278,24 @@ class _Compression:
             return evidence
         t = time.perf_counter()
         evidence = Evidence()
+        if self.method.auto:
+            from .methods.auto import search_plans
+            from .methods.registry import REPAIRS, SELECTIONS
+
+            self.auto = search_plans(o, loaded, ids, progress=o.progress)
+            selection, repair = self.auto.chosen
+            self.plan_opts = replace(o, selection=o.selection.chosen(selection, repair))
+            self.selection, self.repair = SELECTIONS[selection], REPAIRS[repair]
+            self._timed("plan_search", t)
+            return self.auto.evidence
         if self.selection.needs == "scores":
             evidence.scores = measure_similarity(loaded.model, loaded.arch, ids, batch_size=o.layer_pass.batch_size,
                                                  max_activation_bytes=o.layer_pass.max_memory, progress=o.progress)
             self._timed("importance", t)
+        elif self.selection.needs == "search":
+            n = layers_to_select(o, loaded.model, loaded.arch)
+            evidence.search = self.selection.search(loaded.model, loaded.arch, ids, n, o.search, progress=o.progress)
+            self._timed("search", t)
         elif self.selection.needs == "gates":
             from .importance.gates import gate_ranking
 
@@ -264,25 +306,37 @@ class _Compression:
         return evidence
 
     def plan(self, loaded: LoadedModel, evidence: Evidence) -> Plan:
-        plan = make_plan(self.opts, loaded.model, loaded.arch, evidence)
+        plan = make_plan(self.plan_opts, loaded.model, loaded.arch, evidence)
         plan.stages = self._stages()
         return plan
 
     def _stages(self) -> list[str]:
         o = self.opts
-        stages = ["load" + (" (layers streamed)" if self.selection.needs != "gates" and not self.method.share else "")]
-        if o.selection.scores:
+        streamed = self.selection.needs not in ("gates", "search") and not self.method.share and not self.method.auto
+        stages = ["load" + (" (layers streamed)" if streamed else "")]
+        if self.method.auto:
+            stages += ["calibrate", f"plan search ({len(o.auto.plans)} candidates by held-out KL; chose "
+                                    f"{self.selection.name}+{self.repair.name})"]
+        elif o.selection.scores:
             stages.append(f"scores from {o.selection.scores}")
         elif self.selection.needs == "scores":
             stages += ["calibrate", "score (one layer-by-layer pass)"]
+        elif self.selection.needs == "search":
+            stages += ["calibrate", f"search ({self.selection.name}: forward passes of candidate models)"]
         elif self.selection.needs == "gates":
             stages += ["calibrate", f"train layer gates ({o.foldgpt.gates.steps} steps x {o.foldgpt.gates.rounds})"]
         if o.evaluation.enabled:
             stages.append("evaluate before")
         if self.repair.name == "none":
             stages.append("remove layers")
+        elif self.repair.name == "linear":
+            stages.append(f"fit a linear map per removed run ({o.linear.objective}), fold it, remove the layers")
         else:
-            stages.append(f"replace the block by a trained {o.repair.replacement} ({o.repair.loss} loss)")
+            r = o.repair
+            text = ("the calibration text" if r.data.source == "calib"
+                    else f"{r.train_tokens:,} tokens of '{r.data.source}' text")
+            stages.append(f"replace the block by a trained {r.replacement} ({r.loss} loss, {text})"
+                          if r.spec.trainable else "replace the block by its first layer (untrained)")
         if self.method.share:
             stages.append("share weights")
         if self.cures:
@@ -297,7 +351,8 @@ class _Compression:
         return CompressResult(output=None, method=plan.method, removed=plan.removed, layer_map=plan.layer_map.to_list(),
                               layers_before=plan.layers_before, layers_after=plan.layers_after,
                               params_before=plan.params_before, params_after=plan.params_after, bytes_on_disk=0,
-                              seconds=self.seconds, plan=plan)
+                              seconds=self.seconds, plan=plan,
+                              extra={"auto": self.auto.to_dict(), "auto_text": self.auto.describe()} if self.auto else {})
 
     # evaluate before -> apply -> heal -> evaluate after --------------------------------------
 
@@ -323,8 +378,47 @@ class _Compression:
         source = str(loaded.source)
         if before.cost and (source.startswith("embedded:") or source.lower().endswith(".gguf")):
             before.cost.bytes_on_disk = None  # a quantized GGUF file: not comparable to safetensors
+        self._heldout_reference(loaded, before)
+        self._keep_original_for_speed(loaded)
         self._timed("eval_before", t)
         return before
+
+    def _heldout_reference(self, loaded: LoadedModel, before) -> None:
+        """Held-out rows and the original's log-probabilities on them (eval.heldout): the
+        data-free quality figures before and after, and along the healing."""
+        import sys
+
+        from .eval.heldout import heldout_ids, reference_fit, reference_log_probs
+
+        rows = self.opts.evaluation.heldout_rows
+        if not rows:
+            return
+        try:
+            ids = heldout_ids(self.opts.data, loaded, rows, progress=self.opts.progress)
+        except LayerfoldError as e:
+            print(f"layerfold: note: no held-out figures: {e}", file=sys.stderr)
+            return
+        ref = reference_log_probs(loaded.model, ids)
+        self.heldout = (ids, ref)
+        before.heldout = reference_fit(ids, ref).to_dict()
+
+    def _keep_original_for_speed(self, loaded: LoadedModel) -> None:
+        """A copy of the original, to time it in alternation with the compressed model at the end."""
+        import copy
+
+        from .models.loading import is_dispatched
+
+        if self.opts.evaluation.speed_rounds and not is_dispatched(loaded.model):
+            self.original = copy.deepcopy(loaded.model)
+            self.original.requires_grad_(False)
+
+    def heldout_fit(self, model) -> dict | None:
+        from .eval.heldout import compare_to_reference
+
+        if self.heldout is None:
+            return None
+        ids, ref = self.heldout
+        return compare_to_reference(model, ids, ref).to_dict()
 
     def prepare_healing(self, loaded: LoadedModel, ids, plan: Plan) -> _Healing | None:
         """The healing text and the teacher's answers come from the original, before surgery
@@ -365,9 +459,17 @@ class _Compression:
         else:
             base = Path(o.output.path).expanduser().resolve().parent if o.output.path else Path.cwd()
         base.mkdir(parents=True, exist_ok=True)
+        train_ids = ids
+        if plan.repair == "replacement" and o.repair.spec.trainable:  # other repairs fit on the calibration
+            from .methods.streamline import training_text
+
+            # the replacement's own text, written by / read for the original before any surgery
+            t = time.perf_counter()
+            train_ids = training_text(o.repair, loaded, ids, progress=o.progress)
+            self._timed("train_data", t)
         work = Path(tempfile.mkdtemp(prefix=f".layerfold-{plan.method}-{os.getpid()}-", dir=base))
         try:
-            applied = apply_plan(plan, loaded, ids, o, evidence=evidence, work_dir=work,
+            applied = apply_plan(plan, loaded, train_ids, o, evidence=evidence, work_dir=work,
                                  checkpoints=o.healing.checkpoints("replacement"))
         finally:
             shutil.rmtree(work, ignore_errors=True)
@@ -394,9 +496,19 @@ class _Compression:
             self._timed("cure", t)
             return {"cure": {k: v for k, v in cure.items() if k != "history"}}
         from .healing import heal
+        from .train import steps_for_tokens
 
+        eval_fn, eval_every = None, 0
+        if self.heldout is not None:  # the held-out fit along the way: before healing, then ~4 times
+            start = self.heldout_fit(loaded.model)
+            self.heal_curve.append({"tokens": 0, "heldout": start})
+            eval_fn = self.heldout_fit
+            steps = steps_for_tokens(o.healing.tokens, o.healing.batch_size, o.healing.grad_accum, healing.ids.shape[1])
+            eval_every = max(1, steps // 4)
         result = heal(loaded, None, o.healing, ids=healing.ids, prepared_teacher=healing.teacher,
-                      layer_map=applied.layer_map.kept)
+                      layer_map=applied.layer_map.kept, eval_fn=eval_fn, eval_every=eval_every)
+        self.heal_curve += [{"tokens": r["tokens"], "loss": r.get("loss"), "heldout": r.get("eval")}
+                            for r in result.train.history if "tokens" in r]
         self._timed("heal", t)
         return {"heal": result.summary()}
 
@@ -409,6 +521,15 @@ class _Compression:
         t = time.perf_counter()
         after = evaluate(loaded.model, loaded.tokenizer, name=str(self._output(loaded, plan)), reference=before,
                          progress=self.opts.progress, **kw)
+        after.heldout = self.heldout_fit(loaded.model)
+        if self.original is not None:
+            from .eval.before_after import alternating_speed, fill_costs
+
+            speed = alternating_speed(self.original, loaded.model, rounds=self.opts.evaluation.speed_rounds,
+                                      progress=self.opts.progress)
+            fill_costs(before.cost if before is not None else None, after.cost, speed)
+            self.original = None
+            _free_memory()
         self._timed("eval_after", t)
         return after
 
@@ -433,9 +554,11 @@ class _Compression:
             summary += "\n\n" + records.evaluation_table(before, after, o.evaluation.limit)
         recipe_yaml = recipes.to_yaml(o)
         layer_map = applied.layer_map.to_list()
+        mergekit = self._mergekit(loaded, applied.layer_map, plan, heal_summary is not None or cure is not None)
+        outputs = _checked_outputs(mergekit=MERGEKIT_FILE if mergekit else None)
         card = model_card(base_model=loaded.base_model, command=o.command(), recipe=what, layer_map=layer_map,
                           params_before=plan.params_before, params_after=params_after,
-                          layers_before=plan.layers_before, summary=summary, recipe_yaml=recipe_yaml)
+                          layers_before=plan.layers_before, summary=summary, recipe_yaml=recipe_yaml, outputs=outputs)
         record = {
             "layerfold_version": records.version(),
             "base_model": loaded.base_model,
@@ -449,11 +572,14 @@ class _Compression:
             "scores": evidence.scores.to_dict() if evidence.scores is not None and not o.selection.scores else None,
             "evaluation": {"before": before.summary(), "after": after.summary()} if after else None,
             "heal": heal_summary,
+            "heal_curve": self.heal_curve or None,
             "plan": plan.to_dict(),
             "options": recipes.schema.to_dict(recipes.absolute_paths(o)),
             "peak_rss_mib": records.peak_rss_mib(),
             "seconds": self.seconds,
         }
+        if self.auto is not None:
+            record["auto"] = self.auto.to_dict()
         if self.method.share:
             record.update(params_after_removal=applied.params_after_removal, params_stored=params_after)
         if evidence.gates is not None:
@@ -469,22 +595,40 @@ class _Compression:
             files.pop("training_log.jsonl")
         files["layerfold.json"] = json.dumps(record, indent=2, default=str) + "\n"
         files[recipes.RECIPE_FILE] = recipe_yaml
+        written = {}
+
+        def finish(tmp: Path) -> None:
+            """The evaluation results and the report join the folder before it is renamed into place."""
+            if after is not None and after.cost is not None:
+                after.cost.bytes_on_disk = folder_bytes(tmp)
+            written["report"] = _write_report(tmp, record, before, after) if o.evaluation.report else None
+
+        if mergekit:
+            files[MERGEKIT_FILE] = mergekit
         t = time.perf_counter()
         if plan.groups and any(len(g) > 1 for g in plan.groups):
             from .export.shared import save_shared_folder
 
-            out = save_shared_folder(loaded, out, card=card, extra_files=files, force=o.output.force)
+            out = save_shared_folder(loaded, out, card=card, extra_files=files, force=o.output.force, finish=finish)
         else:
-            out = save_model_folder(loaded, out, card=card, extra_files=files, force=o.output.force)
+            out = save_model_folder(loaded, out, card=card, extra_files=files, force=o.output.force, finish=finish)
         self._timed("save", t)
-        if after is not None and after.cost is not None:
-            after.cost.bytes_on_disk = folder_bytes(out)
-        report = _write_report(out, record, before, after) if o.evaluation.report else None
         extra = {}
+        if o.gguf.enabled:
+            extra["gguf"] = self.save_gguf(loaded, out, card_text=lambda g: model_card(
+                base_model=loaded.base_model, command=o.command(), recipe=what, layer_map=layer_map,
+                params_before=plan.params_before, params_after=params_after, layers_before=plan.layers_before,
+                summary=summary, recipe_yaml=recipe_yaml, outputs=outputs + _checked_outputs(gguf=g)[1:]),
+                layer_map=layer_map, source=loaded.source)
+        report = out / written["report"].name if written.get("report") else None
         if self.method.share:
-            extra = {"groups": plan.groups, "gates": evidence.gates.gates if evidence.gates else None,
+            extra |= {"groups": plan.groups, "gates": evidence.gates.gates if evidence.gates else None,
                      "gate_check": evidence.gates.check if evidence.gates else None,
                      "params_after_removal": record["params_after_removal"], "cure": record.get("cure")}
+        if applied.linear is not None:
+            extra["linear"] = applied.linear.to_dict()
+        if self.auto is not None:
+            extra.update(auto=record["auto"], auto_text=self.auto.describe())
         return CompressResult(
             output=out, method=plan.method, removed=plan.removed, layer_map=layer_map,
             layers_before=plan.layers_before, layers_after=plan.layers_after, params_before=plan.params_before,
@@ -492,6 +636,40 @@ class _Compression:
             scores=evidence.scores, streamline=applied.streamline, eval_before=before, eval_after=after,
             report=report, heal=heal_summary, extra=extra, plan=plan,
         )
+
+    def _mergekit(self, loaded: LoadedModel, layer_map: LayerMap, plan: Plan, healed: bool) -> str | None:
+        """``mergekit.yaml`` for a pure layer removal (None for replacements and sharing)."""
+        from .export.mergekit import dtype_name, is_pure_removal, mergekit_yaml
+
+        if not is_pure_removal(layer_map, plan.groups):
+            return None
+        source, note = str(loaded.source), None
+        if loaded.local_dir is not None and Path(source).expanduser().is_dir():
+            source = str(Path(source).expanduser().resolve())
+        elif source.startswith("embedded:") or source.lower().endswith(".gguf"):
+            note = ("mergekit reads Hugging Face folders, not GGUF: write one with `layerfold export "
+                    f"{'' if source.startswith('embedded:') else source + ' '}-o ORIGINAL --dtype fp32` and put its path "
+                    "in `model:`")
+        return mergekit_yaml(source, layer_map, dtype_name(next(loaded.model.parameters()).dtype), healed=healed,
+                             note=note)
+
+    def save_gguf(self, loaded: LoadedModel, folder: Path, *, card_text, layer_map, source):
+        """The GGUF file beside the finished folder (shared weights written out per layer); the
+        folder's card then lists it with its check."""
+        from .export.unfold import unfold
+
+        t = time.perf_counter()
+        unfold(loaded)
+        plan = _gguf_plan(self.opts.gguf, loaded)
+        r = _write_gguf(self.opts.gguf, loaded, plan, source=source, layer_map=layer_map, force=self.opts.output.force,
+                        progress=self.opts.progress)
+        (folder / "README.md").write_text(card_text(r), encoding="utf-8")
+        record_path = folder / "layerfold.json"
+        record = json.loads(record_path.read_text(encoding="utf-8"))
+        record["gguf"] = _gguf_record(r)
+        record_path.write_text(json.dumps(record, indent=2, default=str) + "\n", encoding="utf-8")
+        self._timed("gguf", t)
+        return r
 
     def _what_was_done(self, plan: Plan, evidence: Evidence, applied: Applied, heal_summary) -> dict:
         """``layerfold.json``'s ``recipe``: what was done, in the shape earlier outputs use."""
@@ -503,12 +681,18 @@ class _Compression:
             "remove": plan.layers_before - plan.layers_after,
             "sparsity": o.selection.sparsity,
             "removed_layers": plan.removed,
-            "calibration": asdict(o.data) if self.selection.needs != "nothing" or self.repair.slots else None,
+            "calibration": asdict(o.data) if self.selection.needs != "nothing" or self.repair.needs_text else None,
             "dtype": o.model.dtype,
             "heal": o.healing.recipe() if heal_summary else None,
         }
         if applied.streamline is not None:
             what["streamline"] = records.streamline_record(o.repair, applied.streamline)
+        if applied.linear is not None:
+            what["linear"] = applied.linear.to_dict()
+        if applied.merge is not None:
+            what["merge"] = applied.merge
+        if evidence.search is not None:
+            what["search"] = evidence.search
         if self.method.share:
             what.update(groups=plan.groups, share_init=o.foldgpt.share_init, gates=asdict(o.foldgpt.gates),
                         cure=asdict(o.foldgpt.cure) if self.cures else None)
@@ -520,15 +704,26 @@ class _Compression:
         if applied.streamline is not None:
             text = records.streamline_summary(self.opts.repair, applied.streamline, plan.layers_before)
             return text + (" Then " + records.heal_sentence(heal_summary) if heal_summary else "")
-        return (f"Removed {len(plan.removed)} of {plan.layers_before} decoder layers by `{plan.method}`; "
+        repaired = ""
+        if applied.linear is not None:
+            runs = applied.linear.runs
+            repaired = (f" with ReplaceMe's linear repair ({applied.linear.options['objective']}): "
+                        + ", ".join(f"layers {r['removed'][0]}..{r['removed'][1]} folded into layer {r['into']} "
+                                    f"(fit error {r['removal_error']:.3f} -> {r['fit_error']:.3f})" for r in runs)
+                        + ("; " + ", ".join(f"layers {a}..{b} unrepaired (no layer before them)"
+                                            for a, b in applied.linear.unrepaired) if applied.linear.unrepaired else ""))
+        if applied.merge is not None:
+            repaired = " merged into the layers before them (LaCo's merge): " + ", ".join(
+                f"layers {m['merged'][0]}..{m['merged'][-1]} into layer {m['into']}" for m in applied.merge["merged"])
+        return (f"Removed {len(plan.removed)} of {plan.layers_before} decoder layers by `{plan.method}`"
+                f" (selection {plan.selection}){repaired}; "
                 + (records.heal_sentence(heal_summary) if heal_summary else "no retraining."))
 
 
 def _write_report(out: Path, record: dict, eval_before, eval_after) -> Path | None:
-    """Evaluation results and the HTML report, added to the finished model folder.
-
-    The model folder is complete before this runs; a report that cannot be written is a
-    warning, never a lost model.
+    """Evaluation results and the HTML report, added to the model folder (still under its
+    temporary name) once its weights, configs and tokenizer are written; a report that cannot
+    be written is a warning, never a lost model.
     """
     import sys
 
@@ -558,13 +753,9 @@ class HealModelResult:
 
 def heal_model(opts: HealModelOptions) -> HealModelResult:
     """Load a compressed model and its teacher, heal, and save a new model folder."""
-    from .healing import CALIBRATION_TEXT, heal, healing_data, prepare_teacher
+    from .healing import heal, healing_data, prepare_teacher
 
-    opts.healing.validate()
-    if opts.healing.data.source == CALIBRATION_TEXT:
-        raise LayerfoldError("--heal-data calib (the calibration text) works only with `layerfold compress`")
-    if not opts.healing.enabled:
-        raise LayerfoldError("--heal-tokens must be positive for layerfold heal")
+    validation.check(opts)
     if opts.no_teacher:
         opts = replace(opts, healing=replace_heal_losses_without_teacher(opts.healing))
     if opts.model.model is None:
@@ -651,36 +842,118 @@ def replace_heal_losses_without_teacher(h):
 
 
 def export(opts: ExportOptions, loaded: LoadedModel | None = None) -> dict:
-    """Write a standard model folder: shared tensors materialised (``--unfold``)."""
+    """Write a finished model as a standard folder (``-o``: shared tensors materialised) and/or
+    as a GGUF file for llama.cpp (``--gguf``), read back and checked."""
     from .export.unfold import unfold
 
-    if not opts.output.path:
-        raise LayerfoldError("export needs an output folder (-o OUT)")
+    validation.check(opts, loaded)
+    out_dir = Path(opts.output.path) if opts.output.path else None
+    if out_dir is None and not opts.gguf.enabled:
+        raise LayerfoldError("export needs an output: -o OUT (a standard model folder) and/or --gguf OUT.gguf")
     if not opts.unfold:
-        raise LayerfoldError("export knows one format so far: --unfold (a standard model folder)")
-    check_output_dir(Path(opts.output.path), opts.output.force)
+        raise LayerfoldError("shared tensors are always materialised on export (--unfold)")
+    opts.gguf.validate()
+    if out_dir is not None:
+        check_output_dir(out_dir, opts.output.force)
+    if opts.gguf.enabled:
+        from .export.gguf import check_gguf_path
+
+        check_gguf_path(opts.gguf.path, opts.output.force)
     loaded = loaded or _load(opts.model)
+    previous = _previous_record(loaded.local_dir)
+    plan = _gguf_plan(opts.gguf, loaded, previous.get("source"))  # before any writing: what llama.cpp cannot express is refused
     stored = count_parameters(loaded.model)
     n = unfold(loaded)
-    previous = _previous_record(loaded.local_dir)
     n_layers = len(decoder_layers(loaded.model, loaded.arch))
     layer_map = previous.get("layer_map") or list(range(n_layers))  # unfolding keeps every layer where it is
-    command = recipes.schema.command_line(opts, ExportOptions(), ["layerfold", "export"])
-    card = model_card(
-        base_model=previous.get("base_model") or loaded.base_model, command=command,
-        recipe={"method": "unfold", "unshared_tensors": n, "from": previous.get("recipe")}, layer_map=layer_map,
-        params_before=stored, params_after=count_parameters(loaded.model),
-        layers_before=previous.get("layers_before") or n_layers,
-        summary=f"Unfolded: {n} shared weight tensors written out per layer, for tools that cannot express sharing.",
-        recipe_yaml=recipes.to_yaml(opts),
-    )
-    files = {recipes.RECIPE_FILE: recipes.to_yaml(opts)}
-    if previous:
-        files["layerfold.json"] = json.dumps(dict(previous, unfolded=n, params_after=count_parameters(loaded.model)),
-                                             indent=2, default=str) + "\n"
-    out = save_model_folder(loaded, Path(opts.output.path), card=card, force=opts.output.force, extra_files=files)
-    return {"output": out, "unshared_tensors": n, "params_stored_before": stored,
-            "params_after": count_parameters(loaded.model), "bytes_on_disk": folder_bytes(out)}
+    source = previous.get("source") or loaded.source
+    result = {"output": None, "unshared_tensors": n, "params_stored_before": stored,
+              "params_after": count_parameters(loaded.model), "bytes_on_disk": 0, "gguf": None}
+    gguf = None
+    if opts.gguf.enabled:
+        gguf = _write_gguf(opts.gguf, loaded, plan, source=source, layer_map=layer_map, force=opts.output.force,
+                           progress=opts.progress)
+        result["gguf"] = gguf
+    if out_dir is not None:
+        command = recipes.schema.command_line(opts, ExportOptions(), ["layerfold", "export"])
+        summary = (f"Unfolded: {n} shared weight tensors written out per layer, for tools that cannot express sharing."
+                   if n else "A standard model folder.")
+        card = model_card(
+            base_model=previous.get("base_model") or loaded.base_model, command=command,
+            recipe={"method": "unfold", "unshared_tensors": n, "from": previous.get("recipe")}, layer_map=layer_map,
+            params_before=stored, params_after=count_parameters(loaded.model),
+            layers_before=previous.get("layers_before") or n_layers, summary=summary,
+            recipe_yaml=recipes.to_yaml(opts), outputs=_checked_outputs(gguf=gguf),
+        )
+        files = {recipes.RECIPE_FILE: recipes.to_yaml(opts)}
+        if previous:
+            files["layerfold.json"] = json.dumps(dict(previous, unfolded=n, params_after=count_parameters(loaded.model)),
+                                                 indent=2, default=str) + "\n"
+        out = save_model_folder(loaded, out_dir, card=card, force=opts.output.force, extra_files=files)
+        result.update(output=out, bytes_on_disk=folder_bytes(out))
+    return result
+
+
+def _gguf_plan(gguf_opts, loaded: LoadedModel, source: str | None = None):
+    """What the GGUF file will say (None without --gguf); refuses what llama.cpp cannot express
+    (the architecture, its settings, the tokenizer)."""
+    if not gguf_opts.enabled:
+        return None
+    from .export.gguf import check_llama_cpp, gguf_tokenizer
+
+    plan = check_llama_cpp(loaded.model.config)
+    gguf_tokenizer(loaded, source if source is not None else loaded.source)
+    return plan
+
+
+def _write_gguf(gguf_opts, loaded: LoadedModel, plan, *, source, layer_map, force: bool, progress: bool):
+    """Write the GGUF file, then read it back with transformers and compare logits (``check``)."""
+    from .export.gguf import check_with_transformers, write_gguf
+    from .models.lazy import materialize
+
+    materialize(loaded.model, loaded.arch)
+    r = write_gguf(loaded, gguf_opts.path, gguf_opts.outtype, plan=plan, source=source, layer_map=layer_map,
+                   force=force, progress=progress)
+    if not gguf_opts.check:
+        r.check = {"tool": "none", "passed": None, "error": "skipped (--no-gguf-check)"}
+    else:
+        try:
+            r.check = check_with_transformers(loaded, r.path, r.outtype, tokens=min(16, plan.context_length))
+        except Exception as e:  # the file is written; a reader that fails is reported, not fatal
+            first = (str(e).strip().splitlines() or [""])[0]
+            r.check = {"tool": "transformers (from_pretrained gguf_file=)", "passed": None,
+                       "error": f"{type(e).__name__}: {first}"}
+    return r
+
+
+def _gguf_record(r) -> dict:
+    return {"file": str(r.path), "outtype": r.outtype, "arch": r.arch, "tensors": r.tensors, "bytes": r.bytes,
+            "tokenizer": r.tokenizer, "notes": r.notes, "check": r.check}
+
+
+def _checked_outputs(*, gguf=None, mergekit: str | None = None) -> list[str]:
+    """The model card's list of outputs and what each was checked with."""
+    lines = ["this folder: saved with transformers' `save_pretrained`; layerfold's tests reload folders like it "
+             "with stock `AutoModelForCausalLM.from_pretrained` and compare logits"]
+    if gguf is not None:
+        c = gguf.check
+        if c is None:
+            how = (f"not read back here (transformers cannot read {gguf.arch} GGUF files); "
+                   "layerfold's GGUF writer is checked for this family with llama.cpp in benchmarks/interop.md")
+        elif c.get("passed") is None:
+            how = f"not read back: {c['error']}" if c["tool"] == "none" else f"reading it back with {c['tool']} failed: {c['error']}"
+        else:
+            how = (f"read back with {c['tool']}: max |logit difference| {c['max_abs_logit_diff']:.3g} on "
+                   f"{c['tokens']} tokens, top-1 agreement {c['top1_agreement']:.0%}"
+                   + ("" if c["passed"] else " (MORE THAN EXPECTED FOR " + gguf.outtype + ")"))
+        lines.append(f"`{gguf.path.name}` ({gguf.outtype}, llama.cpp architecture `{gguf.arch}`, tokenizer "
+                     f"{gguf.tokenizer}): {how}")
+        lines += [f"`{gguf.path.name}`: note: {n}" for n in gguf.notes]
+    if mergekit:
+        lines.append(f"`{mergekit}`: mergekit passthrough slices of the original that rebuild this model's layers "
+                     "before healing; layerfold's tests (and benchmarks/interop.md) compare mergekit's output with "
+                     "layerfold's bitwise")
+    return lines
 
 
 def evaluate_model(opts: EvaluateOptions):
@@ -688,8 +961,7 @@ def evaluate_model(opts: EvaluateOptions):
     read from its JSON result) when one is given: (reference or None, result)."""
     from .eval import EvalResult, evaluate
 
-    if opts.batch_size < 1:
-        raise LayerfoldError(f"--batch-size must be at least 1 (got {opts.batch_size})")
+    validation.check(opts)
     kw = dict(tasks=list(opts.tasks), ppl=list(opts.ppl), limit=opts.limit, batch_size=opts.batch_size,
               data_dir=opts.data_dir, ppl_window=opts.ppl_window, ppl_stride=opts.ppl_stride,
               ppl_limit=opts.ppl_limit, speed=opts.speed, progress=opts.progress)

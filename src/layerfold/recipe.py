@@ -7,6 +7,9 @@ A compression recipe (``layerfold compress``, ``layerfold run``) is one :class:`
     layer_pass  how the layer-by-layer calibration pass runs
     selection   which layers go (``--method``) and how many
     repair      what stands in for them (LLM-Streamline's trained replacement)
+    auto        the plan search of --method auto
+    search      selections that search with forward passes (sleb, iterative-bi, laco)
+    linear      ReplaceMe's linear repair (--repair linear)
     foldgpt     FoldGPT's gates, sharing and cure
     healing     recovery training with the original as teacher
     evaluation  what is measured before and after
@@ -30,16 +33,22 @@ from ._version import __version__
 from .data.calibration import CalibrationSpec
 from .errors import LayerfoldError
 from .eval.evaluate import DEFAULT_PPL_WINDOW, EvalOptions
+from .export.gguf import GGUFOptions
 from .healing import HealOptions, compress_defaults, heal_command_defaults
 from .importance.gates import GateOptions
 from .importance.layer_pass import LayerPassOptions
 from .methods.foldgpt import GATES_METADATA, FoldGPTOptions
 from .methods.registry import SelectionOptions
+from .methods.auto import AutoOptions
+from .methods.replaceme import LinearRepairOptions
+from .methods.search import SearchOptions
 from .methods.streamline import StreamlineOptions
 from .models.loading import ModelOptions
 from .models.saving import OutputOptions
 
 RECIPE_FILE = "recipe.yaml"
+GGUF_HELP = ("also write the model as one GGUF file for llama.cpp / Ollama (shared weights written out per layer), "
+             "read back and checked")
 _CALIBRATION_FLAGS = {"source": "--calib", "seq_len": "--seq-len", "text_field": "--text-field", "split": "--split",
                       "seed": "--seed"}
 
@@ -60,6 +69,13 @@ class CompressOptions:
     repair: StreamlineOptions = field(default_factory=StreamlineOptions, metadata={
         "help": "LLM-Streamline (--method streamline): --remove N replaces N+1 consecutive layers by one trained "
                 "replacement; --sparsity counts the replacement's own parameters", "prefix": "train-"})
+    auto: AutoOptions = field(default_factory=AutoOptions, metadata={
+        "help": "--method auto: candidate plans scored by held-out KL to the original; the best is built and healed"})
+    search: SearchOptions = field(default_factory=SearchOptions, metadata={
+        "help": "selections that search with forward passes of candidate models (--select sleb, iterative-bi, laco)"})
+    linear: LinearRepairOptions = field(default_factory=LinearRepairOptions, metadata={
+        "help": "ReplaceMe (--repair linear): each run of removed layers becomes a linear map folded into the kept "
+                "layer before it", "prefix": "linear-"})
     foldgpt: FoldGPTOptions = field(default_factory=FoldGPTOptions, metadata={
         "help": "FoldGPT (--method foldgpt): learned gates choose the layers, adjacent retained layers share "
                 "their linear weights, then a cure"})
@@ -70,6 +86,7 @@ class CompressOptions:
         "help": "before and after, written into the output folder with report.html", "prefix": "eval-",
         "flags": {"tasks": "--eval-tasks", "ppl": "--eval-ppl", "limit": "--eval-limit"}})
     output: OutputOptions = field(default_factory=OutputOptions, metadata={"help": "where the model goes"})
+    gguf: GGUFOptions = field(default_factory=GGUFOptions, metadata={"help": GGUF_HELP, "prefix": "gguf-"})
     progress: bool = field(default=True, metadata={"schema": False})
 
     def command(self) -> str:
@@ -172,9 +189,12 @@ class ExportOptions:
     model: ModelOptions = field(default_factory=ModelOptions, metadata={
         "help": "the model to export", "exclude": ("placement",)})
     unfold: bool = field(default=True, metadata={
-        "help": "materialise shared tensors (the only export format so far)", "flag": "--unfold"})
+        "help": "materialise shared tensors (always done: neither a standard folder nor GGUF can share them)",
+        "flag": "--unfold"})
     output: OutputOptions = field(default_factory=OutputOptions, metadata={
-        "help": "where the exported model goes", "helps": {"path": "output folder"}})
+        "help": "a standard model folder (-o), and/or a GGUF file (--gguf)", "helps": {"path": "output folder"}})
+    gguf: GGUFOptions = field(default_factory=GGUFOptions, metadata={"help": GGUF_HELP, "prefix": "gguf-"})
+    progress: bool = field(default=True, metadata={"schema": False})
 
 
 @dataclass
@@ -256,6 +276,23 @@ def read_recipe(path: str | Path, overrides: list[str] = ()):
     if not p.is_file():
         raise LayerfoldError(f"{path}: no such recipe file")
     return from_text(p.read_text(encoding="utf-8"), overrides, where=str(path))
+
+
+def run_recipe(opts: RunOptions):
+    """The options ``layerfold run`` runs: the recipe's, with ``--set``, ``-o``, ``--force``
+    and ``--dry-run`` applied."""
+    import dataclasses
+
+    if not opts.recipe:
+        raise LayerfoldError("give the recipe file to run (e.g. layerfold run OUT/recipe.yaml)")
+    recipe = read_recipe(opts.recipe, opts.set)
+    output = {"path": opts.output} if opts.output is not None else {}
+    output.update({"force": True} if opts.force else {})
+    if opts.dry_run:
+        if not isinstance(recipe, CompressOptions):
+            raise LayerfoldError("--dry-run plans compressions; this recipe is not one")
+        output["dry_run"] = True
+    return dataclasses.replace(recipe, output=dataclasses.replace(recipe.output, **output))
 
 
 def from_text(text: str, overrides: list[str] = (), where: str = "the recipe"):

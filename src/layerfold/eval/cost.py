@@ -36,6 +36,8 @@ class Cost:
     decode_tokens: int = 0
     device: str = "cpu"
     threads: int = 0
+    speed_runs: dict | None = None  # every timed run ({"prefill": [...], "decode": [...]}) when alternated
+    speed_vs_reference: dict | None = None  # per-round ratios to the reference (eval.before_after)
 
 
 def weight_bytes(model) -> int:

@@ -130,3 +130,14 @@ def compare_to_reference(model, ids: torch.Tensor, reference_logp: torch.Tensor,
     scored = n * (t - 1)
     return HeldoutFit(kl=kl_sum / positions, top1=agree / positions, ppl=math.exp(nll / scored),
                       reference_ppl=math.exp(ref_nll / scored), rows=n, tokens=positions)
+
+
+def reference_fit(ids: torch.Tensor, reference_logp: torch.Tensor) -> HeldoutFit:
+    """The original against itself: KL 0, top-1 1, and its own perplexity on ``ids`` (from its
+    log-probabilities, no second forward pass)."""
+    if reference_logp.shape[:2] != ids.shape:
+        raise LayerfoldError(f"reference log-probs {tuple(reference_logp.shape[:2])} do not match the rows {tuple(ids.shape)}")
+    n, t = ids.shape
+    nll = -reference_logp[:, :-1].float().gather(-1, ids[:, 1:].unsqueeze(-1)).sum().item()
+    ppl = math.exp(nll / (n * (t - 1)))
+    return HeldoutFit(kl=0.0, top1=1.0, ppl=ppl, reference_ppl=ppl, rows=n, tokens=n * t)

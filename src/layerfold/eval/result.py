@@ -73,6 +73,7 @@ class EvalResult:
     settings: dict = field(default_factory=dict)
     seconds: float = 0.0
     reference: str | None = None  # the model whose answers stability compares against
+    heldout: dict | None = None  # eval.heldout.HeldoutFit.to_dict(): KL, top-1, perplexities vs the original
 
     def add_stability(self, reference: EvalResult) -> None:
         """Fill ``stability`` (and ``stability_norm``) of every multiple-choice task both results have."""
@@ -97,6 +98,9 @@ class EvalResult:
                 out[f"{name}/{k}"] = v
         for name, p in self.perplexity.items():
             out[f"ppl/{name}"] = p.perplexity
+        if self.heldout:
+            for k in ("kl", "top1", "ppl"):
+                out[f"heldout/{k}"] = self.heldout[k]
         if self.cost:
             for k in ("parameters", "weight_bytes", "bytes_on_disk", "peak_memory_bytes", "prefill_tokens_per_s",
                       "decode_tokens_per_s"):
@@ -116,6 +120,7 @@ class EvalResult:
             "tasks": {k: asdict(v) for k, v in self.tasks.items()},
             "perplexity": {k: asdict(v) for k, v in self.perplexity.items()},
             "cost": asdict(self.cost) if self.cost else None,
+            "heldout": self.heldout,
         }
 
     @classmethod
@@ -130,6 +135,7 @@ class EvalResult:
             settings=d.get("settings", {}),
             seconds=d.get("seconds", 0.0),
             reference=d.get("reference"),
+            heldout=d.get("heldout"),
         )
 
     def save(self, path: str | os.PathLike) -> Path:

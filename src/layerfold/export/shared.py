@@ -130,7 +130,7 @@ def base_config(shared: dict):
 
 
 def save_shared_folder(loaded, out: Path, *, card: str, extra_files: dict | None = None,
-                       force: bool = False) -> Path:
+                       force: bool = False, finish=None) -> Path:
     """Save a model whose layers share weights, each shared tensor once (see module doc).
 
     A model without shared layers is saved as a standard folder.
@@ -139,7 +139,7 @@ def save_shared_folder(loaded, out: Path, *, card: str, extra_files: dict | None
     exclude = set(getattr(model, "all_tied_weights_keys", {}) or {})  # lm_head <- embeddings
     mapping = shared_parameter_map(model, exclude=exclude)
     if not mapping:
-        return save_model_folder(loaded, out, card=card, extra_files=extra_files, force=force)
+        return save_model_folder(loaded, out, card=card, extra_files=extra_files, force=force, finish=finish)
     groups = _groups_from_map(mapping, len(decoder_layers(model, loaded.arch)), loaded.arch)
     files = {
         "config.json": shared_config_json(model, mapping, groups),
@@ -147,7 +147,7 @@ def save_shared_folder(loaded, out: Path, *, card: str, extra_files: dict | None
         **(extra_files or {}),
     }
     return save_model_folder(loaded, out, card=card, extra_files=files, force=force,
-                             state_dict=deduplicated_state_dict(model))
+                             state_dict=deduplicated_state_dict(model), finish=finish)
 
 
 def _groups_from_map(mapping: dict[str, str], num_layers: int, arch: Architecture) -> list[list[int]]:

@@ -16,10 +16,13 @@ one-at-a-time scores such as Block Influence miss. Three gate types:
     z_l = min(1, max(0, sigmoid((log u - log(1-u) + log a_l) / beta) * (1.1 + 0.1) - 0.1)),
     u ~ U(0, 1), beta = 2/3: a sample that is exactly 0 or exactly 1 most of the time. The
     expected number of layers kept, s = sum_l P(z_l > 0), is held to a target t by Lagrange
-    multipliers, lambda1 (s - t)/L + lambda2 ((s - t)/L)^2, the multipliers trained by gradient
-    *ascent* (they grow while the constraint is violated); t goes from L to the layers kept
-    over the first ``ramp`` of training. At the end a deterministic top-k on log a keeps
-    exactly the target count.
+    multipliers as in Sheared LLaMA, l1 (s - t) + l2 (s - t)^2 (s and t in layers), the
+    multipliers trained by plain gradient *ascent* (l1 grows while too many layers are kept and
+    falls when too few are). By default log a starts from Block Influence's ranking (evenly
+    spread by rank, shifted so that s = t from the first step): the one-pass score is the prior
+    and the masked model's KL moves it. Started instead from one value for every layer, t goes
+    from L to the layers kept over the first ``ramp`` of training. At the end a deterministic
+    top-k on log a keeps exactly the target count.
 ``topk`` (straight-through)
     the forward pass uses the hard mask of the k highest logits (with a little annealed
     Gumbel noise, so that layers near the boundary get tried); the backward pass uses a soft
@@ -53,6 +56,7 @@ from ..models.architectures import Architecture, get_path
 from ..models.surgery import decoder_layers
 
 GATE_TYPES = ("hard-concrete", "topk", "soft")
+WARM_STARTS = ("none", "block-influence")
 STRETCH = (-0.1, 1.1)  # hard-concrete: the sigmoid is stretched to this interval, then clipped to [0, 1]
 BETA = 2.0 / 3.0  # hard-concrete temperature
 LOG_ALPHA_RANGE = (-10.0, 10.0)  # wide enough that P(z > 0) reaches ~0 and ~1: the target is reachable
@@ -76,9 +80,16 @@ class GateOptions:
                 "target size, topk: the layers switched off, soft: the polarising weight)"})
     init: float = field(default=3.0, metadata={
         "help": "initial gate logit of hard-concrete (log a) and soft gates: every layer starts on; "
-                "topk logits start at 0"})
+                "with --gate-warm-start, the spread of hard-concrete's log a around the offset that "
+                "meets the target; topk logits start at 0"})
+    warm_start: str = field(default="block-influence", metadata={
+        "help": "hard-concrete (other types ignore it): start log a from a one-pass ranking (block-influence: layers ranked by "
+                "Block Influence, log a spread by +-init and shifted so the expected size is already the "
+                "target) instead of the same value for every layer; the gates then move it by the KL of "
+                "the masked model", "choices": WARM_STARTS})
     lambda_lr: float = field(default=0.05, metadata={
-        "help": "hard-concrete: learning rate of the Lagrange multipliers (gradient ascent)"})
+        "help": "hard-concrete: learning rate of the Lagrange multipliers, plain gradient ascent on "
+                "l1 (E[size]-t) + l2 (E[size]-t)^2 with the size in layers"})
     noise: float = field(default=0.5, metadata={
         "help": "topk: scale of the Gumbel noise on the logits in the forward pass, annealed to 0"})
     budget_weight: float = field(default=5.0, metadata={
@@ -100,6 +111,8 @@ class GateOptions:
             raise LayerfoldError("gate learning rate must be positive and loss weights and noise non-negative")
         if self.batch_size < 1:
             raise LayerfoldError(f"gate batch size must be at least 1 (got {self.batch_size})")
+        if self.warm_start not in WARM_STARTS:
+            raise LayerfoldError(f"--gate-warm-start must be one of {', '.join(WARM_STARTS)} (got {self.warm_start!r})")
         if not 0 <= self.ramp <= 1:
             raise LayerfoldError(f"the gate ramp is a fraction of the steps, 0 to 1 (got {self.ramp})")
 
@@ -157,24 +170,61 @@ def switched_off(num_layers: int, removed: Sequence[int]) -> GateValues:
 # --- the three gate types -------------------------------------------------------------------
 
 
+def keep_probability(log_alpha: torch.Tensor) -> torch.Tensor:
+    """Hard-concrete's P(z > 0) = sigmoid(log a - beta log(-lo / hi)): a layer's expected share
+    of the size."""
+    lo, hi = STRETCH
+    return torch.sigmoid(log_alpha - BETA * math.log(-lo / hi))
+
+
+def warm_log_alpha(prior: Sequence[float], keep: int, spread: float) -> torch.Tensor:
+    """log a from a ranking (higher = keep): evenly spaced by rank over [c - spread, c + spread],
+    c found by bisection so that the expected number of layers kept is exactly ``keep``.
+    Ranks, not the scores themselves, so that the start does not depend on the score's scale."""
+    n = len(prior)
+    order = sorted(range(n), key=lambda l: (prior[l], l))  # lowest first; ties as lowest_gated
+    base = torch.empty(n)
+    for rank, l in enumerate(order):
+        base[l] = spread * (2 * rank / max(1, n - 1) - 1)
+    lo, hi = LOG_ALPHA_RANGE[0] - spread, LOG_ALPHA_RANGE[1] + spread
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        if keep_probability(base + mid).sum() > keep:
+            hi = mid
+        else:
+            lo = mid
+    return (base + (lo + hi) / 2).clamp(*LOG_ALPHA_RANGE)
+
+
 def _ramp(step: int, steps: int, ramp: float) -> float:
     """0 -> 1 over the first ``ramp`` of the steps (1 from the start when ramp is 0)."""
     return min(1.0, (step + 1) / max(1.0, ramp * steps))
 
 
 class HardConcreteGates(nn.Module):
-    """Hard-concrete gates with an expected-size constraint under Lagrange multipliers."""
+    """Hard-concrete gates with an expected-size constraint under Lagrange multipliers.
 
-    def __init__(self, num_layers: int, keep: int, opts: GateOptions):
+    The Lagrangian of Sheared LLaMA: loss = KL + l1 (s - t) + l2 (s - t)^2 with s the expected
+    number of layers kept and t the target, both in layers. The gates minimise it; the
+    multipliers maximise it by plain gradient ascent (l1 += lr (s - t), l2 += lr (s - t)^2),
+    so l1 grows for as long as the gates keep too many layers and falls once they keep too
+    few, and l2 adds a pull toward t from either side that grows with every violation.
+    (Adam's ascent, the first version, moved the multipliers by a fixed ~lr a step whatever
+    the violation: 100 steps were too few for them to matter on the real model.)
+    """
+
+    def __init__(self, num_layers: int, keep: int, opts: GateOptions, prior: Sequence[float] | None = None):
         super().__init__()
         self.n, self.keep, self.opts = num_layers, keep, opts
-        self.log_alpha = nn.Parameter(torch.full((num_layers,), float(opts.init)))
+        start = torch.full((num_layers,), float(opts.init)) if prior is None else warm_log_alpha(prior, keep, opts.init)
+        self.warm = prior is not None
+        self.log_alpha = nn.Parameter(start)
         self.lambdas = nn.Parameter(torch.zeros(2))  # lambda1, lambda2
 
     def optimizers(self) -> list[torch.optim.Optimizer]:
         opts = [torch.optim.Adam([self.log_alpha], lr=self.opts.lr)]
         if self.opts.lambda_lr > 0:
-            opts.append(torch.optim.Adam([self.lambdas], lr=self.opts.lambda_lr, maximize=True))
+            opts.append(torch.optim.SGD([self.lambdas], lr=self.opts.lambda_lr, maximize=True))
         return opts
 
     def sample(self, step: int, gen: torch.Generator) -> torch.Tensor:
@@ -184,17 +234,17 @@ class HardConcreteGates(nn.Module):
         return (s * (hi - lo) + lo).clamp(0.0, 1.0)
 
     def keep_probability(self) -> torch.Tensor:
-        """P(z_l > 0) = sigmoid(log a - beta log(-lo / hi)), the expected contribution to the size."""
-        lo, hi = STRETCH
-        return torch.sigmoid(self.log_alpha - BETA * math.log(-lo / hi))
+        return keep_probability(self.log_alpha)
 
     def target(self, step: int) -> float:
+        if self.warm:  # the warm start meets the target already: nothing to ramp
+            return float(self.keep)
         return self.n - (self.n - self.keep) * _ramp(step, self.opts.steps, self.opts.ramp)
 
     def penalty(self, step: int) -> tuple[torch.Tensor, dict]:
         expected = self.keep_probability().sum()
         t = self.target(step)
-        gap = (expected - t) / self.n
+        gap = expected - t
         l1, l2 = self.lambdas[0], self.lambdas[1]
         return l1 * gap + l2 * gap * gap, {"expected_kept": expected.item(), "target": t,
                                            "lambda1": l1.item(), "lambda2": l2.item()}
@@ -333,12 +383,15 @@ def train_gates(
     opts: GateOptions | None = None,
     *,
     teacher: torch.Tensor | None = None,
+    prior: Sequence[float] | None = None,
     progress: bool = True,
     desc: str = "training layer gates",
 ) -> TrainedGates:
     """Train one gate per layer of ``model`` (weights frozen) toward keeping ``keep`` layers.
 
     ``teacher``: the original's log-probabilities on ``input_ids`` (``reference_log_probs``).
+    ``prior``: one score per layer (higher = keep) that hard-concrete's log a starts from
+    (``warm_log_alpha``); None starts every layer at ``opts.init``.
     """
     from tqdm.auto import tqdm
 
@@ -352,7 +405,11 @@ def train_gates(
     device = input_device(model)
     if teacher is None:
         teacher = reference_log_probs(model, input_ids, opts.batch_size)
-    gates = GATES[opts.gate_type](n, keep, opts).to(device)
+    if prior is not None and opts.gate_type != "hard-concrete":
+        raise LayerfoldError("only hard-concrete gates start from a prior ranking")
+    if prior is not None and len(prior) != n:
+        raise LayerfoldError(f"a prior of {len(prior)} scores for a model with {n} layers")
+    gates = (HardConcreteGates(n, keep, opts, prior) if prior is not None else GATES[opts.gate_type](n, keep, opts)).to(device)
     optimizers = gates.optimizers()
     gen = torch.Generator().manual_seed(opts.seed)
     values = GateValues(n)
@@ -464,6 +521,12 @@ def gate_ranking(
         raise LayerfoldError(f"cannot remove {n_remove} of {n} layers (choose 1 to {n - 1})")
     rounds = min(opts.rounds, n_remove)
     teacher = reference_log_probs(model, input_ids, opts.batch_size)
+    prior = None
+    if opts.warm_start == "block-influence" and opts.gate_type == "hard-concrete":  # one pass; the same scores give the check its BI choice
+        bi = block_influence_scores(model, arch, input_ids, progress=progress)
+        prior = bi
+        if block_influence_removed is None:
+            block_influence_removed = lowest_gated(bi, n_remove)
     work = model if rounds == 1 else copy.deepcopy(model)
     alive = list(range(n))  # original index of each layer of ``work``
     final = [math.nan] * n
@@ -476,7 +539,9 @@ def gate_ranking(
         desc = "training layer gates" + (f" (round {r + 1}/{rounds})" if rounds > 1 else "")
         # the constraint aims at this round's size; the soft budget always at the final size
         keep = n - n_remove if opts.gate_type == "soft" else keep_now
-        t = train_gates(work, arch, input_ids, keep, opts, teacher=teacher, progress=progress, desc=desc)
+        prior_now = None if prior is None else [prior[l] for l in alive]
+        t = train_gates(work, arch, input_ids, keep, opts, teacher=teacher, prior=prior_now, progress=progress,
+                        desc=desc)
         drop_local = lowest_gated(t.scores, share)
         for i, l in enumerate(alive):
             final[l], scores[l] = t.gates[i], t.scores[i]
@@ -494,6 +559,13 @@ def gate_ranking(
         result.check = check_choice(model, arch, heldout, {"gates": sorted(removed),
                                                             "block_influence": sorted(block_influence_removed)})
     return result
+
+
+def block_influence_scores(model, arch, input_ids: torch.Tensor, *, progress: bool = True) -> list[float]:
+    """ShortGPT's Block Influence of every layer on ``input_ids`` (low = removable)."""
+    from . import measure_similarity
+
+    return measure_similarity(model, arch, input_ids, progress=progress).block_influence
 
 
 def block_influence_choice(model, arch, input_ids: torch.Tensor, n_remove: int, *, progress: bool = True) -> list[int]:

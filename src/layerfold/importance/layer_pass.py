@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..errors import LayerfoldError
 from ..models.architectures import Architecture, get_path
 from ..models.lazy import layer_weights
 from ..models.surgery import decoder_layers
@@ -37,8 +38,6 @@ class LayerPassOptions:
         "allowed": "a memory size like 512MiB or 2GB"})
 
     def validate(self) -> None:
-        from ..errors import LayerfoldError
-
         if self.batch_size < 1:
             raise LayerfoldError(f"--batch-size must be at least 1 (got {self.batch_size})")
 
@@ -158,6 +157,9 @@ def layer_pass(
                 layer = weights.acquire(l)
                 for b, x in enumerate(inputs):
                     out = run_layer(layer, states[b], x.calls[l])
+                    if not torch.isfinite(out).all():
+                        raise LayerfoldError(f"decoder layer {l} gives NaN or infinite outputs: the model's weights "
+                                             "are broken (check the file, or load it in a wider --dtype)")
                     if observe:
                         observe(l, b, states[b], out)
                     states[b] = out

@@ -1,14 +1,16 @@
 """Methods by name: a selection (which layers go) and a repair (what stands in for them).
 
-    selection   bi, angular, block, last-n, gates          -> the original layers that go
-    repair      none, replacement                          -> what takes their place
+    selection   bi, angular, block, last-n, gates,         -> the original layers that go
+                sleb, iterative-bi, laco
+    repair      none, linear, merge, replacement           -> what takes their place
     method      a named combination, plus FoldGPT's extra steps (sharing, its cure)
 
 A compression is planned first (:func:`make_plan`: from scores and shapes only, exact
 parameter counts included) and applied second (:func:`apply_plan`: the model changes). Any
 selection composes with any repair that accepts what it chooses: ``replacement`` needs one
 block of consecutive layers, so it works after ``block``, ``angular`` or ``last-n`` and refuses
-``bi``'s scattered layers. ``--select`` and ``--repair`` override a method's own choice.
+``bi``'s scattered layers; ``linear`` (ReplaceMe) and ``merge`` (LaCo) repair every run of
+removed layers. ``--select`` and ``--repair`` override a method's own choice.
 
 To add a selection: a function ``(evidence, num_layers, n) -> sorted layer indices`` and one
 ``SELECTIONS`` entry. To add a repair: its parameter cost, an apply function, one ``REPAIRS``
@@ -35,6 +37,7 @@ from .plan import Plan, bytes_per_parameter, layer_parameters, shared_parameters
 
 if TYPE_CHECKING:
     from ..importance.criteria import LayerScores
+    from ..models.architectures import Architecture
     from ..importance.gates import GateResult
     from ..recipe import CompressOptions
 
@@ -48,15 +51,37 @@ class Evidence:
 
     scores: LayerScores | None = None
     gates: GateResult | None = None
+    search: dict | None = None  # a searching selection's choice and its steps (methods.search)
 
 
 @dataclass(frozen=True)
 class Selection:
     name: str
     help: str
-    needs: str  # "nothing", "scores" (one calibration pass) or "gates" (gate training, the whole model)
+    needs: str  # "nothing", "scores" (one calibration pass), "gates" (gate training, the whole model)
+    #              or "search" (forward passes of candidate models, the whole model: ``search`` below)
     choose: Callable[[Evidence, int, int], list[int]]  # (evidence, num_layers, n) -> layers that go
     contiguous: bool = False  # always one block of consecutive layers
+    search: Callable | None = None  # (model, arch, ids, n, SearchOptions, progress=) -> Evidence.search
+
+
+def _from_search(name: str):
+    def choose(evidence: Evidence, num_layers: int, n: int) -> list[int]:
+        found = evidence.search
+        if found is None or found.get("selection") != name or len(found["removed"]) != n:
+            raise LayerfoldError(f"the {name} selection needs its own search for {n} layers")
+        return sorted(found["removed"])
+
+    return choose
+
+
+def _search(name: str):
+    def run(model, arch, ids, n, opts, progress=True):
+        from . import search
+
+        return getattr(search, name)(model, arch, ids, n, opts, progress=progress)
+
+    return run
 
 
 def _from_gates(evidence: Evidence, num_layers: int, n: int) -> list[int]:
@@ -77,6 +102,12 @@ SELECTIONS: dict[str, Selection] = {s.name: s for s in [
     Selection("last-n", "the last layers (Reassessing Layer Pruning); needs no calibration", "nothing",
               lambda e, L, n: pruning.last_layers(L, n), contiguous=True),
     Selection("gates", "the lowest of FoldGPT's learned layer gates", "gates", _from_gates),
+    Selection("sleb", "SLEB: greedily the layer whose removal raises the calibration loss least, one at a time",
+              "search", _from_search("sleb"), search=_search("sleb")),
+    Selection("iterative-bi", "Block Influence scored again after each removal", "search",
+              _from_search("iterative-bi"), search=_search("iterative_bi")),
+    Selection("laco", "LaCo: top-down merges of layers into the one before, accepted while the output stays "
+                      "similar (use with the merge repair)", "search", _from_search("laco"), search=_search("laco")),
 ]}
 
 
@@ -89,12 +120,25 @@ class Repair:
     help: str
     slots: int  # new layers it puts in place of each block it repairs
     contiguous: bool  # repairs one block of consecutive layers
+    needs_text: bool = False  # reads the calibration text
+    check: Callable[[Architecture], None] | None = None  # refuses architectures it cannot repair
+
+
+def _check_linear(arch: Architecture) -> None:
+    from .replaceme import check_foldable
+
+    check_foldable(arch)
 
 
 REPAIRS: dict[str, Repair] = {r.name: r for r in [
     Repair("none", "nothing: the selected layers are removed", 0, False),
+    Repair("linear", "ReplaceMe: each run of removed layers becomes a linear map fitted in closed form and folded "
+                     "into the kept layer before it (no new parameters; options: the linear group)", 0, False,
+           needs_text=True, check=_check_linear),
+    Repair("merge", "LaCo: each run of removed layers merged into the kept layer before it (the run's "
+                    "differences to that layer's original weights added to it)", 0, False),
     Repair("replacement", "LLM-Streamline: one trained replacement (options: the repair group) stands in for "
-                          "the block", 1, True),
+                          "the block", 1, True, needs_text=True),
 ]}
 
 
@@ -115,6 +159,7 @@ class Method:
     repair: str
     share: bool = False  # FoldGPT: adjacent kept layers then share their linear weights
     cure: bool = False  # FoldGPT: its cure is the healing
+    auto: bool = False  # the selection and repair are chosen by a plan search (methods/auto.py)
 
 
 METHODS: dict[str, Method] = {m.name: m for m in [
@@ -125,6 +170,13 @@ METHODS: dict[str, Method] = {m.name: m for m in [
     Method("angular", "the block with the smallest angular distance on last tokens (Gromov et al.)", "angular",
            "none"),
     Method("last-n", "the last layers (Reassessing Layer Pruning); needs no calibration", "last-n", "none"),
+    Method("sleb", "SLEB: greedy removal by calibration loss", "sleb", "none"),
+    Method("replaceme", "ReplaceMe: Block Influence's layers removed, each run replaced by a folded linear map",
+           "bi", "linear"),
+    Method("laco", "LaCo: layers merged into the layer before them while the output stays similar", "laco",
+           "merge"),
+    Method("auto", "search: score candidate plans (selection x repair, no training) by held-out KL to the "
+                   "original, build the best, then heal (candidates: --auto-plans)", "bi", "none", auto=True),
     Method("foldgpt", "FoldGPT: learned gates choose the layers, adjacent retained layers share their linear "
                       "weights, then a cure", "gates", "none", share=True, cure=True),
 ]}
@@ -158,6 +210,9 @@ class SelectionOptions:
         if self.method not in METHODS:
             raise LayerfoldError(f"unknown method {self.method!r}; choose from {', '.join(METHODS)}")
         method = METHODS[self.method]
+        if method.auto and (self.select or self.repair) and not getattr(self, "_chosen", False):
+            raise LayerfoldError("--method auto chooses the selection and the repair itself; list the candidates "
+                                 "with --auto-plans SELECTION+REPAIR,... instead of --select/--repair")
         selection = SELECTIONS[self.select or method.selection]
         repair = REPAIRS[self.repair or method.repair]
         if repair.contiguous and not selection.contiguous:
@@ -169,6 +224,14 @@ class SelectionOptions:
     def validate(self) -> None:
         self.parts()
         pruning.check_target(self.remove, self.sparsity)
+
+    def chosen(self, selection: str, repair: str) -> SelectionOptions:
+        """These options with the plan search's choice (``--method auto``) filled in."""
+        from dataclasses import replace
+
+        out = replace(self, select=selection, repair=repair)
+        out._chosen = True
+        return out
 
 
 # -- planning ----------------------------------------------------------------------------
@@ -194,19 +257,35 @@ def make_plan(opts: CompressOptions, model, arch, evidence: Evidence) -> Plan:
     n = layers_to_select(opts, model, arch)
     if selection.needs == "scores" and evidence.scores is None:
         raise LayerfoldError(f"the {selection.name} selection needs importance scores")
+    if selection.needs == "search" and evidence.search is None:
+        raise LayerfoldError(f"the {selection.name} selection needs its search (forward passes of the model)")
     if selection.needs == "gates" and evidence.gates is None:
         raise LayerfoldError("the gates selection needs trained gates (analyze --gates --json, or a calibration pass)")
+    if repair.check is not None:
+        repair.check(arch)
     selected = selection.choose(evidence, n_layers, n)
     before = count_parameters(model)
     replacements, details = [], {}
-    if repair.name == "none":
+    if repair.slots == 0:
         layer_map = LayerMap.removal(n_layers, selected)
         after = before - sum(params[i] for i in selected)
+        if repair.name == "linear":
+            from .replaceme import removed_runs
+
+            runs = removed_runs(selected)
+            details["linear"] = {"folded_into": {f"{a}..{b}": a - 1 for a, b in runs if a > 0},
+                                 "unrepaired": [[a, b] for a, b in runs if a == 0]}
+        if repair.name == "merge":
+            from .replaceme import removed_runs
+
+            runs = removed_runs(selected)
+            details["merge"] = {"merged_into": {f"{a}..{b}": a - 1 for a, b in runs if a > 0},
+                                "unmerged": [[a, b] for a, b in runs if a == 0]}
     else:  # one replacement in the block's first slot
         from .streamline import check_block
 
         start, window = selected[0], len(selected)
-        check_block(opts.repair.spec, start)
+        check_block(opts.repair.spec, start, model.config, arch)
         cost = _replacement_cost(model, arch, opts)
         kind = opts.repair.replacement
         layer_map = LayerMap.replacement(n_layers, start, window, keeps_first=kind == "none")
@@ -223,6 +302,8 @@ def make_plan(opts: CompressOptions, model, arch, evidence: Evidence) -> Plan:
         if any(s is None for g in members for s in g):
             raise LayerfoldError("a replacement cannot share its weights with kept layers; use --repair none")
         after -= shared_parameters(model, arch, members)  # counted on the original layers: they are alike
+    if evidence.search is not None:
+        details["search"] = evidence.search
     if evidence.gates is not None:
         details["gates"] = evidence.gates.gates
     return Plan(method=method.name, selection=selection.name, repair=repair.name, selected=selected,
@@ -241,6 +322,8 @@ class Applied:
     layer_map: LayerMap
     params_after_removal: int = 0  # before any sharing
     streamline: object | None = None  # methods.streamline.StreamlineResult
+    linear: object | None = None  # methods.replaceme.LinearRepairResult
+    merge: dict | None = None  # methods.search.merge_repair's record
     files: dict[str, str] = field(default_factory=dict)  # extra files for the output folder
     seconds: dict[str, float] = field(default_factory=dict)
 
@@ -253,6 +336,19 @@ def apply_plan(plan: Plan, loaded, ids: torch.Tensor | None, opts: CompressOptio
     if plan.repair == "none":
         remove_layers(model, arch, plan.selected)
         applied = Applied(plan.layer_map)
+    elif plan.repair == "linear":
+        from .replaceme import linear_repair
+
+        fit = linear_repair(model, arch, ids, plan.selected, opts.linear, batch_size=opts.layer_pass.batch_size,
+                            max_memory=opts.layer_pass.max_memory, progress=opts.progress)
+        remove_layers(model, arch, plan.selected)
+        applied = Applied(plan.layer_map, linear=fit, seconds={"linear_repair": fit.seconds})
+    elif plan.repair == "merge":
+        from .search import merge_repair
+
+        merged = merge_repair(model, arch, plan.selected)
+        remove_layers(model, arch, plan.selected)
+        applied = Applied(plan.layer_map, merge=merged)
     else:
         from .streamline import replace_and_train
 

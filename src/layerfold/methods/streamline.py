@@ -14,9 +14,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import shutil
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,48 +26,84 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..data.calibration import CalibrationSpec
 from ..data.pairs import STORAGE_DTYPES, PairStore
 from ..errors import LayerfoldError
 from ..importance import LayerScores
 from ..importance.layer_pass import layer_arguments, layer_pass, run_layer
-from ..models.architectures import Architecture
+from ..models.architectures import Architecture, attention_types, cache_anchor_layers
 from ..models.layer_map import LayerMap
 from ..models.lazy import layer_weights, materialize, return_freed_memory
 from ..models.surgery import count_parameters, decoder_layers, decoder_parameters, replace_block
 from ..nn.replacements import ACTIVATIONS, REPLACEMENTS, FFNReplacement, ReplacementSpec, build_replacement
 from ..train.losses import LogitKL, NextTokenLoss
-from ..train.loop import Checkpoints, Distillation, Objective, TrainConfig, TrainResult, fit, mean_loss
+from ..train.loop import Checkpoints, Distillation, Objective, TrainConfig, TrainResult, fit
 from . import pruning
 
-LOSSES = ("mse", "mse-normed", "lm", "kl")
-PAIR_LOSSES = ("mse", "mse-normed")  # trained on the cached (input, output) pairs
+LOSSES = ("mse", "mse-normed", "cosine", "lm", "kl")
+PAIR_LOSSES = ("mse", "mse-normed", "cosine")  # trained on the cached (input, output) pairs
+INITS = ("first", "last")  # which layer of the block a decoder-layer replacement starts as
+TRAIN_SEED = 1  # self-written training text: calibration is seed 0, held-out rows seed 2
+FROM_CALIBRATION = "calib"  # --train-data calib: the calibration text itself (the paper's code)
+OFFICIAL_BATCH = 128  # sequences per optimiser step in the official code
+# the defaults are the best measured on SmolLM2-135M (benchmarks/streamline.md), not the paper's
+# (mse from the first layer): at 16,384 training tokens mse from the first layer made the model
+# worse than dropping the block untrained
+DEFAULT_LOSS = "cosine"
+DEFAULT_INIT = "last"
+
+
+def _training_text() -> CalibrationSpec:
+    # seed 1 and the default settings: the very text (and cache) of healing's default
+    return CalibrationSpec(seed=TRAIN_SEED)
 
 
 @dataclass
 class StreamlineOptions:
-    """What replaces the block and how it is trained (the training defaults are the paper's)."""
+    """What replaces the block and how it is trained (the optimiser settings are the paper's)."""
 
     replacement: str = field(default="layer", metadata={
-        "help": "layer: a decoder layer initialised from the block's first layer (official default); swiglu: that "
+        "help": "layer: a decoder layer initialised from the block (official default); swiglu: that "
                 "layer with attention silenced, i.e. a gated FFN in standard layer form; ffn: a plain FFN (cannot be "
                 "saved in stock form); none: keep the first layer untrained",
         "choices": REPLACEMENTS, "flag": "--replacement"})
-    loss: str = field(default="mse", metadata={
+    loss: str = field(default=DEFAULT_LOSS, metadata={
         "help": "mse: match the block's output on cached pairs (the paper); mse-normed: the same after "
-                "RMS-normalising each token's vector; lm: next-token loss with the replacement in the pruned model; "
-                "kl: KL to the original model's logits", "choices": LOSSES, "flag": "--loss"})
+                "RMS-normalising each token's vector; cosine: 1 - cos(output, target) per token (direction only); "
+                "lm: next-token loss with the replacement in the pruned model; kl: KL to the original model's "
+                "logits", "choices": LOSSES, "flag": "--loss"})
+    init: str = field(default=DEFAULT_INIT, metadata={
+        "help": "first: the replacement layer starts as the block's first layer (the official code); last: as its "
+                "last (of the slot's attention type); for layer and swiglu replacements (ffn starts as the "
+                "identity, none keeps the first layer)", "choices": INITS})
     ffn_width: int | None = field(default=None, metadata={
         "help": "ffn: hidden width (default: the model's intermediate size)", "flag": "--ffn-width"})
     ffn_activation: str = field(default="gelu", metadata={
         "help": "ffn: activation", "choices": tuple(sorted(ACTIVATIONS)), "flag": "--ffn-activation"})
-    epochs: float = field(default=1.0, metadata={"help": "passes over the training sequences", "flag": "--epochs"})
-    train_tokens: int | None = field(default=None, metadata={
-        "help": "train on this many tokens instead of --epochs", "flag": "--train-tokens"})
-    batch_size: int = field(default=4, metadata={"help": "sequences per micro-batch"})
-    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimiser step"})
-    val_fraction: float = field(default=0.1, metadata={
-        "help": "share of calibration sequences held out; the best validation state is kept", "flag": "--val-fraction"})
-    lr: float = field(default=2e-4, metadata={"help": "peak learning rate (AdamW)", "flag": "--lr"})
+    data: CalibrationSpec = field(default_factory=_training_text, metadata={
+        "help": "the replacement's training text; the block itself is chosen on the calibration text",
+        "prefix": "train-data-", "flags": {"source": "--train-data", "seq_len": "--train-seq-len"},
+        "helps": {"source": "'self' (the original model writes it: seed 1, the same cached text as healing's), "
+                            f"'{FROM_CALIBRATION}' (the calibration text itself, as the paper's code) or a "
+                            ".txt/.jsonl file; evaluation files are refused",
+                  "seq_len": "tokens per training sequence",
+                  "seed": "seed of self-written training text (calibration uses 0, held-out rows 2)"},
+        "exclude": ("samples",)})
+    train_tokens: int = field(default=65_536, metadata={
+        "help": "training budget: distinct tokens of training text (the validation rows come on top)",
+        "flag": "--train-tokens"})
+    epochs: float = field(default=1.0, metadata={"help": "passes over the training tokens", "flag": "--epochs"})
+    batch: int = field(default=OFFICIAL_BATCH, metadata={
+        "help": "sequences per optimiser step (the official 128), lowered only as far as needed for "
+                "--train-min-steps steps"})
+    min_steps: int = field(default=32, metadata={
+        "help": "fewest optimiser steps a run gets: a small budget trains with a smaller batch, not with fewer steps"})
+    batch_size: int = field(default=4, metadata={
+        "help": "sequences per micro-batch (memory); gradient accumulation makes up the batch"})
+    val_rows: int = field(default=32, metadata={
+        "help": "held-out sequences of the training text that choose the best state (at most a tenth of a file "
+                "or of the calibration text)"})
+    lr: float = field(default=2e-4, metadata={"help": "peak learning rate (AdamW, betas 0.9/0.95)", "flag": "--lr"})
     min_lr: float = field(default=5e-5, metadata={"help": "learning rate at the end of the cosine", "flag": "--min-lr"})
     weight_decay: float = field(default=1e-3, metadata={"help": "AdamW weight decay (matrices only)"})
     warmup: float = field(default=0.03, metadata={"help": "fraction of the steps spent warming up linearly"})
@@ -77,7 +115,7 @@ class StreamlineOptions:
     pairs_dir: str | None = field(default=None, metadata={
         "help": "folder for the temporary training pairs (default: beside the output; removed after)",
         "flag": "--pairs-dir", "path": True})
-    seed: int = field(default=0, metadata={"help": "seed of the validation split, batch order and training"})
+    seed: int = field(default=0, metadata={"help": "seed of the batch order and training"})
 
     @property
     def spec(self) -> ReplacementSpec:
@@ -87,33 +125,97 @@ class StreamlineOptions:
         self.spec.validate()
         if self.loss not in LOSSES:
             raise LayerfoldError(f"unknown loss {self.loss!r}; choose from {', '.join(LOSSES)}")
+        if self.init not in INITS:
+            raise LayerfoldError(f"unknown --train-init {self.init!r}; choose from {', '.join(INITS)}")
         if self.pair_dtype not in STORAGE_DTYPES:
             raise LayerfoldError(f"--pair-dtype must be one of {', '.join(STORAGE_DTYPES)}")
-        if not 0 < self.val_fraction < 1:
-            raise LayerfoldError(f"--val-fraction must be between 0 and 1 (got {self.val_fraction:g})")
+        for name, flag in (("train_tokens", "--train-tokens"), ("batch", "--train-batch"),
+                           ("min_steps", "--train-min-steps"), ("batch_size", "--train-batch-size"),
+                           ("val_rows", "--train-val-rows")):
+            if getattr(self, name) < 1:
+                raise LayerfoldError(f"{flag} must be at least 1 (got {getattr(self, name)})")
         if self.epochs <= 0:
             raise LayerfoldError(f"--epochs must be positive (got {self.epochs:g})")
-        if self.batch_size < 1 or self.grad_accum < 1:
-            raise LayerfoldError(f"--train-batch-size and --train-grad-accum must be at least 1 "
-                                 f"(got {self.batch_size}, {self.grad_accum})")
-        if self.train_tokens is not None and self.train_tokens < 1:
-            raise LayerfoldError(f"--train-tokens must be positive (got {self.train_tokens})")
         if not 0 < self.min_lr <= self.lr:
             raise LayerfoldError(f"--min-lr must be positive and at most --lr (got {self.min_lr:g}, {self.lr:g})")
         if not 0 <= self.warmup < 1:
             raise LayerfoldError(f"--train-warmup must be a fraction in [0, 1) (got {self.warmup:g})")
-        if self.loss != "mse" and self.replacement == "none":
+        if self.loss != DEFAULT_LOSS and self.replacement == "none":
             raise LayerfoldError("--replacement none trains nothing; drop --loss or choose a replacement")
+        if self.data.source != FROM_CALIBRATION:
+            self.data.validate()
+            _check_source(self.data.source)
 
-    def train_config(self, steps: int, **bookkeeping) -> TrainConfig:
+    def batches(self, train_rows: int) -> tuple[int, int]:
+        """(micro-batch, accumulation) for ``train_rows`` training sequences: the official batch
+        where the budget gives at least ``min_steps`` steps of it, else the largest batch that does."""
+        effective = max(1, min(self.batch, int(self.epochs * train_rows) // self.min_steps))
+        micro = min(self.batch_size, effective)
+        return micro, max(1, round(effective / micro))
+
+    def train_config(self, steps: int, micro: int, accum: int, **bookkeeping) -> TrainConfig:
         """The loop's settings for ``steps`` optimiser steps of replacement training."""
         return TrainConfig(
-            steps=steps, batch_size=self.batch_size, grad_accum=self.grad_accum, lr=self.lr,
+            steps=steps, batch_size=micro, grad_accum=accum, lr=self.lr, betas=(0.9, 0.95),
             min_lr_ratio=self.min_lr / self.lr, weight_decay=self.weight_decay,
             warmup_steps=max(1, round(self.warmup * steps)) if self.warmup > 0 else 0,
             max_grad_norm=self.grad_clip, precision=self.precision, seed=self.seed,
             eval_every=self.eval_every or max(1, steps // 10), **bookkeeping,
         )
+
+
+def _check_source(source: str) -> None:
+    """A training file that is missing, or is evaluation data, stops the run before any work."""
+    if source in ("self",) or source.startswith("hf:"):
+        return
+    from pathlib import Path as _Path
+
+    from ..data.guard import check_not_eval_data
+
+    if not _Path(source).expanduser().is_file():
+        raise LayerfoldError(f"--train-data {source}: no such file")
+    check_not_eval_data(source, "replacement training")
+
+
+@dataclass
+class TrainingText:
+    """The replacement's training rows and, after them, its validation rows (one text)."""
+
+    ids: torch.Tensor  # [train + val, seq_len]
+    val: int  # the last ``val`` rows validate
+    source: str = "given"
+
+    @property
+    def train(self) -> int:
+        return self.ids.shape[0] - self.val
+
+    @classmethod
+    def split(cls, ids: torch.Tensor, val_rows: int, source: str = "given") -> "TrainingText":
+        """``ids`` with its last rows held out: ``val_rows`` of them, at most a tenth (at least one)."""
+        n = ids.shape[0]
+        if n < 2:
+            raise LayerfoldError("LLM-Streamline needs at least 2 training sequences (one for validation)")
+        return cls(ids, min(val_rows, max(1, n // 10)), source)
+
+
+def training_text(opts: StreamlineOptions, loaded, calibration: torch.Tensor | None = None, *,
+                  progress: bool = True) -> TrainingText:
+    """The training text of ``opts``: ``train_tokens`` tokens of rows plus ``val_rows`` rows,
+    written by / read for the original ``loaded`` (before any surgery)."""
+    from dataclasses import replace as _replace
+
+    from ..data.calibration import load_calibration
+
+    if opts.data.source == FROM_CALIBRATION:
+        if calibration is None:
+            raise LayerfoldError(f"--train-data {FROM_CALIBRATION} needs the calibration text")
+        return TrainingText.split(calibration, opts.val_rows, FROM_CALIBRATION)
+    seq = opts.data.seq_len
+    train = max(1, math.ceil(opts.train_tokens / seq))
+    ids = load_calibration(_replace(opts.data, samples=train + opts.val_rows), loaded, progress=progress)
+    if ids.shape[0] < train + opts.val_rows:  # a short file: hold out a tenth of what there is
+        return TrainingText.split(ids, opts.val_rows, opts.data.source)
+    return TrainingText(ids, opts.val_rows, opts.data.source)
 
 
 @dataclass
@@ -128,7 +230,7 @@ class StreamlineResult:
     pair_tokens: int = 0
     pair_bytes: int = 0
     seconds: dict[str, float] = field(default_factory=dict)
-
+    training: dict = field(default_factory=dict)  # text, rows, batch, steps, tokens, validation curve
 
 # -- 1. the block ----------------------------------------------------------------------
 
@@ -202,52 +304,68 @@ def collect_pairs(
         raise RuntimeError(f"collected {written[0]} of {ids.shape[0]} sequences")
 
 
-def split_rows(samples: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """A fixed random validation split of sequence rows (at least one of each)."""
-    if samples < 2:
-        raise LayerfoldError("LLM-Streamline needs at least 2 calibration sequences (one for validation)")
-    g = torch.Generator().manual_seed(seed)
-    order = torch.randperm(samples, generator=g).tolist()
-    n_val = min(samples - 1, max(1, round(val_fraction * samples)))
-    return sorted(order[n_val:]), sorted(order[:n_val])
+def _validation(objective: Objective, rows: Sequence[int], curve: list[dict]) -> Callable[[], float]:
+    """The mean loss over the validation rows, one row at a time so that its standard error
+    (between rows) goes into ``curve`` beside it: it says which differences the best-state
+    choice can see."""
+    rows = list(rows)
+
+    def validate() -> float:
+        values = torch.tensor([objective([r], contextlib.nullcontext())[0].item() for r in rows], dtype=torch.float64)
+        se = float(values.std() / math.sqrt(len(rows))) if len(rows) > 1 else float("nan")
+        curve.append({"mean": float(values.mean()), "se": se})
+        return float(values.mean())
+
+    return validate
 
 
-def _total_steps(n_train_rows: int, seq_len: int, opts: StreamlineOptions) -> int:
-    per_step = opts.batch_size * opts.grad_accum
-    if opts.train_tokens is not None:
-        return max(1, math.ceil(opts.train_tokens / (per_step * seq_len)))
-    return max(1, math.ceil(opts.epochs * math.ceil(n_train_rows / per_step)))
-
-
-def _run(module, objective, opts: StreamlineOptions, rows: int, seq_len: int, *, log_path, progress,
-         checkpoints: Checkpoints | None, best_state_dir=None, trainable=None) -> TrainResult:
-    """Replacement training through the project's loop: validation on held-out rows, the best
-    validation state kept, and the run described at the head of its log."""
-    train_rows, val_rows = split_rows(rows, opts.val_fraction, opts.seed)
-    steps = _total_steps(len(train_rows), seq_len, opts)
-    config = opts.train_config(steps, log_file=str(log_path) if log_path else None, progress=progress,
+def _run(module, objective, opts: StreamlineOptions, text: TrainingText, *, log_path, progress,
+         checkpoints: Checkpoints | None, best_state_dir=None, trainable=None) -> tuple[TrainResult, dict]:
+    """Replacement training through the project's loop: the training rows at the official
+    batch (where the budget allows), the best state on the validation rows kept; what was run
+    is described at the head of the log and returned for the record."""
+    train_rows = list(range(text.train))
+    val_rows = list(range(text.train, text.train + text.val))
+    micro, accum = opts.batches(text.train)
+    steps = max(1, math.ceil(opts.epochs * text.train / (micro * accum)))
+    config = opts.train_config(steps, micro, accum, log_file=str(log_path) if log_path else None, progress=progress,
                                desc=f"training replacement ({opts.loss})", **(checkpoints or Checkpoints()).settings())
-    header = {"replacement": opts.replacement, "loss": opts.loss, **config.result_fields(),
-              "total_steps": steps, "train_rows": len(train_rows), "val_rows": len(val_rows)}
-    return fit(module, objective, config, rows=train_rows, trainable=trainable,
-               validate=mean_loss(objective, val_rows, opts.batch_size), best_state_dir=best_state_dir,
-               log_header=header)
+    seq_len = text.ids.shape[1]
+    training = {"source": text.source, "train_rows": text.train, "val_rows": text.val, "seq_len": seq_len,
+                "train_tokens": text.train * seq_len, "micro_batch": micro, "grad_accum": accum,
+                "batch": micro * accum, "steps": steps, "tokens_seen": steps * micro * accum * seq_len}
+    header = {"replacement": opts.replacement, "loss": opts.loss, "init": opts.init, **training,
+              **config.result_fields()}
+    curve: list[dict] = []
+    result = fit(module, objective, config, rows=train_rows, trainable=trainable,
+                 validate=_validation(objective, val_rows, curve), best_state_dir=best_state_dir, log_header=header)
+    vals = [r for r in result.history if r.get("event") == "val"]
+    if len(vals) == len(curve):  # a resumed run validated only its own part: no standard errors then
+        training["validation"] = [{"step": r["step"], "loss": r["val_loss"], "se": c["se"]}
+                                  for r, c in zip(vals, curve)]
+    else:
+        training["validation"] = [{"step": r["step"], "loss": r["val_loss"]} for r in vals]
+    training.update(best_step=result.best_step, first_val=result.first_val, best_val=result.best_val)
+    return result, training
 
 
 # -- 3. MSE on cached pairs ------------------------------------------------------------
 
 
 class PairRegression(Objective):
-    """MSE between the module at layer ``index`` applied to stored block inputs and the stored
-    block outputs (optionally both RMS-normalised per token)."""
+    """The module at layer ``index`` applied to stored block inputs against the stored block
+    outputs: MSE (the paper), MSE of both RMS-normalised per token (``mse-normed``), or
+    1 - cos per token (``cosine``: direction only, ReplaceMe's observation)."""
 
-    def __init__(self, model: nn.Module, arch: Architecture, index: int, store: PairStore, normed: bool):
-        self.model, self.arch, self.index, self.store, self.normed = model, arch, index, store, normed
+    def __init__(self, model: nn.Module, arch: Architecture, index: int, store: PairStore, loss: str = "mse"):
+        if loss not in PAIR_LOSSES:
+            raise LayerfoldError(f"pair loss must be one of {', '.join(PAIR_LOSSES)} (got {loss!r})")
+        self.model, self.arch, self.index, self.store, self.loss = model, arch, index, store, loss
         self.layer = decoder_layers(model, arch)[index]
         first = next(self.layer.parameters())
         self.device, self.dtype = first.device, first.dtype
         self.tokens_per_row = store.seq_len
-        self.name = "mse-normed" if normed else "mse"
+        self.name = loss
         self._calls: dict[tuple, dict] = {}
 
     def __call__(self, rows, autocast):
@@ -260,24 +378,28 @@ class PairRegression(Objective):
         with autocast:
             pred = run_layer(self.layer, x.to(self.device, self.dtype), self._calls[ids.shape])
         pred, y = pred.float(), y.to(self.device)
-        if self.normed:
-            pred, y = _rms_normalize(pred), _rms_normalize(y)
-        loss = F.mse_loss(pred, y)
+        if self.loss == "cosine":
+            loss = 1 - F.cosine_similarity(pred, y, dim=-1).mean()
+        else:
+            if self.loss == "mse-normed":
+                pred, y = _rms_normalize(pred), _rms_normalize(y)
+            loss = F.mse_loss(pred, y)
         return loss, {self.name: loss}
 
     def describe(self) -> dict:
         return {"kind": "pairs", "rows": self.store.samples, "seq_len": self.store.seq_len,
-                "dtype": self.store.dtype, "index": self.index, "normed": self.normed}
+                "dtype": self.store.dtype, "index": self.index, "loss": self.loss}
 
 
-def train_mse(
-    model: nn.Module, arch: Architecture, index: int, store: PairStore, opts: StreamlineOptions,
+def train_pairs(
+    model: nn.Module, arch: Architecture, index: int, store: PairStore, text: TrainingText, opts: StreamlineOptions,
     *, log_path: Path | None = None, progress: bool = True, checkpoints: Checkpoints | None = None,
-) -> TrainResult:
-    """Train the module at layer ``index`` of ``model`` to map stored block inputs to outputs."""
-    objective = PairRegression(model, arch, index, store, normed=opts.loss == "mse-normed")
-    return _run(objective.layer, objective, opts, store.samples, store.seq_len, log_path=log_path,
-                progress=progress, checkpoints=checkpoints, best_state_dir=store.folder)  # beside the pairs
+) -> tuple[TrainResult, dict]:
+    """Train the module at layer ``index`` of ``model`` to map stored block inputs to outputs
+    (``store`` holds the pairs of ``text``'s rows, validation rows last)."""
+    objective = PairRegression(model, arch, index, store, opts.loss)
+    return _run(objective.layer, objective, opts, text, log_path=log_path, progress=progress,
+                checkpoints=checkpoints, best_state_dir=store.folder)  # beside the pairs
 
 
 def _rms_normalize(h: torch.Tensor) -> torch.Tensor:
@@ -288,10 +410,10 @@ def _rms_normalize(h: torch.Tensor) -> torch.Tensor:
 
 
 def train_in_place(
-    model: nn.Module, arch: Architecture, index: int, ids: torch.Tensor, opts: StreamlineOptions,
+    model: nn.Module, arch: Architecture, index: int, text: TrainingText, opts: StreamlineOptions,
     *, teacher: nn.Module | None = None, log_path: Path | None = None, progress: bool = True,
     checkpoints: Checkpoints | None = None,
-) -> TrainResult:
+) -> tuple[TrainResult, dict]:
     """Train only layer ``index`` of the pruned ``model`` with the next-token loss, or with KL
     to ``teacher``'s logits when a teacher is given. Every other weight stays frozen."""
     replacement = decoder_layers(model, arch)[index]
@@ -300,10 +422,9 @@ def train_in_place(
     for p in frozen:
         p.requires_grad_(False)
     losses = [NextTokenLoss()] if teacher is None else [LogitKL()]
-    objective = Distillation(model, ids, losses, teacher=teacher, arch=arch)
+    objective = Distillation(model, text.ids, losses, teacher=teacher, arch=arch)
     try:
-        return _run(replacement, objective, opts, ids.shape[0], ids.shape[1], log_path=log_path,
-                    progress=progress, checkpoints=checkpoints)
+        return _run(replacement, objective, opts, text, log_path=log_path, progress=progress, checkpoints=checkpoints)
     finally:
         for p in frozen:
             p.requires_grad_(True)
@@ -312,18 +433,25 @@ def train_in_place(
 # -- the whole method ------------------------------------------------------------------
 
 
-def check_block(spec: ReplacementSpec, start: int) -> None:
-    """What a block choice must satisfy for the replacement (checked when planning)."""
-    if spec.kind == "ffn" and start == 0:
-        # the KV cache reads the sequence length from layer 0, which a plain FFN never fills
-        raise LayerfoldError("the chosen block starts at layer 0, where a plain FFN breaks generation "
-                             "with the KV cache; use --replacement swiglu or layer")
+def check_block(spec: ReplacementSpec, start: int, config, arch: Architecture) -> None:
+    """What a block choice must satisfy for the replacement (checked when planning).
+
+    A plain FFN keeps no KV cache; transformers reads the cached length and each attention
+    type's mask geometry from the first layer of that type, so the FFN must not take one of
+    those slots (layers before the block are unchanged, so the slot's anchors are the original's).
+    """
+    if spec.kind != "ffn":
+        return
+    anchors = {i: kind for kind, i in cache_anchor_layers(config, arch).items()}
+    if start in anchors:
+        raise LayerfoldError(f"the chosen block starts at layer {start}, the first {anchors[start]} layer, where a "
+                             "plain FFN breaks generation with the KV cache; use --replacement swiglu or layer")
 
 
 def streamline(
     model: nn.Module,
     arch: Architecture,
-    ids: torch.Tensor,
+    ids: torch.Tensor | TrainingText,
     scores: LayerScores,
     opts: StreamlineOptions,
     *,
@@ -337,25 +465,36 @@ def streamline(
     checkpoints: Checkpoints | None = None,
 ) -> StreamlineResult:
     """Replace the most redundant block of ``model`` (in place) by a trained replacement: steps
-    1-5 of the module docstring.
+    1-5 of the module docstring. ``scores`` (from the calibration text) choose the block;
+    ``ids`` is the training text (:func:`training_text`; a plain tensor has its last tenth,
+    at most ``opts.val_rows`` rows, held out for validation).
 
-    ``store``: training pairs already collected for this block (reused, e.g. to train several
-    replacements of one block); by default they are collected into ``work_dir`` and deleted.
-    ``checkpoints``: where the replacement's training checkpoints (and resumes from).
+    ``store``: training pairs already collected for this block and text (reused, e.g. to
+    train several replacements of one block); by default they are collected into ``work_dir``
+    and deleted. ``checkpoints``: where the replacement's training checkpoints (and resumes from).
     """
     opts.validate()
     window = block_window(decoder_parameters(model, arch), replacement_size(model, arch, opts.spec), remove, sparsity)
     start = choose_block(scores, window)
-    check_block(opts.spec, start)
+    check_block(opts.spec, start, model.config, arch)
     return replace_and_train(model, arch, ids, start, window, opts, block_cosine=scores.cosine[start][window],
                              work_dir=work_dir, log_path=log_path, progress=progress, batch_size=batch_size,
                              store=store, checkpoints=checkpoints)
 
 
+def init_layer(opts: StreamlineOptions, start: int, window: int, config, arch: Architecture) -> int:
+    """The original layer a decoder-layer replacement starts as: the block's first, or its last
+    layer of the slot's attention type (a sliding-window layer cannot become a full one)."""
+    if opts.init == "first" or opts.spec.kind not in ("layer", "swiglu"):
+        return start
+    types = attention_types(config, arch)
+    return max(i for i in range(start, start + window) if types[i] == types[start])
+
+
 def replace_and_train(
     model: nn.Module,
     arch: Architecture,
-    ids: torch.Tensor,
+    ids: torch.Tensor | TrainingText,
     start: int,
     window: int,
     opts: StreamlineOptions,
@@ -368,9 +507,12 @@ def replace_and_train(
     store: PairStore | None = None,
     checkpoints: Checkpoints | None = None,
 ) -> StreamlineResult:
-    """Steps 2-5 for the block ``start .. start+window-1``: collect its pairs, put the
-    replacement in its first slot, train it."""
+    """Steps 2-5 for the block ``start .. start+window-1``: collect its pairs on the training
+    text ``ids`` (see :func:`streamline`), put the replacement in its first slot, train it."""
     opts.validate()
+    check_block(opts.spec, start, model.config, arch)
+    source = init_layer(opts, start, window, model.config, arch)
+    text = ids if isinstance(ids, TrainingText) else TrainingText.split(ids, opts.val_rows)
     seconds: dict[str, float] = {}
     spec = opts.spec
     removed = list(range(start + 1, start + window)) if window > 1 else []
@@ -388,17 +530,18 @@ def replace_and_train(
             p.requires_grad_(False)
 
     own_store = store is None
-    if store is not None and (store.samples, store.seq_len) != tuple(ids.shape):
-        raise LayerfoldError("the given training pairs do not match the calibration ids")
+    if store is not None and (store.samples, store.seq_len) != tuple(text.ids.shape):
+        raise LayerfoldError("the given training pairs do not match the training text")
     if own_store and spec.trainable and opts.loss in PAIR_LOSSES:
         t = time.perf_counter()
-        store = PairStore(work_dir / "pairs", ids.shape[0], ids.shape[1], model.config.hidden_size, opts.pair_dtype)
-        collect_pairs(model, arch, ids, start, window, store, batch_size=batch_size, progress=progress)
+        store = PairStore(work_dir / "pairs", text.ids.shape[0], text.ids.shape[1], model.config.hidden_size,
+                          opts.pair_dtype)
+        collect_pairs(model, arch, text.ids, start, window, store, batch_size=batch_size, progress=progress)
         seconds["pairs"] = time.perf_counter() - t
 
-    # a layer-streamed model reads the block's first layer from disk (the pair pass released it)
-    replacement = build_replacement(weights.acquire(start), model.config, arch, spec)
-    weights.release(start)  # the replacement is a copy; a streamed model drops the original again
+    # a layer-streamed model reads the layer from disk (the pair pass released it)
+    replacement = build_replacement(weights.acquire(source), model.config, arch, spec)
+    weights.release(source)  # the replacement is a copy; a streamed model drops the original again
     for p in model.parameters():
         p.requires_grad_(False)
     # build_replacement set the replacement's own trainable flags; the rest of the model is frozen
@@ -406,17 +549,17 @@ def replace_and_train(
     n_layers = len(decoder_layers(model, arch)) + window - 1
     layer_map = LayerMap.replacement(n_layers, start, window, keeps_first=spec.kind == "none")
 
-    result_fit = None
+    result_fit, training = None, {}
     if spec.trainable:
         t = time.perf_counter()
         try:
             if opts.loss in PAIR_LOSSES:
                 weights.park_input_embeddings()  # training reads cached pairs: no pass needs them now
-                result_fit = train_mse(model, arch, start, store, opts, log_path=log_path, progress=progress,
-                                       checkpoints=checkpoints)
+                result_fit, training = train_pairs(model, arch, start, store, text, opts, log_path=log_path,
+                                                   progress=progress, checkpoints=checkpoints)
             else:
-                result_fit = train_in_place(model, arch, start, ids, opts, teacher=teacher,
-                                            log_path=log_path, progress=progress, checkpoints=checkpoints)
+                result_fit, training = train_in_place(model, arch, start, text, opts, teacher=teacher,
+                                                      log_path=log_path, progress=progress, checkpoints=checkpoints)
         finally:
             seconds["train"] = time.perf_counter() - t
         return_freed_memory()  # the optimiser's state is gone; saving comes next
@@ -430,10 +573,10 @@ def replace_and_train(
         start=start, window=window, removed=removed, layer_map=layer_map,
         replacement_params=count_parameters(decoder_layers(model, arch)[start]),
         block_cosine=block_cosine, fit=result_fit,
-        pair_tokens=store.tokens if store else 0, pair_bytes=pair_bytes, seconds=seconds,
+        pair_tokens=store.tokens if store else 0, pair_bytes=pair_bytes, seconds=seconds, training=training,
     )
 
 
-__all__ = ["LOSSES", "REPLACEMENTS", "StreamlineOptions", "StreamlineResult", "streamline", "replace_and_train",
-           "block_window", "choose_block", "check_block", "collect_pairs", "train_mse", "train_in_place",
-           "PairRegression"]
+__all__ = ["LOSSES", "PAIR_LOSSES", "INITS", "REPLACEMENTS", "StreamlineOptions", "StreamlineResult", "TrainingText",
+           "training_text", "streamline", "replace_and_train", "block_window", "choose_block", "check_block",
+           "init_layer", "collect_pairs", "train_pairs", "train_in_place", "PairRegression"]

@@ -18,11 +18,13 @@ def model_card(
     layers_before: int,
     summary: str = "",
     recipe_yaml: str | None = None,
+    outputs: list[str] | None = None,
 ) -> str:
     """The model card: what was done, the command and the recipe that do it again, the layer map.
 
     ``recipe`` is what was done (layers removed, replacements, groups...); ``recipe_yaml`` the
-    options that made it (``recipe.yaml``), when the model came from a recipe.
+    options that made it (``recipe.yaml``), when the model came from a recipe; ``outputs`` the
+    files written and the tools each was checked with.
     """
     removed = sorted(set(range(layers_before)) - {i for i in layer_map if i is not None})
     rows = "\n".join(
@@ -60,6 +62,8 @@ def model_card(
             *(["## Recipe", "",
                "`layerfold run recipe.yaml -o OUT` builds this model again (the file is in this folder):", "",
                "```yaml", recipe_yaml.rstrip("\n"), "```", ""] if recipe_yaml else []),
+            *(["## Outputs and how each was checked", "", *[f"- {line}" for line in outputs], ""]
+              if outputs else []),
             "## What was done",
             "",
             "```json",

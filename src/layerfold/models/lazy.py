@@ -110,6 +110,13 @@ class LayerWeights:
         layer.load_state_dict(state, strict=True, assign=True)
         return layer
 
+    def keep(self, index: int) -> None:
+        """Keep layer ``index`` in memory from now on (after ``acquire``): its weights were
+        changed in place, so the checkpoint no longer holds them; saving writes these."""
+        layer = decoder_layers(self.model, self.arch)[index]
+        if hasattr(layer, ORIGIN_ATTR):
+            delattr(layer, ORIGIN_ATTR)
+
     def release(self, index: int) -> None:
         layer = decoder_layers(self.model, self.arch)[index]
         if self.source is not None and getattr(layer, ORIGIN_ATTR, None) is not None:

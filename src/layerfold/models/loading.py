@@ -300,9 +300,27 @@ def load_model(
     if getattr(model, "_layerfold_weights", None) is None and not is_dispatched(model):
         model.to(dev)
     model.eval()
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    check_finite(model, name)
+    _pad_token(tokenizer, name)
     return LoadedModel(model, tokenizer, arch, name, base_model, local_dir)
+
+
+@torch.no_grad()
+def check_finite(model: torch.nn.Module, name: str) -> None:
+    """Weights in memory that hold NaN or infinity are refused at once (layers still on disk
+    are checked by the calibration pass, which sees their outputs)."""
+    for pname, p in model.named_parameters():
+        if p.device.type != "meta" and p.is_floating_point() and not torch.isfinite(p).all():
+            raise LayerfoldError(f"{name}: the weights hold NaN or infinite values ({pname}); the model file is broken")
+
+
+def _pad_token(tokenizer, name: str) -> None:
+    """Batches are padded: a tokenizer without a pad token pads with its end-of-text token."""
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token is None:
+            raise LayerfoldError(f"{name}: the tokenizer has neither a pad nor an end-of-text token; "
+                                 "set pad_token in tokenizer_config.json")
+        tokenizer.pad_token = tokenizer.eos_token
 
 
 def model_skeleton(
@@ -358,8 +376,8 @@ def _load_shared(folder: Path, name: str, torch_dtype, dev) -> LoadedModel:
     tie_parameters(model, mapping)
     model.to(dev)
     model.eval()
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    check_finite(model, name)
+    _pad_token(tokenizer, name)
     return LoadedModel(model, tokenizer, arch, name, str(folder), folder)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..errors import LayerfoldError
+from ..errors import LayerfoldError, RuntimeFailure
 
 if TYPE_CHECKING:
     from .loading import LoadedModel
@@ -41,9 +42,18 @@ class OutputOptions:
                 "weight at all", "flag": "--dry-run"})
 
 
+def default_output_name(source: str, method: str, n_remove: int) -> str:
+    """``./<model>-<method>-minus<N>``: the model's name without folders or ``.gguf``."""
+    name = source.split(":", 1)[1] if source.startswith("embedded:") else Path(source.rstrip("/")).name
+    name = re.sub(r"\.gguf$", "", name, flags=re.I)
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-") or "model"
+    return f"{name}-{method}-minus{n_remove}"
+
+
 def check_output_dir(out: Path, force: bool, protect: Path | None = None) -> None:
     """Refuse an existing non-empty folder unless ``force``; never overwrite the input."""
     out = Path(out).expanduser()
+    sweep_stale(out)
     if protect is not None:
         p, o = Path(protect).resolve(), out.resolve()
         if o == p or p.is_relative_to(o) or o.is_relative_to(p):
@@ -60,9 +70,40 @@ def check_output_dir(out: Path, force: bool, protect: Path | None = None) -> Non
             raise LayerfoldError(f"{out}: cannot create the parent folder ({e.strerror})") from None
 
 
-def write_atomically(out: Path, force: bool, write: Callable[[Path], None]) -> Path:
-    """Call ``write(tmp)`` on a fresh temporary folder beside ``out``, then move it into place."""
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
+
+
+def sweep_stale(out: Path) -> list[Path]:
+    """Remove the temporary folders a killed run (SIGKILL, power loss) left beside ``out``:
+    ``.OUT.tmp-PID`` and ``.OUT.old-PID`` of processes that no longer exist. Returns them."""
     out = Path(out).expanduser().resolve()
+    swept = []
+    if not out.parent.is_dir():
+        return swept
+    candidates = [(p, *p.name[len(out.name) + 2:].rpartition("-")[::2]) for p in out.parent.glob(f".{out.name}.*-*")]
+    # the work folders of LLM-Streamline's pairs: .layerfold-METHOD-PID-XXXX
+    candidates += [(p, "work", p.name.split("-")[-2]) for p in out.parent.glob(".layerfold-*-*-*")]
+    for p, kind, pid in candidates:
+        if kind in ("tmp", "old", "work") and pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+            swept.append(p)
+    return swept
+
+
+def write_atomically(out: Path, force: bool, write: Callable[[Path], None]) -> Path:
+    """Call ``write(tmp)`` on a fresh temporary folder beside ``out``, then move it into place.
+
+    A failure or an interrupt (Ctrl-C, SIGTERM) removes the temporary folder; what a SIGKILL
+    leaves behind is swept by the next run on the same output (:func:`sweep_stale`)."""
+    out = Path(out).expanduser().resolve()
+    sweep_stale(out)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
@@ -81,8 +122,8 @@ def write_atomically(out: Path, force: bool, write: Callable[[Path], None]) -> P
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if e.errno == errno.ENOSPC:
-            raise LayerfoldError(f"{out}: no space left on device; nothing was written") from None
-        raise LayerfoldError(f"{out}: cannot write ({e.strerror or e}); nothing was written") from None
+            raise RuntimeFailure(f"{out}: no space left on device while saving; nothing was written") from None
+        raise RuntimeFailure(f"{out}: cannot write ({e.strerror or e}); nothing was written") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -98,11 +139,13 @@ def save_model_folder(
     max_shard_size: str = "2GB",
     force: bool = False,
     state_dict: dict | None = None,
+    finish: Callable[[Path], None] | None = None,
 ) -> Path:
     """Save weights (sharded safetensors with index), configs, tokenizer and a model card.
 
     ``state_dict`` overrides the weights written (e.g. shared tensors stored once);
-    ``extra_files`` are written last, so they may replace a generated file such as config.json.
+    ``extra_files`` are written last, so they may replace a generated file such as config.json;
+    then ``finish(tmp)`` may add more to the temporary folder before it is renamed into place.
     """
     check_output_dir(out, force, protect=loaded.local_dir)
 
@@ -128,6 +171,8 @@ def save_model_folder(
                 path.write_bytes(content)
             else:
                 path.write_text(content, encoding="utf-8")
+        if finish is not None:
+            finish(tmp)
 
     return write_atomically(out, force, write)
 

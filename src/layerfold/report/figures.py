@@ -125,11 +125,22 @@ def layer_map_figure(record: dict) -> bytes | None:
     return _png(fig)
 
 
-def before_after_figure(before: dict, after: dict) -> bytes | None:
-    """Accuracy per task, perplexity, size and speed; after as a share of before."""
+def before_after_figure(before: dict, after: dict, speed: dict | None = None) -> bytes | None:
+    """Accuracy per task, and every other figure after as a share of before. Speeds timed in
+    alternation (``speed``: ``Cost.speed_vs_reference``) show the median of their per-round
+    ratios with its range as an error bar, and are left out when too noisy to quote."""
+    speed = speed or {}
     keys = [k for k in before if after.get(k) is not None and before[k] is not None and "stability" not in k]
-    acc = [k for k in keys if k.endswith("/acc") or k.endswith("/acc_norm")]
+    acc = [k for k in keys if k.endswith("/acc") or k.endswith("/acc_norm") or k == "heldout/top1"]
     rest = [k for k in keys if k not in acc and before[k]]
+    ratio_of = {}
+    for k in list(rest):
+        if k.endswith("_tokens_per_s") and k.split("/")[-1].split("_")[0] in speed:
+            c = speed[k.split("/")[-1].split("_")[0]]
+            if c["noisy"]:
+                rest.remove(k)
+            else:
+                ratio_of[k] = c
     if not acc and not rest:
         return None
     plt = _plt()
@@ -142,22 +153,55 @@ def before_after_figure(before: dict, after: dict) -> bytes | None:
         ax.set_yticks(list(y))
         ax.set_yticklabels(acc, fontsize=8)
         ax.invert_yaxis()
-        ax.set_xlabel("accuracy")
+        ax.set_xlabel("accuracy / agreement")
         ax.legend(fontsize=8)
     else:
         axes[0, 0].axis("off")
     if rest:
         ax = axes[0, 1]
-        share = [100 * after[k] / before[k] for k in rest]
-        ax.barh(range(len(rest)), share, color=[REMOVED if s > 100 and ("ppl" in k or "perplexity" in k) else KEPT
-                                                 for s, k in zip(share, rest)])
+        share = [100 * ratio_of[k]["ratio"] if k in ratio_of else 100 * after[k] / before[k] for k in rest]
+        err = [[100 * (ratio_of[k]["ratio"] - ratio_of[k]["low"]) if k in ratio_of else 0 for k in rest],
+               [100 * (ratio_of[k]["high"] - ratio_of[k]["ratio"]) if k in ratio_of else 0 for k in rest]]
+        ax.barh(range(len(rest)), share, xerr=err, capsize=3,
+                color=[REMOVED if s > 100 and ("ppl" in k or "perplexity" in k) else KEPT for s, k in zip(share, rest)])
         ax.axvline(100, color="black", lw=0.8)
         ax.set_yticks(range(len(rest)))
-        ax.set_yticklabels(rest, fontsize=8)
+        ax.set_yticklabels([k + (" (alternating)" if k in ratio_of else "") for k in rest], fontsize=8)
         ax.invert_yaxis()
-        ax.set_xlabel("after, % of before")
+        ax.set_xlabel("after, % of before (speed: median of alternating rounds, bar = range)")
         for i, s in enumerate(share):
             ax.text(s, i, f" {s:.0f}%", va="center", fontsize=7)
     else:
         axes[0, 1].axis("off")
+    return _png(fig)
+
+
+def healing_figure(record: dict) -> bytes | None:
+    """The healing loss, and the held-out KL and top-1 agreement if measured, against tokens."""
+    curve = record.get("heal_curve") or []
+    losses = [(c["tokens"], c["loss"]) for c in curve if c.get("loss") is not None]
+    fits = [(c["tokens"], c["heldout"]) for c in curve if c.get("heldout")]
+    if not losses:
+        return None
+    plt = _plt()
+    panels = 2 if fits else 1
+    fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 3.4), squeeze=False)
+    ax = axes[0, 0]
+    ax.plot([t for t, _ in losses], [v for _, v in losses], marker=".", color=KEPT)
+    ax.set_xlabel("healing tokens")
+    ax.set_ylabel("training loss")
+    ax.set_title("healing loss per step", fontsize=9, loc="left")
+    ax.grid(alpha=0.3)
+    if fits:
+        ax = axes[0, 1]
+        xs = [t for t, _ in fits]
+        ax.plot(xs, [f["kl"] for _, f in fits], marker="o", color=REMOVED, label="KL to the original")
+        ax.set_xlabel("healing tokens")
+        ax.set_ylabel("held-out KL", color=REMOVED)
+        ax.grid(alpha=0.3)
+        ax2 = ax.twinx()
+        ax2.plot(xs, [100 * f["top1"] for _, f in fits], marker="s", color=SHARED, label="top-1 agreement")
+        ax2.set_ylabel("held-out top-1 agreement (%)", color=SHARED)
+        ax.set_title("held-out rows (0 tokens: pruned, before healing)", fontsize=9, loc="left")
+    fig.tight_layout()
     return _png(fig)

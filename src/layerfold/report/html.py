@@ -29,7 +29,7 @@ def _esc(x) -> str:
 
 
 def _comparison_table(before, after) -> str:
-    from .tables import _metric_rows, format_value
+    from .tables import _metric_rows, format_value, share_text
 
     results = [r for r in (before, after) if r is not None]
     rows = _metric_rows(results)
@@ -45,10 +45,28 @@ def _comparison_table(before, after) -> str:
             cells.append(f"<td>{_esc(format_value(key, b))}</td>")
         if after:
             cells.append(f"<td>{_esc(format_value(key, a))}</td>")
-            share = f"{100 * a / b:.1f}%" if a is not None and b not in (None, 0) and "stability" not in key else ""
-            cells.append(f"<td>{share}</td>")
+            cells.append(f"<td>{_esc(share_text(key, a, b, after))}</td>")
         body.append("<tr>" + "".join(cells) + "</tr>")
     return f"<table>{head}{''.join(body)}</table>"
+
+
+def _notes(before, after) -> list[str]:
+    """What the figures of the table mean: only those it shows."""
+    from .tables import _metric_rows, notes
+
+    results = [r for r in (before, after) if r is not None]
+    rows = _metric_rows(results)
+    keys = {k for k, _ in rows}
+    text = []
+    if any(k.endswith("/acc") or k.endswith("/acc_norm") for k in keys):
+        text.append("acc: the choice with the highest summed log-likelihood; acc_norm: per character "
+                    "(lm-evaluation-harness).")
+    text += notes(rows, results, "before")[1:] if after is not None else []
+    if any(k.startswith("ppl/") for k in keys):
+        text.append("Perplexity of a text: fixed window, tokens scored in brackets.")
+    if "cost/peak_memory_bytes" in keys:
+        text.append("Peak memory: the weights plus what running them at batch 1 added to the process.")
+    return text
 
 
 _CSS = """
@@ -80,7 +98,9 @@ def write_report(out_dir: str | os.PathLike, record: dict, eval_before=None, eva
         "block_similarity": figures.block_heatmap(record),
     }
     if before and after:
-        pngs["before_after"] = figures.before_after_figure(before.summary(), after.summary())
+        pngs["before_after"] = figures.before_after_figure(before.summary(), after.summary(),
+                                                           (after.cost.speed_vs_reference if after.cost else None))
+    pngs["healing"] = figures.healing_figure(record)
     pngs = {k: v for k, v in pngs.items() if v}
     (out / "figures").mkdir(parents=True, exist_ok=True)
     for name, data in pngs.items():
@@ -112,23 +132,37 @@ def write_report(out_dir: str | os.PathLike, record: dict, eval_before=None, eva
     if recipe.get("removed_layers") is not None:
         parts.append(f"<tr><td>removed layers</td><td>{_esc(', '.join(map(str, recipe['removed_layers'])))}</td></tr>")
     parts.append("</table>")
+    auto = record.get("auto")
+    if auto:
+        parts.append(f"<h2>Plan search</h2><p>{len(auto['table'])} candidate plans scored by KL to the original on "
+                     f"{auto['heldout_rows']} held-out rows; built: <b>{_esc(auto['chosen'])}</b>.</p>")
+        rows = "".join(
+            f"<tr><td>{_esc(r['plan'])}</td><td>{r['kl']:.4f}</td><td>{r['top1']:.3f}</td><td>{r['ppl']:.2f}</td>"
+            f"<td>{_esc(','.join(map(str, r['removed'])))}</td></tr>" if "kl" in r else
+            f"<tr><td>{_esc(r['plan'])}</td><td colspan='4'>refused: {_esc(r['refused'])}</td></tr>"
+            for r in auto["table"])
+        parts.append("<table><tr><th>plan</th><th>held-out KL</th><th>top-1</th><th>held-out ppl</th>"
+                     f"<th>removed</th></tr>{rows}</table>")
     parts.append("<h2>Which layers</h2>" + img("layer_map", "kept and removed layers"))
     parts.append("<p class='note'>Layer map, new &larr; old: " + _esc(", ".join(
         f"{i}&larr;{o}" if o is not None else f"{i}&larr;new" for i, o in enumerate(layer_map))).replace(
         "&amp;larr;", "&larr;") + "</p>")
     if before or after:
         parts.append("<h2>Before and after</h2>" + _comparison_table(before, after))
-        parts.append("<p class='note'>acc: the choice with the highest summed log-likelihood; acc_norm: per "
-                     "character (lm-evaluation-harness). Stability: agreement of right and wrong answers with the "
-                     "original, weighted by the original's confidence (softmax of the spread of its choice scores); "
-                     "1 means no answer changed. Perplexity: fixed window, tokens scored in brackets. Speed: batch 1 "
-                     "on this machine; peak memory: process resident set during the speed test.</p>")
+        parts.append("<p class='note'>" + _esc(" ".join(_notes(before, after))) + "</p>")
         if before and before.settings.get("limit"):
             parts.append(f"<p class='note'>Tasks limited to their first {before.settings['limit']} examples.</p>")
         parts.append(img("before_after", "before and after"))
     else:
         parts.append("<p class='note'>No evaluation was run (pass <code>--eval-tasks</code> to compress, or use "
                      "<code>layerfold eval</code>).</p>")
+    if "healing" in pngs:
+        heal = record.get("heal") or {}
+        parts.append("<h2>Healing</h2>" + img("healing", "healing loss and held-out fit against tokens"))
+        parts.append(f"<p class='note'>{_esc(heal.get('trainable', ''))}; {heal.get('tokens', 0):,} tokens in "
+                     f"{heal.get('steps', '?')} steps. Loss: the training loss of each step (the healing recipe's "
+                     "mix of KL to the original, next-token and hidden-state losses). Held-out: the fit to the "
+                     "original on the held-out rows, measured before healing (0 tokens) and along the way.</p>")
     if "importance" in pngs or "block_similarity" in pngs:
         parts.append("<h2>Layer importance</h2>" + img("importance", "per-layer importance"))
         parts.append(img("block_similarity", "block similarity heatmap"))

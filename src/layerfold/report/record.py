@@ -24,19 +24,27 @@ def evaluation_table(before, after, limit: int | None) -> str:
         o, c = before.tasks[name].metrics, task.metrics
         if "acc" in o and "stability" in c:
             rows.append(f"| {name} | {o['acc']:.3f} | {c['acc']:.3f} | {c['stability']:.3f} |")
-    if len(rows) == 2:
-        return ""
-    scope = f"first {limit} examples of each task" if limit else "all examples"
-    return f"Evaluation ({scope}; stability as in LLM-Streamline: confidence-weighted agreement " \
-           "with the original on which answers are right; `eval_after.json` has everything):\n\n" + "\n".join(rows)
+    text = []
+    h = after.heldout
+    if h:
+        text.append(f"On {h['rows']} held-out rows of calibration-style text (never used for selection or healing): "
+                    f"KL to the original {h['kl']:.3f} per token, top-1 agreement {100 * h['top1']:.1f}%, "
+                    f"perplexity {h['reference_ppl']:.2f} (original) -> {h['ppl']:.2f}.")
+    if len(rows) > 2:
+        scope = f"first {limit} examples of each task" if limit else "all examples"
+        text.append(f"Evaluation ({scope}; stability as in LLM-Streamline: confidence-weighted agreement "
+                    "with the original on which answers are right; `eval_after.json` has everything):\n\n"
+                    + "\n".join(rows))
+    return "\n\n".join(text)
 
 
 def streamline_record(so, sl) -> dict:
-    """The trained replacement: block, sizes, training settings and outcome."""
+    """The trained replacement: block, sizes, training text, batch, steps and validation curve."""
     fit = sl.fit
     return {
         "replacement": so.replacement,
         "loss": so.loss,
+        "init": so.init if so.replacement in ("layer", "swiglu") else None,
         "ffn_width": so.ffn_width,
         "ffn_activation": so.ffn_activation if so.replacement == "ffn" else None,
         "block_start": sl.start,
@@ -46,9 +54,12 @@ def streamline_record(so, sl) -> dict:
         "pair_tokens": sl.pair_tokens,
         "pair_bytes": sl.pair_bytes,
         "pair_dtype": so.pair_dtype if sl.pair_tokens else None,
-        "train": {k: getattr(so, k) for k in ("lr", "min_lr", "weight_decay", "warmup", "grad_clip", "epochs",
-                                              "train_tokens", "batch_size", "grad_accum", "val_fraction",
-                                              "precision", "seed")},
+        "train": {"data": {k: getattr(so.data, k) for k in ("source", "seq_len", "seed")},
+                  **{k: getattr(so, k) for k in ("lr", "min_lr", "weight_decay", "warmup", "grad_clip", "epochs",
+                                                 "train_tokens", "batch", "min_steps", "batch_size", "val_rows",
+                                                 "precision", "seed")}, "betas": [0.9, 0.95]},
+        # what the run did: rows, batch (micro x accumulation), steps, tokens, the validation curve
+        "training": dict(sl.training),
         "steps": fit.steps if fit else 0,
         "first_val_loss": fit.first_val if fit else None,
         "best_val_loss": fit.best_val if fit else None,
@@ -63,11 +74,18 @@ def streamline_summary(so, sl, n_layers: int) -> str:
     if so.replacement == "none":
         return (f"LLM-Streamline block choice without training: of the most redundant block ({block}{cosine}) "
                 f"only the first layer is kept; {len(sl.removed)} of {n_layers} layers removed.")
-    fit = sl.fit
-    trained = (f"validation {so.loss} loss {fit.first_val:.4g} -> {fit.best_val:.4g} in {fit.steps} steps"
-               if fit else "untrained")
+    fit, t = sl.fit, sl.training
+    if fit and t:
+        curve = ", ".join(f"{v['loss']:.4g}@{v['step']}" for v in t.get("validation", []))
+        trained = (f"{t['steps']} steps of {t['batch']} sequences ({t['micro_batch']} x {t['grad_accum']} accumulated) "
+                   f"over {t['train_tokens']:,} tokens of '{t['source']}' text ({t['tokens_seen']:,} seen); "
+                   f"validation {so.loss} loss on {t['val_rows']} held-out sequences {fit.first_val:.4g} -> "
+                   f"{fit.best_val:.4g} (best at step {fit.best_step}; curve {curve})")
+    else:
+        trained = "untrained"
+    init = f", initialised from the block's {so.init} layer" if so.replacement in ("layer", "swiglu") else ""
     return (f"LLM-Streamline: the most redundant block ({block}{cosine}) was replaced "
-            f"by one trained `{so.replacement}` replacement ({so.loss} loss; {trained}); "
+            f"by one trained `{so.replacement}` replacement ({so.loss} loss{init}; {trained}); "
             f"{len(sl.removed)} of {n_layers} layers removed net. Training log: `training_log.jsonl`.")
 
 

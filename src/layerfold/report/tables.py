@@ -79,6 +79,10 @@ def _metric_rows(results) -> list[tuple[str, str]]:
             if key not in seen:
                 seen.add(key)
                 rows.append((key, f"perplexity {name} ({p.tokens:,} tok)"))
+    for key, label in (("heldout/kl", "held-out KL to the original"), ("heldout/top1", "held-out top-1 agreement"),
+                       ("heldout/ppl", "held-out perplexity")):
+        if any(key in r.summary() for r in results):
+            rows.append((key, label))
     for key, label in (("cost/parameters", "parameters"), ("cost/weight_bytes", "weights in memory"),
                        ("cost/bytes_on_disk", "bytes on disk"),
                        ("cost/peak_memory_bytes", "peak memory"), ("cost/prefill_tokens_per_s", "prefill tok/s"),
@@ -95,11 +99,34 @@ def format_value(key: str, v: float | None) -> str:
         return _human(v)
     if key.endswith("bytes") or key.endswith("bytes_on_disk"):
         return f"{v / 2**20:.1f} MiB"
+    if key == "heldout/top1":
+        return f"{100 * v:.1f}%"
     if key.endswith("_per_s"):
         return f"{v:.1f}"
     if key.startswith("ppl/") or key.endswith("/perplexity"):
         return f"{v:.2f}"
     return f"{v:.4f}"
+
+
+def speed_comparison(key: str, result) -> dict | None:
+    """The alternating runs' comparison with the reference behind a speed figure, if any."""
+    if not key.endswith("_tokens_per_s") or result is None or result.cost is None:
+        return None
+    return (result.cost.speed_vs_reference or {}).get(key.split("/")[-1].split("_")[0])
+
+
+def share_text(key: str, value, ref, result=None) -> str:
+    """A figure as a share of the reference's: ``93.1%``; a speed timed in alternation: the
+    median of its per-round ratios with their range, or 'too noisy'; nothing for stability
+    and for figures whose reference is 0 (the original's KL to itself)."""
+    from ..eval.before_after import describe_ratio
+
+    comparison = speed_comparison(key, result)
+    if comparison is not None:
+        return describe_ratio(comparison)
+    if value is None or ref in (None, 0) or "stability" in key or key == "heldout/top1":  # a share already
+        return ""
+    return f"{100 * value / ref:.1f}%"
 
 
 def eval_table(results, names: list[str] | None = None) -> str:
@@ -116,11 +143,12 @@ def eval_table(results, names: list[str] | None = None) -> str:
     for key, _ in rows:
         ref = summaries[0].get(key)
         line = [format_value(key, ref)]
-        for s in summaries[1:]:
+        for s, r in zip(summaries[1:], results[1:]):
             v = s.get(key)
             text = format_value(key, v)
-            if v is not None and ref not in (None, 0) and "stability" not in key:
-                text += f" ({100 * v / ref:.1f}%)"
+            share = share_text(key, v, ref, r)
+            if share:
+                text += f" ({share})"
             line.append(text)
         cells.append(line)
     widths = [max([len(_short(n))] + [len(c[i]) for c in cells]) for i, n in enumerate(names)]
@@ -129,9 +157,26 @@ def eval_table(results, names: list[str] | None = None) -> str:
         out.append("  ".join([f"{label:<{label_w}}"] + [f"{c:>{w}}" for c, w in zip(line, widths)]))
     if len(results) > 1:
         out.append("")
-        out.append(f"(x%) = share of the reference ({_short(names[0])}); stability: weighted agreement of "
-                   "correct answers with the reference (1 = no answer changed).")
+        out.append(" ".join(notes(rows, results, _short(names[0]))))
     return "\n".join(out)
+
+
+def notes(rows, results, reference_name: str) -> list[str]:
+    """One sentence for each kind of figure the table shows, and none for the others."""
+    keys = {k for k, _ in rows}
+    text = [f"(x%) = share of the reference ({reference_name})."]
+    if any(k.endswith("/stability") for k in keys):
+        text.append("stability: agreement of right and wrong answers with the reference, weighted by its "
+                    "confidence (1 = no answer changed).")
+    if "heldout/kl" in keys:
+        r = next((r.heldout for r in results if r.heldout), None) or {}
+        text.append(f"held-out: {r.get('rows', '?')} rows of {r.get('tokens', 0) // max(1, r.get('rows', 1))} "
+                    "tokens of calibration-style text that selection and healing never saw; KL(original || model) "
+                    "per token, share of positions with the same most likely next token, perplexity.")
+    if any(speed_comparison(k, r) for k in keys for r in results[1:]):
+        text.append("speed: batch 1, the two models timed in alternation; (ratio) = median of the per-round "
+                    "ratios (lowest-highest), 'too noisy' when they spread by more than 20%.")
+    return text
 
 
 def _short(name: str, width: int = 32) -> str:

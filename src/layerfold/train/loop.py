@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -33,7 +34,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import LayerfoldError
+from ..errors import LayerfoldError, RuntimeFailure
 from ..models.loading import input_device
 from ..models.surgery import count_parameters
 from .capture import layer_outputs, model_layers
@@ -53,6 +54,7 @@ class TrainConfig:
     batch_size: int = 8  # rows per micro-batch
     grad_accum: int = 1  # micro-batches per optimizer step
     lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.999)  # AdamW's
     min_lr_ratio: float = 0.1  # the cosine schedule ends at lr * min_lr_ratio
     weight_decay: float = 0.0  # AdamW's, on matrices only (norms and biases are not decayed)
     warmup_steps: int = 0  # linear warmup: step s of it runs at lr * (s + 1) / warmup_steps
@@ -299,6 +301,19 @@ class _Rows:
         return [self.rows[self._perm(p // self.n)[p % self.n]] for p in range(m * self.b, (m + 1) * self.b)]
 
 
+def load_checkpoint(path: Path, **kwargs) -> dict:
+    """A checkpoint this project wrote: tensors, numbers and strings only. ``weights_only=True``
+    refuses anything else (a pickle that would run code on loading) with an error, never runs it."""
+    import pickle
+
+    try:
+        return torch.load(path, weights_only=True, **kwargs)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise LayerfoldError(f"{path}: refused: not a checkpoint layerfold wrote ({first}); delete it or "
+                             "choose another --checkpoint-dir") from None
+
+
 class _BestState:
     """The trainable tensors at the best validation so far, in memory or in a file
     (``torch.save`` writes tensor by tensor; read back memory-mapped)."""
@@ -323,7 +338,7 @@ class _BestState:
     def tensors(self) -> dict[str, torch.Tensor]:
         if self.path is None:
             return self.state
-        return torch.load(self.path, mmap=True, weights_only=True)
+        return load_checkpoint(self.path, mmap=True)
 
     @torch.no_grad()
     def restore(self) -> None:
@@ -348,7 +363,7 @@ def _optimizer(params: list[tuple[str, nn.Parameter]], config: TrainConfig) -> t
     # which for one big layer of a streamed model is a peak worth avoiding (speed is the same)
     return torch.optim.AdamW(
         [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=config.lr, foreach=False,
+        lr=config.lr, betas=tuple(config.betas), foreach=False,
     )
 
 
@@ -392,18 +407,36 @@ class _History:
                                    "best_val": self.best_val, "first_val": self.first_val, "seconds": seconds})
 
 
+class Diverged(RuntimeFailure):
+    """The loss (or the gradient) stopped being a finite number."""
+
+    def __init__(self, step: int, what: str, advice: str = ""):
+        super().__init__(f"training diverged at step {step} ({what})" + (f"; {advice}" if advice else ""))
+        self.step, self.what = step, what
+
+
 class _Checkpoints:
     """Checkpoints at optimizer-step boundaries, and resuming from the last one."""
 
     def __init__(self, config: TrainConfig, fingerprint: str):
         self.config, self.fingerprint = config, fingerprint
         self.path = Path(config.checkpoint_dir) / CHECKPOINT_NAME if config.checkpoint_dir else None
+        self.last_step = 0  # the step of the last checkpoint written or resumed from
+
+    def diverged(self, e: Diverged) -> Diverged:
+        """``e`` with what the user can do: the last good checkpoint is kept untouched."""
+        if self.path is not None and self.last_step:
+            where = (f"stopped; the last good checkpoint (step {self.last_step}) is kept in {self.path.parent}: "
+                     "lower the learning rate and rerun with --resume")
+        else:
+            where = "stopped; no checkpoint was written (--checkpoint-dir keeps one): lower the learning rate"
+        return Diverged(e.step, e.what, where)
 
     def restore(self, model, params, optimizer, scheduler, history: _History) -> int:
         """The step to start at: 0, or where the last checkpoint of this very run left off."""
         if not (self.config.resume and self.path is not None and self.path.is_file()):
             return 0
-        state = torch.load(self.path, map_location=input_device(model), weights_only=True)
+        state = load_checkpoint(self.path, map_location=input_device(model))
         if state["fingerprint"] != self.fingerprint:
             raise LayerfoldError(
                 f"{self.path}: the checkpoint belongs to a different run (other settings, data or model); "
@@ -417,6 +450,7 @@ class _Checkpoints:
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"])
         history.records = json.loads(state["history"])
+        self.last_step = state["step"]
         if history.best is not None:
             history.first_val, history.best_val, history.best_step = state["validation"]
             history.best.keep(state["best"])
@@ -440,8 +474,12 @@ class _Checkpoints:
             state["best"] = {n: t.detach().clone() for n, t in history.best.tensors().items()}
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(self.path.name + f".tmp-{os.getpid()}")
-        torch.save(state, tmp)
-        os.replace(tmp, self.path)  # a kill during saving leaves the previous checkpoint intact
+        try:
+            torch.save(state, tmp)
+            os.replace(tmp, self.path)  # a kill during saving leaves the previous checkpoint intact
+        finally:
+            tmp.unlink(missing_ok=True)
+        self.last_step = step
 
 
 def _step(objective, rows: Callable[[int], list[int]], step: int, config: TrainConfig, params, optimizer,
@@ -453,7 +491,7 @@ def _step(objective, rows: Callable[[int], list[int]], step: int, config: TrainC
     for a in range(config.grad_accum):
         total, parts = _call(objective, rows(step * config.grad_accum + a), autocast)
         if not torch.isfinite(total):
-            raise LayerfoldError(f"training diverged at step {step} (loss {total.item()}); lower the learning rate")
+            raise Diverged(step + 1, f"loss {total.item()}")
         (total / config.grad_accum).backward()
         total_value += total.item() / config.grad_accum
         for name, value in parts.items():
@@ -462,6 +500,8 @@ def _step(objective, rows: Callable[[int], list[int]], step: int, config: TrainC
     grad_norm = None
     if config.max_grad_norm:
         grad_norm = float(torch.nn.utils.clip_grad_norm_([p for _, p in params], config.max_grad_norm))
+        if not math.isfinite(grad_norm):  # the step would write NaN into the weights
+            raise Diverged(step + 1, f"gradient norm {grad_norm}")
     lr = optimizer.param_groups[0]["lr"]
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)  # no gradients held through validation and checkpoints
@@ -519,7 +559,10 @@ def fit(
     try:
         for step in range(start, config.steps):
             t_step = time.perf_counter()
-            record = _step(objective, rows_of, step, config, params, optimizer, scheduler, autocast)
+            try:
+                record = _step(objective, rows_of, step, config, params, optimizer, scheduler, autocast)
+            except Diverged as e:
+                raise checkpoints.diverged(e) from None
             elapsed = time.perf_counter() - t0
             record.update(tokens=(step + 1) * tokens_per_step, step_seconds=time.perf_counter() - t_step,
                           tokens_per_second=(step + 1 - start) * tokens_per_step / elapsed if elapsed > 0 else None)

@@ -1,0 +1,220 @@
+"""The quality frontier on the embedded SmolLM2-135M: every selection x repair, unhealed.
+
+For each plan SELECTION+REPAIR[:FIELD=VALUE...] (fields of LinearRepairOptions for linear),
+remove ``--remove`` layers as ``layerfold compress --select SELECTION --repair REPAIR`` would
+(the same registry: make_plan / apply_plan), then measure, with no training:
+
+- held-out fit: KL to the original, top-1 agreement and perplexity on the held-out rows
+  (8 x 256 self-written tokens, seed 2; ``layerfold.eval.heldout``), what ``--method auto`` ranks by;
+- tasks (``--tasks``): PIQA, ARC-Easy and LAMBADA (last-word accuracy and per-token perplexity of
+  the continuation) on the first ``--limit`` examples, with stability against the original;
+  LAMBADA text perplexity on the first ``--ppl-docs`` documents (window 512);
+- stored parameters and time per stage (selection, repair, evaluation).
+
+Calibration: 32 x 256 self-written tokens (seed 0), the compress default. Results go to
+``--work/PLAN.json``; a plan whose file exists is not rerun, so the script can be stopped and
+resumed.
+
+    python benchmarks/frontier.py run bi+none bi+linear sleb+none laco+merge ...
+    python benchmarks/frontier.py run --tasks bi+none ...         # also the task suite
+    python benchmarks/frontier.py table > rows.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import sys
+import time
+from dataclasses import fields, replace
+from pathlib import Path
+
+import torch
+
+from layerfold.data.calibration import CalibrationSpec, load_calibration
+from layerfold.eval import evaluate
+from layerfold.eval.heldout import compare_to_reference, heldout_ids, reference_log_probs
+from layerfold.importance import measure_similarity
+from layerfold.methods.registry import SELECTIONS, Evidence, SelectionOptions, apply_plan, make_plan
+from layerfold.methods.replaceme import LinearRepairOptions
+from layerfold.models.loading import load_model
+from layerfold.models.surgery import count_parameters
+from layerfold.recipe import CompressOptions
+
+TASKS = ["piqa", "arc_easy", "lambada_openai"]
+
+
+def parse_plan(spec: str, remove: int) -> CompressOptions:
+    head, *pairs = spec.split(":")
+    selection, _, repair = head.partition("+")
+    kinds = {f.name: f.type for f in fields(LinearRepairOptions)}
+    changes = {}
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        if key not in kinds:
+            raise SystemExit(f"unknown LinearRepairOptions field {key!r}")
+        changes[key] = value if kinds[key] in ("str", str) else (int(value) if kinds[key] in ("int", int) else float(value))
+    return CompressOptions(selection=SelectionOptions(select=selection, repair=repair or "none", remove=remove),
+                           linear=replace(LinearRepairOptions(), **changes), progress=False)
+
+
+class Bench:
+    def __init__(self, args):
+        self.args = args
+        self.work = Path(args.work)
+        self.work.mkdir(parents=True, exist_ok=True)
+        t = time.perf_counter()
+        self.loaded = load_model(None)
+        self.load_seconds = time.perf_counter() - t
+        spec = CalibrationSpec()
+        self.calib = load_calibration(spec, self.loaded, progress=False)
+        self.heldout = heldout_ids(spec, self.loaded, progress=False)
+        self.reference = reference_log_probs(self.loaded.model, self.heldout)
+        self._scores = None
+        self._original = None
+
+    def scores(self):
+        if self._scores is None:
+            t = time.perf_counter()
+            self._scores = measure_similarity(self.loaded.model, self.loaded.arch, self.calib, progress=False)
+            self.score_seconds = time.perf_counter() - t
+        return self._scores
+
+    def evidence(self, selection: str, opts: CompressOptions) -> tuple[Evidence, float]:
+        sel = SELECTIONS[selection]
+        if sel.needs == "scores":
+            self.scores()
+            return Evidence(scores=self._scores), self.score_seconds
+        if sel.needs == "search":  # cached per selection: every repair reuses its choice
+            path = self.work / f"search-{selection}-remove{self.args.remove}.json"
+            if not path.exists():
+                t = time.perf_counter()
+                found = sel.search(self.loaded.model, self.loaded.arch, self.calib, self.args.remove, opts.search,
+                                   progress=True)
+                found["seconds"] = time.perf_counter() - t
+                path.write_text(json.dumps(found, indent=1))
+            found = json.loads(path.read_text())
+            return Evidence(search=found), found["seconds"]
+        return Evidence(), 0.0
+
+    def original(self):
+        path = self.work / f"original-limit{self.args.limit}.json"
+        if self._original is None:
+            if path.exists():
+                from layerfold.eval import EvalResult
+
+                self._original = EvalResult.load(path)
+            else:
+                self._original = self.tasks(self.loaded.model, None)
+                self._original.save(path)
+        return self._original
+
+    def tasks(self, model, reference):
+        return evaluate(model, self.loaded.tokenizer, tasks=TASKS, ppl=["lambada_openai"], limit=self.args.limit,
+                        ppl_limit=self.args.ppl_docs, batch_size=8, reference=reference, speed=False)
+
+    def build(self, spec: str) -> tuple[dict, torch.nn.Module]:
+        """The plan applied to a copy of the original, and its held-out fit."""
+        opts = parse_plan(spec, self.args.remove)
+        selection = opts.selection.select
+        evidence, select_seconds = self.evidence(selection, opts)
+        plan = make_plan(opts, self.loaded.model, self.loaded.arch, evidence)
+        work = replace(self.loaded, model=copy.deepcopy(self.loaded.model))
+        t = time.perf_counter()
+        applied = apply_plan(plan, work, self.calib, opts, evidence=evidence, work_dir=self.work)
+        repair_seconds = time.perf_counter() - t
+        t = time.perf_counter()
+        fit = compare_to_reference(work.model, self.heldout, self.reference)
+        record = {"plan": spec, "selection": selection, "repair": plan.repair, "removed": plan.removed,
+                  "params": count_parameters(work.model), "params_before": plan.params_before,
+                  "heldout": fit.to_dict(), "seconds": {"select": select_seconds, "repair": repair_seconds,
+                                                         "heldout": time.perf_counter() - t},
+                  "linear": applied.linear.to_dict() if applied.linear is not None else None,
+                  "merge": applied.merge, "machine": machine(),
+                  "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+        print(f"{spec}: KL {fit.kl:.3f} top1 {fit.top1:.3f} ppl {fit.ppl:.1f}", flush=True)
+        return record, work.model
+
+    def run(self, spec: str) -> dict:
+        path = self.work / f"{spec}-remove{self.args.remove}.json"
+        record = json.loads(path.read_text()) if path.exists() else None
+        model = None
+        if record is None:
+            record, model = self.build(spec)
+            path.write_text(json.dumps(record, indent=1))
+        if self.args.tasks and "tasks" not in record:
+            if model is None:  # rebuilt: a plan costs forward passes, and the same ones again
+                fresh, model = self.build(spec)
+                record["heldout_rebuilt"] = fresh["heldout"]
+            t = time.perf_counter()
+            result = self.tasks(model, self.original())
+            record["tasks"] = result.summary()
+            record["seconds"]["tasks"] = time.perf_counter() - t
+            record["task_limit"] = self.args.limit
+            record["ppl_docs"] = self.args.ppl_docs
+            path.write_text(json.dumps(record, indent=1))
+            s = record["tasks"]
+            print(f"{spec}: PIQA {s.get('piqa/acc', float('nan')):.3f} ARC-e {s.get('arc_easy/acc', float('nan')):.3f} "
+                  f"LAMBADA acc {s.get('lambada_openai/acc', float('nan')):.3f} "
+                  f"text ppl {s.get('ppl/lambada_openai', float('nan')):.1f}", flush=True)
+        return record
+
+
+def machine() -> dict:
+    import os
+
+    return {"platform": platform.platform(), "python": sys.version.split()[0], "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+            "load_average": os.getloadavg()[0]}
+
+
+def table(work: Path, remove: int) -> str:
+    rows = [json.loads(p.read_text()) for p in sorted(work.glob(f"*-remove{remove}.json"))
+            if not p.name.startswith("search-")]
+    rows.sort(key=lambda r: r["heldout"]["kl"])
+    original = next(iter(sorted(work.glob("original-limit*.json"))), None)
+    orig = json.loads(original.read_text())["summary"] if original else {}
+    head = ("| plan | removed | held-out KL | top-1 | held-out ppl | PIQA | ARC-e | LAMBADA acc | LAMBADA ppl "
+            "| text ppl (x orig) | stability PIQA/ARC | params | select s | repair s |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    if orig:
+        lines.append(f"| original | - | 0 | 1 | {rows[0]['heldout']['reference_ppl']:.1f} | {orig['piqa/acc']:.3f} "
+                     f"| {orig['arc_easy/acc']:.3f} | {orig['lambada_openai/acc']:.3f} "
+                     f"| {orig['lambada_openai/ppl']:.1f} | {orig['ppl/lambada_openai']:.1f} (1.00) | - "
+                     f"| {rows[0]['params_before']:,} | - | - |")
+    for r in rows:
+        h, t = r["heldout"], r.get("tasks") or {}
+        ratio = t.get("ppl/lambada_openai", float("nan")) / orig.get("ppl/lambada_openai", float("nan")) if orig else float("nan")
+        cell = lambda k, f="{:.3f}": f.format(t[k]) if k in t else "-"  # noqa: E731
+        stab = f"{cell('piqa/stability', '{:.2f}')}/{cell('arc_easy/stability', '{:.2f}')}"
+        lines.append(f"| {r['plan']} | {','.join(map(str, r['removed']))} | {h['kl']:.3f} | {h['top1']:.3f} "
+                     f"| {h['ppl']:.1f} | {cell('piqa/acc')} | {cell('arc_easy/acc')} | {cell('lambada_openai/acc')} "
+                     f"| {cell('lambada_openai/ppl', '{:.1f}')} | {cell('ppl/lambada_openai', '{:.1f}')} ({ratio:.2f}) "
+                     f"| {stab} | {r['params']:,} | {r['seconds']['select']:.0f} | {r['seconds']['repair']:.0f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("command", choices=["run", "table"])
+    ap.add_argument("plans", nargs="*")
+    ap.add_argument("--remove", type=int, default=8)
+    ap.add_argument("--tasks", action="store_true", help="also PIQA, ARC-Easy, LAMBADA")
+    ap.add_argument("--limit", type=int, default=200, help="examples of each task")
+    ap.add_argument("--ppl-docs", type=int, default=100, help="LAMBADA documents for text perplexity")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--work", default=str(Path(__file__).parent / "results" / "frontier"))
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.command == "table":
+        print(table(Path(args.work), args.remove))
+        return
+    bench = Bench(args)
+    for spec in args.plans:
+        bench.run(spec)
+
+
+if __name__ == "__main__":
+    main()

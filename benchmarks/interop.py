@@ -1,0 +1,278 @@
+"""Interop benchmark: layerfold's GGUF files in llama.cpp, its mergekit.yaml in mergekit.
+
+Three checks, each from the command line exactly as a user runs it:
+
+1. ``tiny``: a tiny random model of every family (4 layers, hidden 64) exported as f32 GGUF;
+   llama.cpp's logits on a 20-token row against stock transformers' on the folder. This is
+   the only check of gemma and olmo2, whose GGUF files transformers cannot read.
+2. ``main``: the main job's model (``layerfold compress -o MAIN --gguf MAIN-f16.gguf``), then
+   ``layerfold export MAIN --gguf ... --outtype f32|q8_0``, and the 30-layer original's GGUFs
+   (``layerfold export --gguf ...``); llama.cpp's greedy continuation of 5 prompts against
+   transformers' ``generate`` on the folder, and decode tokens/s of pruned vs original, both
+   in one run, alternating.
+3. ``mergekit``: the original as a folder (``layerfold export -o ORIGINAL --dtype fp32``), the
+   main job's cut on it (``layerfold analyze --json S`` then ``layerfold compress ORIGINAL --scores S
+   --no-heal``) and ``mergekit-yaml UNHEALED/mergekit.yaml``; every tensor compared bitwise.
+
+llama.cpp runs through llama-cpp-python in its own virtual environment (``--llama-python``):
+this script calls itself there with ``--llama-part`` and a JSON request.
+
+    nice -n 10 python benchmarks/interop.py --work /tmp/interop --llama-python /venv-llamacpp/bin/python \
+        --mergekit /venv-mergekit/bin/mergekit-yaml [--steps tiny,main,mergekit] [--main-args "..."]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+PROMPTS = [
+    "The capital of France is",
+    "Once upon a time, there was a little",
+    "To make a cup of tea, first",
+    "The three primary colors are",
+    "def fibonacci(n):",
+]
+NEW_TOKENS = 32
+SPEED_TOKENS = 64
+SPEED_ROUNDS = 3
+
+
+# -- the llama.cpp side (runs inside the llama-cpp-python environment) ----------------------
+
+
+def llama_part(request: dict) -> dict:
+    import llama_cpp
+    import numpy as np
+
+    out: dict = {"llama_cpp_python": llama_cpp.__version__}
+    threads = request.get("threads", 1)
+    if "tiny" in request:
+        res = {}
+        for name, item in request["tiny"].items():
+            try:
+                llm = llama_cpp.Llama(item["gguf"], n_ctx=64, n_threads=threads, logits_all=True, verbose=False)
+            except ValueError as e:  # llama.cpp prints why on stderr
+                res[name] = {"error": str(e)}
+                continue
+            llm.eval(item["ids"])
+            got = np.array(llm.scores[: len(item["ids"])], dtype=np.float32)
+            ref = np.array(item["logits"], dtype=np.float32)
+            res[name] = {"max_abs_diff": float(np.abs(got - ref).max()), "max_abs_logit": float(np.abs(ref).max()),
+                         "top1_agree": float((got.argmax(-1) == ref.argmax(-1)).mean())}
+            del llm
+        out["tiny"] = res
+    if "greedy" in request:
+        res = {}
+        for name, path in request["greedy"]["files"].items():
+            llm = llama_cpp.Llama(path, n_ctx=256, n_threads=threads, verbose=False)
+            rows = []
+            for prompt, ids in zip(request["greedy"]["prompts"], request["greedy"]["ids"]):
+                llm.reset()
+                llm.eval(ids)
+                new = []
+                for _ in range(request["greedy"]["new_tokens"]):
+                    nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+                    new.append(nxt)
+                    llm.eval([nxt])
+                own = llm.tokenize(prompt.encode(), add_bos=False, special=False)
+                rows.append({"new": new, "own_tokenization": own})
+            res[name] = rows
+            del llm
+        out["greedy"] = res
+    if "speed" in request:
+        s = request["speed"]
+        llms = {name: llama_cpp.Llama(path, n_ctx=256, n_threads=threads, verbose=False)
+                for name, path in s["files"].items()}
+        times: dict = {name: [] for name in llms}
+        for _ in range(s["rounds"]):
+            for name, llm in llms.items():  # alternate, so load changes hit both alike
+                llm.reset()
+                llm.eval(s["ids"])
+                t0 = time.perf_counter()
+                for _ in range(s["tokens"]):
+                    nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+                    llm.eval([nxt])
+                times[name].append(s["tokens"] / (time.perf_counter() - t0))
+        out["speed"] = {name: {"tok_s": sorted(v), "median": sorted(v)[len(v) // 2]} for name, v in times.items()}
+    return out
+
+
+# -- the driver (runs in layerfold's environment) -------------------------------------------
+
+
+def run(cmd: list[str], log: Path, env=None) -> float:
+    t0 = time.perf_counter()
+    with open(log, "a") as f:
+        f.write(f"\n$ {shlex.join(cmd)}\n")
+        f.flush()
+        subprocess.run(cmd, check=True, stdout=f, stderr=subprocess.STDOUT, env=env)
+    return time.perf_counter() - t0
+
+
+def layerfold(*args) -> list[str]:
+    return [sys.executable, "-m", "layerfold", "-q", *args]
+
+
+def call_llama(python: str, request: dict, work: Path) -> dict:
+    req, res = work / "llama_request.json", work / "llama_result.json"
+    req.write_text(json.dumps(request))
+    subprocess.run([python, __file__, "--llama-part", str(req), str(res)], check=True)
+    return json.loads(res.read_text())
+
+
+def step_tiny(args, work: Path, log: Path) -> dict:
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from conftest import build_tiny, tiny_bpe_tokenizer
+    from transformers import AutoModelForCausalLM
+
+    # llama.cpp's constraints, not transformers': gemma3's fixed pattern is every 6th layer global
+    configs = {"llama": {}, "mistral": {"sliding_window": None}, "qwen2": {"use_sliding_window": False},
+               "qwen3": {"use_sliding_window": False}, "gemma": {}, "gemma2": {"query_pre_attn_scalar": 16},
+               "gemma3_text": {"query_pre_attn_scalar": 16, "sliding_window_pattern": 6}, "phi3": {}, "olmo2": {}}
+    torch.set_num_threads(1)
+    ids = torch.randint(3, 300, (1, 20), generator=torch.Generator().manual_seed(1))
+    request = {}
+    for name, overrides in configs.items():
+        folder = work / "tiny" / name
+        if not folder.exists():
+            build_tiny(name, layers=6 if name == "gemma3_text" else 4, vocab_size=320,
+                       **overrides).save_pretrained(folder)
+            tiny_bpe_tokenizer().save_pretrained(folder)
+        gguf = work / "tiny" / f"{name}.gguf"
+        if not gguf.exists():
+            run(layerfold("export", str(folder), "--gguf", str(gguf), "--outtype", "f32", "--dtype", "fp32",
+                          "--no-gguf-check"), log)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        with torch.no_grad():
+            logits = model(ids).logits[0].tolist()
+        request[name] = {"gguf": str(gguf), "ids": ids[0].tolist(), "logits": logits}
+    return call_llama(args.llama_python, {"tiny": request}, work)
+
+
+def step_main(args, work: Path, log: Path) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    main_dir = work / "main"
+    files = {"pruned-f16": work / "main-f16.gguf", "pruned-f32": work / "main-f32.gguf",
+             "pruned-q8_0": work / "main-q8_0.gguf", "original-f16": work / "original-f16.gguf",
+             "original-q8_0": work / "original-q8_0.gguf"}
+    seconds = {}
+    if not main_dir.exists():
+        seconds["compress"] = run(layerfold("compress", "-o", str(main_dir), "--gguf", str(files["pruned-f16"]),
+                                            *shlex.split(args.main_args)), log)
+    for name, outtype in [("pruned-f32", "f32"), ("pruned-q8_0", "q8_0")]:
+        if not files[name].exists():
+            seconds[f"export {name}"] = run(layerfold("export", str(main_dir), "--gguf", str(files[name]),
+                                                      "--outtype", outtype), log)
+    for name, outtype in [("original-f16", "f16"), ("original-q8_0", "q8_0")]:
+        if not files[name].exists():
+            seconds[f"export {name}"] = run(layerfold("export", "--gguf", str(files[name]), "--outtype", outtype), log)
+
+    torch.set_num_threads(args.threads)
+    tok = AutoTokenizer.from_pretrained(main_dir)
+    model = AutoModelForCausalLM.from_pretrained(main_dir, dtype=torch.float32).eval()
+    ids = [tok(p, add_special_tokens=False)["input_ids"] for p in PROMPTS]
+    reference = []
+    with torch.no_grad():
+        for row in ids:
+            out = model.generate(torch.tensor([row]), max_new_tokens=NEW_TOKENS, do_sample=False,
+                                 pad_token_id=tok.pad_token_id or tok.eos_token_id, eos_token_id=None)
+            reference.append(out[0, len(row):].tolist())
+    request = {
+        "threads": args.threads,
+        "greedy": {"files": {k: str(v) for k, v in files.items() if k.startswith("pruned")}, "prompts": PROMPTS,
+                   "ids": ids, "new_tokens": NEW_TOKENS},
+        "speed": {"files": {k: str(v) for k, v in files.items() if k != "pruned-f32"}, "ids": ids[0],
+                  "tokens": SPEED_TOKENS, "rounds": SPEED_ROUNDS},
+    }
+    llama = call_llama(args.llama_python, request, work)
+    greedy = {}
+    for name, rows in llama["greedy"].items():
+        agree = []
+        for ref, row in zip(reference, rows):
+            n = next((i for i, (a, b) in enumerate(zip(ref, row["new"])) if a != b), len(ref))
+            agree.append(n)
+        greedy[name] = {"tokens_equal_before_first_difference": agree,
+                        "same_prompt_tokenization": [r["own_tokenization"] == i for r, i in zip(rows, ids)]}
+    texts = [tok.decode(r) for r in reference]
+    record = json.loads((main_dir / "layerfold.json").read_text())
+    return {"llama_cpp_python": llama["llama_cpp_python"], "greedy": greedy, "reference_text": texts,
+            "speed": llama["speed"], "seconds": seconds, "sizes_mib": {k: v.stat().st_size / 2**20 for k, v in files.items()},
+            "main_gguf_check": record.get("gguf", {}).get("check"), "removed": record["recipe"]["removed_layers"],
+            "heal": bool(record.get("heal"))}
+
+
+def step_mergekit(args, work: Path, log: Path) -> dict:
+    from safetensors.torch import load_file
+    import torch
+
+    original, unhealed, merged = work / "original", work / "unhealed", work / "merged"
+    scores = work / "scores.json"
+    if not original.exists():
+        run(layerfold("export", "-o", str(original), "--dtype", "fp32"), log)
+    if not scores.exists():  # the embedded model's Block Influence on its cached calibration text
+        run(layerfold("analyze", "--json", str(scores)), log)
+    if not unhealed.exists():  # the main job's cut, planned from those scores, on the folder mergekit reads
+        run(layerfold("compress", str(original), "--scores", str(scores), "--no-heal", "--no-eval", "-o",
+                      str(unhealed), "--dtype", "fp32"), log)
+    if not merged.exists():
+        run([args.mergekit, str(unhealed / "mergekit.yaml"), str(merged)], log, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+
+    def tensors(folder):
+        d = {}
+        for f in sorted(Path(folder).glob("*.safetensors")):
+            d.update(load_file(f))
+        return d
+
+    ours, theirs = tensors(unhealed), tensors(merged)
+    equal = sum(1 for k, t in ours.items() if k in theirs and torch.equal(t, theirs[k]))
+    import yaml
+
+    slices = [s["sources"][0]["layer_range"] for s in yaml.safe_load((unhealed / "mergekit.yaml").read_text())["slices"]]
+    return {"tensors_ours": len(ours), "tensors_mergekit": len(theirs), "bitwise_equal": equal,
+            "only_in_mergekit": sorted(set(theirs) - set(ours)), "slices": slices,
+            "removed": json.loads((unhealed / "layerfold.json").read_text())["recipe"]["removed_layers"]}
+
+
+def main() -> None:
+    if len(sys.argv) == 4 and sys.argv[1] == "--llama-part":
+        Path(sys.argv[3]).write_text(json.dumps(llama_part(json.loads(Path(sys.argv[2]).read_text()))))
+        return
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--work", required=True)
+    ap.add_argument("--llama-python", default=os.environ.get("LLAMA_PYTHON"))
+    ap.add_argument("--mergekit", default=os.environ.get("MERGEKIT_YAML", "mergekit-yaml"))
+    ap.add_argument("--steps", default="tiny,main,mergekit")
+    ap.add_argument("--main-args", default="", help="extra options of the main job's compress")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "interop"))
+    args = ap.parse_args()
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    log = work / "commands.log"
+    for step in args.steps.split(","):
+        t0 = time.perf_counter()
+        result = {"tiny": step_tiny, "main": step_main, "mergekit": step_mergekit}[step](args, work, log)
+        result["machine"] = {"platform": platform.platform(), "cpus": os.cpu_count(),
+                             "load_avg_at_end": os.getloadavg(), "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
+                             "note": "shared cores (other jobs running)"}
+        result["step_seconds"] = time.perf_counter() - t0
+        (out / f"{step}.json").write_text(json.dumps(result, indent=2) + "\n")
+        print(json.dumps({step: {k: v for k, v in result.items() if k != "reference_text"}}, indent=1)[:3000])
+
+
+if __name__ == "__main__":
+    main()

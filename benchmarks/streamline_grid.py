@@ -1,0 +1,167 @@
+"""LLM-Streamline on the embedded SmolLM2-135M, 8 layers removed net (9 -> 1): loss x init.
+
+    PYTHONPATH=src nice -n 10 python benchmarks/streamline_grid.py --train-tokens 16384 \\
+        --variants original,bi,none,mse:first,mse:last,cosine:first --limit 100 \\
+        --out benchmarks/results/streamline/grid-16k.json
+
+One process: the original is loaded once; the block is chosen on the calibration text (seed 0,
+32 x 256, cached); the replacement's training text is its own (seed 1, the healing text,
+cached), ``--train-tokens`` of it plus 32 validation rows; the training pairs of the block
+are collected once and shared by every pair-loss variant. Each variant trains a copy of the
+original through ``replace_and_train`` (the library's path) and is evaluated with
+``layerfold.eval`` on the first ``--limit`` examples of LAMBADA (perplexity of the last word
+given the context, and last-word accuracy), PIQA and ARC-Easy, with stability against the
+original. Peak memory is the process's VmHWM, reset before each variant (it includes the
+resident original, about 0.5 GiB). Results are written after every variant.
+
+Variants: ``original``; ``bi`` (Block Influence prune-only, 8 layers); ``none`` (prune-only of
+the same block: its first layer kept untrained); ``LOSS:INIT`` for LOSS in mse, mse-normed,
+cosine, lm, kl and INIT in first, last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import shutil
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from layerfold.data.calibration import CalibrationSpec, load_calibration
+from layerfold.data.pairs import PairStore
+from layerfold.eval import evaluate
+from layerfold.importance import measure_similarity
+from layerfold.methods import pruning
+from layerfold.methods.streamline import (
+    PAIR_LOSSES, StreamlineOptions, choose_block, collect_pairs, replace_and_train, training_text,
+)
+from layerfold.models.loading import load_model
+from layerfold.models.surgery import count_parameters, decoder_layers, remove_layers
+
+TASKS = ("lambada_openai", "piqa", "arc_easy")
+
+
+def reset_peak() -> None:
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM (peak resident set)
+
+
+def peak_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def figures(ev) -> dict:
+    out = {}
+    for name, task in ev.tasks.items():
+        out[name] = {k: task.metrics[k] for k in ("acc", "acc_norm", "perplexity", "stability") if k in task.metrics}
+        out[name]["n"] = len(task.examples)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--train-tokens", type=int, default=16_384)
+    ap.add_argument("--remove", type=int, default=8)
+    ap.add_argument("--variants", default="original,bi,none,mse:first,mse:last,mse-normed:first,cosine:first")
+    ap.add_argument("--limit", type=int, default=100)
+    ap.add_argument("--data", default="../shared/data")
+    ap.add_argument("--eval-every", type=int, default=4)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--train-source", default="self", choices=("self", "lambada"),
+                    help="self: the library's default (seed 1, self-written); lambada: LAMBADA documents 1000.. "
+                         "packed (disjoint from the evaluated documents 0..limit-1, but the same domain)")
+    ap.add_argument("--out", default="benchmarks/results/streamline/grid.json")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    out_path = Path(args.out)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    results = json.loads(out_path.read_text()) if out_path.exists() else {"variants": {}}
+    results.update(settings=vars(args), started=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                   machine=f"{platform.machine()}, torch {torch.__version__}, {args.threads} thread(s), "
+                           "2 cores shared with other runs")
+
+    def save() -> None:
+        out_path.write_text(json.dumps(results, indent=1))
+
+    t = time.perf_counter()
+    loaded = load_model(None)
+    original, arch, tok = loaded.model, loaded.arch, loaded.tokenizer
+    results["load_seconds"] = time.perf_counter() - t
+    calibration = load_calibration(CalibrationSpec(), loaded, progress=False)
+    scores = measure_similarity(original, arch, calibration, progress=False)
+    window = args.remove + 1
+    start = choose_block(scores, window)
+    results["block"] = [start, start + window - 1]
+    results["block_cosine"] = scores.cosine[start][window]
+    base_opts = StreamlineOptions(train_tokens=args.train_tokens, eval_every=args.eval_every)
+    if args.train_source == "self":
+        text = training_text(base_opts, loaded, progress=False)
+    else:
+        from layerfold.data.calibration import pack_texts
+        from layerfold.methods.streamline import TrainingText
+
+        rows = [json.loads(l) for l in open(Path(args.data) / "tasks" / "lambada_openai.jsonl", encoding="utf-8")]
+        docs = [r["context"] + " " + r["continuation"] for r in rows[1000:]]
+        n = -(-args.train_tokens // 256)
+        text = TrainingText(pack_texts(docs, tok, n + base_opts.val_rows, 256, "lambada[1000:]"), base_opts.val_rows,
+                            "lambada[1000:]")
+    results["text"] = {"train_rows": text.train, "val_rows": text.val, "seq_len": text.ids.shape[1]}
+    work = Path(tempfile.mkdtemp(prefix="lf-grid-", dir="."))
+    evals: dict = {}
+    try:
+        t = time.perf_counter()
+        reset_peak()
+        store = PairStore(work / "pairs", text.ids.shape[0], text.ids.shape[1], original.config.hidden_size, "bf16")
+        collect_pairs(original, arch, text.ids, start, window, store, progress=False)
+        results["pairs"] = {"seconds": time.perf_counter() - t, "bytes": store.nbytes(), "tokens": store.tokens,
+                            "peak_mib": peak_mib()}
+        save()
+        names = args.variants.split(",")
+        if "original" not in names:
+            names.insert(0, "original")
+        for name in names:
+            reset_peak()
+            t0 = time.perf_counter()
+            entry: dict = {}
+            model = original if name == "original" else copy.deepcopy(original)
+            if name == "bi":
+                entry["removed"] = pruning.block_influence(scores, args.remove)
+                remove_layers(model, arch, entry["removed"])
+            elif name != "original":
+                loss, _, init = name.partition(":")
+                opts = StreamlineOptions(replacement="layer" if loss != "none" else "none",
+                                         loss=loss if loss != "none" else StreamlineOptions().loss,
+                                         init=init or "first",
+                                         train_tokens=args.train_tokens, eval_every=args.eval_every)
+                r = replace_and_train(model, arch, text, start, window, opts, work_dir=work, progress=False,
+                                      store=store if loss in PAIR_LOSSES else None)
+                entry.update(training=r.training, seconds_parts=r.seconds, removed=r.removed)
+            entry["make_seconds"] = time.perf_counter() - t0
+            entry["make_peak_mib"] = peak_mib()
+            entry["layers"], entry["params"] = len(decoder_layers(model, arch)), count_parameters(model)
+            t = time.perf_counter()
+            ev = evaluate(model, tok, tasks=list(TASKS), limit=args.limit, data_dir=args.data,
+                          reference=evals.get("original"), cost=False, speed=False)
+            entry["eval_seconds"] = time.perf_counter() - t
+            evals.setdefault("original", ev)
+            entry["tasks"] = figures(ev)
+            results["variants"][name] = entry
+            results["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+            save()
+            print(name, json.dumps({k: v for k, v in entry.items() if k != "training"}), flush=True)
+            if model is not original:
+                del model
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

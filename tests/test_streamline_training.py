@@ -1,0 +1,231 @@
+"""LLM-Streamline's training: its own text and budget, the official batch where the budget
+allows, a validation curve with standard errors, the pair losses, the initialisation."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import build_tiny
+from layerfold.cli import main
+from layerfold.data.calibration import CalibrationSpec, load_calibration
+from layerfold.data.pairs import PairStore
+from layerfold.errors import LayerfoldError
+from layerfold.methods.streamline import (
+    PairRegression, StreamlineOptions, TrainingText, collect_pairs, replace_and_train, training_text,
+)
+from layerfold.models.architectures import ARCHITECTURES
+from layerfold.models.surgery import decoder_layers, remove_layers
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+LLAMA = ARCHITECTURES["llama"]
+
+
+def _ids(n, T=16, seed=0):
+    return torch.randint(3, 259, (n, T), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("rows,expected", [
+    (256, (4, 2)),  # 65,536 tokens of 256: 8 sequences a step keep 32 steps
+    (1024, (4, 8)),  # 262,144 tokens: 32 a step
+    (8192, (4, 32)),  # enough for the official 128 (32 steps of it)
+    (100_000, (4, 32)),  # never more than the official batch
+    (10, (1, 1)),  # fewer rows than steps: one sequence a step
+])
+def test_batch_is_official_where_the_budget_allows(rows, expected):
+    assert StreamlineOptions().batches(rows) == expected
+
+
+def test_batch_rule_follows_its_options():
+    assert StreamlineOptions(batch=16, min_steps=4, batch_size=8).batches(1000) == (8, 2)
+    assert StreamlineOptions(batch=16, min_steps=4, batch_size=8).batches(20) == (5, 1)  # 20 // 4 = 5
+    assert StreamlineOptions(min_steps=32, epochs=2).batches(256) == (4, 4)  # two passes: 512 rows
+
+
+def test_official_optimiser_settings():
+    cfg = StreamlineOptions().train_config(100, 4, 32)
+    assert (cfg.betas, cfg.lr, cfg.weight_decay, cfg.max_grad_norm) == ((0.9, 0.95), 2e-4, 1e-3, 5.0)
+    assert cfg.lr * cfg.min_lr_ratio == pytest.approx(5e-5) and cfg.rows_per_step() == 128
+
+
+# -- the training text -------------------------------------------------------------------
+
+
+def test_training_text_from_a_file_is_budget_plus_validation_rows(tiny_model_dir, text_file):
+    from layerfold.models.loading import load_model
+
+    loaded = load_model(tiny_model_dir("llama"))
+    opts = StreamlineOptions(train_tokens=70, val_rows=3, data=CalibrationSpec(source=text_file, seq_len=16))
+    text = training_text(opts, loaded, progress=False)
+    assert (text.train, text.val) == (5, 3)  # ceil(70 / 16) rows, then the validation rows
+    whole = load_calibration(CalibrationSpec(source=text_file, samples=8, seq_len=16), loaded, progress=False)
+    assert torch.equal(text.ids, whole)  # the file's first rows; the last three validate
+
+
+def test_self_written_training_text_is_the_healing_text_not_the_calibration(tiny_model_dir):
+    from layerfold.healing import HEAL_SEED
+    from layerfold.models.loading import load_model
+
+    loaded = load_model(tiny_model_dir("llama"))
+    opts = StreamlineOptions(train_tokens=32, val_rows=2, data=CalibrationSpec(seq_len=8, seed=1))
+    text = training_text(opts, loaded, progress=False)
+    assert text.ids.shape == (6, 8) and (text.train, text.val) == (4, 2) and text.source == "self" and HEAL_SEED == 1
+    healing = load_calibration(CalibrationSpec(seed=HEAL_SEED, samples=6, seq_len=8), loaded, progress=False)
+    calibration = load_calibration(CalibrationSpec(seed=0, samples=6, seq_len=8), loaded, progress=False)
+    assert torch.equal(text.ids, healing) and not torch.equal(text.ids, calibration)
+
+
+def test_calib_source_holds_out_a_tenth_of_the_calibration():
+    calibration = _ids(32)
+    text = training_text(StreamlineOptions(data=CalibrationSpec(source="calib")), None, calibration)
+    assert (text.train, text.val) == (29, 3) and torch.equal(text.ids, calibration)
+
+
+def test_missing_or_evaluation_training_file_stops_before_any_work(tmp_path, tiny_model_dir, capsys):
+    from layerfold.data.guard import _eval_files
+
+    out = tmp_path / "o"
+    cases = [(str(tmp_path / "nope.txt"), "no such file")]
+    tasks = [p for p in _eval_files() if p.suffix == ".jsonl"]
+    if tasks:  # a copy of an evaluation file is refused as the file itself would be
+        copy = tmp_path / "copy.jsonl"
+        copy.write_bytes(tasks[0].read_bytes())
+        cases.append((str(copy), "evaluation"))
+    for source, message in cases:
+        code = main(["-q", "compress", tiny_model_dir("llama"), "--method", "streamline", "--train-data", source,
+                     "-o", str(out)])
+        err = capsys.readouterr().err
+        assert code == 2 and err.count("\n") == 1 and message in err, err
+        assert not out.exists()
+
+
+# -- the run: steps, batch, validation curve ----------------------------------------------
+
+
+def _block_io(model, ids, start, window):
+    """(h[start], h[start+window]) from the model's own hidden states (independent of the pair pass)."""
+    with torch.no_grad():
+        hs = model(ids, output_hidden_states=True).hidden_states
+    return hs[start], hs[start + window]
+
+
+def test_run_records_batch_steps_tokens_and_a_validation_curve(tmp_path):
+    model = build_tiny("llama", layers=6)
+    reference = build_tiny("llama", layers=6)
+    ids = _ids(44)
+    start, window = 1, 3
+    text = TrainingText(ids, 4)
+    opts = StreamlineOptions(loss="mse", init="first", batch=8, min_steps=5, batch_size=4, lr=1e-3, min_lr=1e-4,
+                             pair_dtype="fp32", eval_every=1)
+    log = tmp_path / "log.jsonl"
+    r = replace_and_train(model, LLAMA, text, start, window, opts, work_dir=tmp_path, log_path=log, progress=False)
+    t = r.training
+    # 40 training rows, 8 a step (40 // 5), 4 x 2 accumulated: 5 steps, 640 tokens
+    assert {k: t[k] for k in ("train_rows", "val_rows", "micro_batch", "grad_accum", "batch", "steps", "train_tokens",
+                              "tokens_seen")} == {"train_rows": 40, "val_rows": 4, "micro_batch": 4, "grad_accum": 2,
+                                                  "batch": 8, "steps": 5, "train_tokens": 640, "tokens_seen": 640}
+    steps = [json.loads(l) for l in log.read_text().splitlines() if json.loads(l).get("event") == "step"]
+    assert [s["tokens"] for s in steps] == [128, 256, 384, 512, 640]
+    assert [v["step"] for v in t["validation"]] == [0, 1, 2, 3, 4, 5]
+    # the first validation: per-row MSE of the untrained copy of layer 1 on the last four rows,
+    # computed here from the model's hidden states, and its standard error between rows
+    x, y = _block_io(reference, ids[40:], start, window)
+    layer = decoder_layers(reference, LLAMA)[start]
+    from layerfold.importance.layer_pass import layer_arguments, run_layer
+
+    with torch.no_grad():
+        call = layer_arguments(reference, LLAMA, (1, 16), x.device, x.dtype)[start]
+        per_row = torch.tensor([F.mse_loss(run_layer(layer, x[i : i + 1], call), y[i : i + 1]).item()
+                                for i in range(4)], dtype=torch.float64)
+    first = t["validation"][0]
+    assert first["loss"] == pytest.approx(per_row.mean().item(), rel=1e-5)
+    assert first["se"] == pytest.approx((per_row.std() / math.sqrt(4)).item(), rel=1e-4)
+    assert min(v["loss"] for v in t["validation"]) == t["best_val"] < first["loss"]
+
+
+@pytest.mark.parametrize("loss", ["lm", "kl"])
+def test_in_place_losses_use_the_training_text_and_its_validation_rows(tmp_path, loss):
+    model = build_tiny("llama", layers=6)
+    opts = StreamlineOptions(loss=loss, init="first", batch=4, min_steps=3, batch_size=2, lr=2e-3, min_lr=5e-4)
+    r = replace_and_train(model, LLAMA, TrainingText(_ids(14), 2), 1, 3, opts, work_dir=tmp_path, progress=False)
+    assert (r.training["train_rows"], r.training["val_rows"], r.training["steps"]) == (12, 2, 3)
+    assert r.fit.best_val < r.fit.first_val and len(decoder_layers(model, LLAMA)) == 4
+
+
+# -- losses ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("loss", ["mse", "mse-normed", "cosine"])
+def test_pair_losses_against_values_by_hand(tmp_path, loss):
+    model = build_tiny("llama", layers=6)
+    ids = _ids(3)
+    store = PairStore(tmp_path / "pairs", 3, 16, 64, "fp32")
+    collect_pairs(model, LLAMA, ids, 1, 3, store, progress=False)
+    x, y = _block_io(build_tiny("llama", layers=6), ids, 1, 3)
+    remove_layers(model, LLAMA, [2, 3])  # layer 1 stands in for the block 1..3
+    objective = PairRegression(model, LLAMA, 1, store, loss)
+    import contextlib
+
+    with torch.no_grad():
+        value, terms = objective([0, 1, 2], contextlib.nullcontext())
+        from layerfold.importance.layer_pass import layer_arguments, run_layer
+
+        call = layer_arguments(model, LLAMA, (3, 16), x.device, x.dtype)[1]
+        pred = run_layer(decoder_layers(model, LLAMA)[1], x, call)
+    if loss == "mse":
+        expected = ((pred - y) ** 2).mean()
+    elif loss == "mse-normed":
+        rms = lambda h: h / h.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt()  # noqa: E731
+        expected = ((rms(pred) - rms(y)) ** 2).mean()
+    else:
+        cos = (pred * y).sum(-1) / (pred.norm(dim=-1) * y.norm(dim=-1))
+        expected = 1 - cos.mean()
+    assert value.item() == pytest.approx(expected.item(), rel=1e-5) and set(terms) == {loss}
+
+
+def test_unknown_pair_loss_is_refused(tmp_path):
+    store = PairStore(tmp_path / "pairs", 1, 4, 64, "fp32")
+    with pytest.raises(LayerfoldError, match="pair loss"):
+        PairRegression(build_tiny("llama"), LLAMA, 1, store, "kl")
+
+
+# -- initialisation ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("init,source", [("first", 1), ("last", 3)])
+def test_replacement_starts_as_the_chosen_layer(tmp_path, init, source):
+    model = build_tiny("llama", layers=6)
+    layer = decoder_layers(build_tiny("llama", layers=6), LLAMA)[source]
+    original = {k: v.clone() for k, v in layer.state_dict().items()}
+    # a learning rate too small to move anything: the trained layer is its starting point
+    opts = StreamlineOptions(init=init, lr=1e-12, min_lr=1e-12, batch=2, min_steps=1, pair_dtype="fp32")
+    replace_and_train(model, LLAMA, TrainingText(_ids(6), 2), 1, 3, opts, work_dir=tmp_path, progress=False)
+    for name, value in decoder_layers(model, LLAMA)[1].state_dict().items():
+        torch.testing.assert_close(value, original[name], rtol=0, atol=1e-6)
+
+
+def test_last_layer_init_keeps_the_slots_attention_type():
+    from layerfold.methods.streamline import init_layer
+
+    cfg = build_tiny("gemma2", layers=6).config  # sliding, full, sliding, full, ...
+    gemma2 = ARCHITECTURES["gemma2"]
+    last = StreamlineOptions(init="last")
+    assert init_layer(last, 0, 4, cfg, gemma2) == 2  # layer 3 is a full layer; the slot 0 a sliding one
+    assert init_layer(last, 1, 3, cfg, gemma2) == 3
+    assert init_layer(StreamlineOptions(init="first"), 1, 3, cfg, gemma2) == 1
+    assert StreamlineOptions().init == "last"  # the default: the best measured (benchmarks/streamline.md)
+    assert init_layer(last, 1, 4, build_tiny("llama", layers=6).config, LLAMA) == 4
+
+
+def test_init_applies_only_to_layer_replacements():
+    from layerfold.methods.streamline import init_layer
+
+    cfg = build_tiny("llama", layers=6).config
+    for kind in ("ffn", "none"):  # an FFN starts as the identity; none keeps the first layer
+        opts = StreamlineOptions(replacement=kind, init="last")
+        opts.validate()
+        assert init_layer(opts, 1, 4, cfg, LLAMA) == 1
