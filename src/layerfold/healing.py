@@ -118,6 +118,10 @@ class HealOptions:
     checkpointing: bool = field(default=False, metadata={
         "help": "recompute layer activations in the backward pass: less memory, about a third more time, "
                 "the same result"})
+    logit_chunk: int = field(default=0, metadata={
+        "help": "positions per chunk of output-head logits in the kl and ce losses (recomputed in backward, so "
+                "the batch's full-vocabulary logits never exist at once; the same loss up to rounding); "
+                "0: auto (32 MiB of fp32 logits per chunk); -1: the whole batch's logits at once"})
     seed: int = field(default=0, metadata={"help": "seed of batch order and LoRA init"})
     checkpoint_dir: str | None = field(default=None, metadata={
         "help": "folder for training checkpoints of every training stage (needed by --resume)",
@@ -168,6 +172,8 @@ class HealOptions:
             raise LayerfoldError(f"--heal-rows must not be negative (got {self.rows})")
         if self.lora_rank < 1:
             raise LayerfoldError(f"--lora-rank must be at least 1 (got {self.lora_rank})")
+        if self.logit_chunk < -1:
+            raise LayerfoldError(f"--heal-logit-chunk must be a number of positions, 0 (auto) or -1 (off) (got {self.logit_chunk})")
         if not 0 <= self.warmup < 1:
             raise LayerfoldError(f"warmup fraction must be in [0, 1) (got {self.warmup})")
         if self.mse > 0 and self.mse_layers < 1:
@@ -368,7 +374,7 @@ def heal(
     )
     t = time.perf_counter()
     result = train(trained_model, ids, config, losses, teacher=prepared_teacher, trainable=None,
-                   arch=student.arch, eval_fn=eval_fn)
+                   arch=student.arch, eval_fn=eval_fn, logit_chunk=opts.logit_chunk)
     seconds["train"] = time.perf_counter() - t
     n_trainable = result.trainable_parameters
 

@@ -75,6 +75,9 @@ class Architecture:
     #: linear layers (inside a decoder layer) whose output is the attention branch's output;
     #: zero weights there make the layer attention-free (LLM-Streamline's FFN-only form)
     attention_outputs: tuple[str, ...] = ("self_attn.o_proj",)
+    #: config key of a cap the causal LM applies to its logits after the output head
+    #: (logits = cap * tanh(logits / cap)); losses that compute logits chunk by chunk apply it
+    logit_softcap: str | None = None
     #: how llama.cpp holds this family; None: llama.cpp does not know it (no GGUF export)
     llama_cpp: LlamaCppLayout | None = None
     #: the linear layer (inside a decoder layer) whose output is the MLP branch's output as it
@@ -110,13 +113,13 @@ ARCHITECTURES: dict[str, Architecture] = {
         Architecture(
             "gemma2", per_layer_lists=("layer_types",), residual_branches=_POST_NORM_BRANCHES, mlp_output=None,
             llama_cpp=LlamaCppLayout("gemma2", **_LLAMA_CPP_GEMMA, swa_pattern=2, softcapping=True),
-            layer_types="layer_types",
+            layer_types="layer_types", logit_softcap="final_logit_softcapping",
         ),
         Architecture(
             "gemma3_text", per_layer_lists=("layer_types",), residual_branches=_POST_NORM_BRANCHES,
             mlp_output=None,
             llama_cpp=LlamaCppLayout("gemma3", **_LLAMA_CPP_GEMMA, swa_pattern=6, swa_rope_theta=10000.0),
-            layer_types="layer_types",
+            layer_types="layer_types", logit_softcap="final_logit_softcapping",
         ),
         Architecture("phi3", llama_cpp=LlamaCppLayout("phi3", caveat=(
             "llama-cpp-python 0.3.36 did not load layerfold's tiny phi3 test files ('error loading model vocabulary: "

@@ -38,7 +38,8 @@ from ..errors import LayerfoldError, RuntimeFailure
 from ..models.loading import input_device
 from ..models.surgery import count_parameters
 from .capture import layer_outputs, model_layers
-from .losses import Loss, LossInputs
+from .head import OutputHead, run_for_hidden
+from .losses import Loss, LossInputs, logit_terms
 from .teacher import OnTheFlyTeacher, TeacherCache
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -188,7 +189,8 @@ class Distillation(Objective):
     :class:`TeacherCache` built on the same rows) where a loss asks for them."""
 
     def __init__(self, student: nn.Module, data: torch.Tensor, losses: Sequence[Loss], *,
-                 teacher: nn.Module | OnTheFlyTeacher | TeacherCache | None = None, arch=None):
+                 teacher: nn.Module | OnTheFlyTeacher | TeacherCache | None = None, arch=None,
+                 logit_chunk: int = 0):
         if not losses:
             raise LayerfoldError("no loss to train on")
         if data.dim() != 2 or data.shape[0] < 1 or data.shape[1] < 2:
@@ -206,6 +208,10 @@ class Distillation(Objective):
         self.teacher_layers = (set().union(*(l.teacher_layers(teacher.num_layers) for l in self.losses))
                                if teacher else set())
         self.need_logits = any(l.needs_teacher_logits for l in self.losses)
+        # logit_chunk >= 0: the logit losses run chunk by chunk of positions through the output
+        # head (0: chunks of about head.AUTO_CHUNK_BYTES of logits); < 0: the batch's full logits
+        self.logit_chunk = logit_chunk
+        self.head = OutputHead(student, arch) if logit_chunk >= 0 else None
         self.temperature = next((l.temperature for l in self.losses if hasattr(l, "temperature")), 1.0)
         self.device = input_device(student)  # where the ids go; a device map moves them on from there
         self.tokens_per_row = data.shape[1]
@@ -213,13 +219,23 @@ class Distillation(Objective):
 
     def __call__(self, rows, autocast):
         ids = self.data[rows].to(self.device)
+        lean = self.head is not None
         with autocast:
-            t_out = (self.teacher.outputs(ids, rows, self.teacher_layers, self.need_logits, self.temperature)
+            t_out = (self.teacher.outputs(ids, rows, self.teacher_layers, self.need_logits, self.temperature,
+                                          **({"chunked": True} if lean and isinstance(self.teacher, OnTheFlyTeacher) else {}))
                      if self.teacher else None)
             with layer_outputs(self.layers, self.student_layers) as hidden:
-                logits = self.student(input_ids=ids).logits
-        x = LossInputs(input_ids=ids, logits=logits, hidden=hidden, num_layers=self.num_layers, teacher=t_out)
-        terms = {loss.name: loss(x) for loss in self.losses}
+                if lean:
+                    x = LossInputs(input_ids=ids, logits=None, hidden=hidden, num_layers=self.num_layers, teacher=t_out,
+                                   final_hidden=run_for_hidden(self.student, self.head, ids), head=self.head,
+                                   chunk=self.logit_chunk)
+                else:
+                    x = LossInputs(input_ids=ids, hidden=hidden, num_layers=self.num_layers, teacher=t_out,
+                                   logits=self.student(input_ids=ids).logits)
+            # under autocast, as the model's own head would run: the chunks' recomputation in
+            # backward restores the same autocast state
+            terms = logit_terms(x, self.losses)
+        terms.update({loss.name: loss(x) for loss in self.losses if not loss.needs_logits})
         total = sum(loss.weight * terms[loss.name] for loss in self.losses)
         return total, terms
 
@@ -590,11 +606,12 @@ def train(
     arch=None,
     eval_fn: Callable[[nn.Module], dict] | None = None,
     on_step: Callable[[int, dict], None] | None = None,
+    logit_chunk: int = 0,
 ) -> TrainResult:
     """Train ``student`` on the token rows ``data`` [N, T] to minimise sum(weight * loss):
-    :func:`fit` with a :class:`Distillation` objective."""
+    :func:`fit` with a :class:`Distillation` objective (``logit_chunk``: see there)."""
     config.validate()
-    objective = Distillation(student, data, losses, teacher=teacher, arch=arch)
+    objective = Distillation(student, data, losses, teacher=teacher, arch=arch, logit_chunk=logit_chunk)
     return fit(student, objective, config, rows=objective.rows, trainable=trainable, eval_fn=eval_fn,
                on_step=on_step)
 

@@ -10,7 +10,7 @@ last entry of ``output_hidden_states``, which already has the final norm applied
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -19,12 +19,16 @@ import torch.nn.functional as F
 from ..eval.heldout import kl_terms
 
 
+
 @dataclass
 class TeacherOutputs:
-    """What the teacher says about one batch: full logits (on the fly) or a top-k summary
-    (from a cache), plus the outputs of some of its decoder layers."""
+    """What the teacher says about one batch: full logits, or its final hidden states and
+    output head (on the fly), or a top-k summary (from a cache), plus the outputs of some of
+    its decoder layers."""
 
     logits: torch.Tensor | None = None  # [B, T, V]
+    final_hidden: torch.Tensor | None = None  # [B, T, H]: logits = head(final_hidden), chunk by chunk
+    head: Callable[[torch.Tensor], torch.Tensor] | None = None
     topk_values: torch.Tensor | None = None  # [B, T, K] teacher logits of its K likeliest tokens
     topk_indices: torch.Tensor | None = None  # [B, T, K]
     logsumexp: torch.Tensor | None = None  # [B, T] logsumexp(logits / temperature) over the full vocab
@@ -35,19 +39,33 @@ class TeacherOutputs:
 
 @dataclass
 class LossInputs:
+    """A batch as the losses see it. The student's logits are given either whole (``logits``)
+    or as final hidden states and the head that turns them into logits (``final_hidden`` and
+    ``head``): then the logit losses work chunk by chunk of positions (:mod:`.head`)."""
+
     input_ids: torch.Tensor  # [B, T]
-    logits: torch.Tensor  # student logits [B, T, V]
+    logits: torch.Tensor | None  # student logits [B, T, V], or None (then final_hidden and head)
     hidden: dict[int, torch.Tensor]  # student layer -> its output [B, T, H]
     num_layers: int  # the student's decoder layer count
     teacher: TeacherOutputs | None = None
+    final_hidden: torch.Tensor | None = None  # [B, T, H]
+    head: object | None = None  # a head.OutputHead
+    chunk: int = 0  # positions per chunk through the head; 0: auto
 
 
 class Loss:
-    """Base class: a named, weighted term of the training objective."""
+    """Base class: a named, weighted term of the training objective.
+
+    A loss on the output distribution (``needs_logits``) is a mean over positions: it gives
+    ``position_sum(logits, x, start, end)``, its sum over the flattened positions
+    ``start..end-1`` (b * T + t) whose logits [end - start, V] are given, and ``count(x)``, the
+    number of positions it averages over. The objective then never needs the batch's logits
+    at once (:func:`logit_terms`)."""
 
     name = "loss"
     weight: float = 1.0
     needs_teacher_logits = False
+    needs_logits = False
 
     def student_layers(self, num_layers: int) -> set[int]:
         return set()
@@ -55,11 +73,45 @@ class Loss:
     def teacher_layers(self, num_layers: int) -> set[int]:
         return set()
 
-    def __call__(self, x: LossInputs) -> torch.Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError
+    def position_sum(self, logits: torch.Tensor, x: LossInputs, start: int, end: int) -> torch.Tensor:
+        raise NotImplementedError  # pragma: no cover - logit losses only
+
+    def count(self, x: LossInputs) -> int:
+        raise NotImplementedError  # pragma: no cover - logit losses only
+
+    def __call__(self, x: LossInputs) -> torch.Tensor:
+        if self.needs_logits:
+            return logit_terms(x, [self])[self.name]
+        raise NotImplementedError  # pragma: no cover - abstract
 
     def describe(self) -> dict:
         return {"name": self.name, "weight": self.weight}
+
+
+def logit_terms(x: LossInputs, losses: Sequence[Loss]) -> dict[str, torch.Tensor]:
+    """The value of every logit loss in ``losses`` on the batch ``x``: from its full logits, or
+    chunk by chunk of positions through the output head, the logits of one chunk at a time
+    (recomputed in backward). Both give the same values and gradients up to rounding."""
+    losses = [l for l in losses if l.needs_logits]
+    if not losses:
+        return {}
+
+    def terms(logits, start, end):
+        return torch.stack([l.position_sum(logits, x, start, end) for l in losses])
+
+    if x.logits is not None:
+        b, t, v = x.logits.shape
+        sums = terms(x.logits.reshape(b * t, v), 0, b * t)
+    else:
+        from .head import chunked_sums
+
+        sums = chunked_sums(x.final_hidden, x.head, terms, x.chunk)
+    return {l.name: sums[i] / l.count(x) for i, l in enumerate(losses)}
+
+
+def _flat(a: torch.Tensor, start: int, end: int, dev) -> torch.Tensor:
+    """Positions ``start..end-1`` of a [B, T, ...] tensor, flattened to [end - start, ...]."""
+    return a.reshape(-1, *a.shape[2:])[start:end].to(dev)
 
 
 @dataclass
@@ -68,11 +120,20 @@ class NextTokenLoss(Loss):
 
     weight: float = 1.0
     name = "ce"
+    needs_logits = True
 
-    def __call__(self, x: LossInputs) -> torch.Tensor:
-        logits = x.logits[:, :-1].float()
-        targets = x.input_ids[:, 1:].to(logits.device)  # under a device map the head may sit elsewhere
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+    def count(self, x: LossInputs) -> int:
+        b, t = x.input_ids.shape
+        return b * (t - 1)
+
+    def position_sum(self, logits, x, start, end):
+        t = x.input_ids.shape[1]
+        dev = logits.device  # under a device map the head may sit elsewhere
+        pos = torch.arange(start, end, device=dev)
+        ids = x.input_ids.reshape(-1).to(dev)
+        targets = ids[(pos + 1).clamp_max(ids.numel() - 1)]
+        targets = torch.where(pos % t == t - 1, torch.full_like(targets, -100), targets)  # a row's last token
+        return F.cross_entropy(logits.float(), targets, ignore_index=-100, reduction="sum")
 
 
 @dataclass
@@ -80,38 +141,48 @@ class LogitKL(Loss):
     """KL(teacher || student) on next-token distributions softened by ``temperature``,
     scaled by temperature^2 (Hinton et al.) so its gradient size does not depend on it.
 
-    With full teacher logits this is the exact KL. With a top-k cache it is the exact KL
-    between the two distributions coarse-grained to K+1 outcomes (each of the teacher's K
-    likeliest tokens, and "anything else"): a lower bound of the full KL that needs only
-    K values per token instead of the whole vocabulary.
+    With full teacher logits (or the teacher's final hidden states and head) this is the
+    exact KL. With a top-k cache it is the exact KL between the two distributions
+    coarse-grained to K+1 outcomes (each of the teacher's K likeliest tokens, and "anything
+    else"): a lower bound of the full KL that needs only K values per token instead of the
+    whole vocabulary.
     """
 
     weight: float = 1.0
     temperature: float = 1.0
     name = "kl"
     needs_teacher_logits = True
+    needs_logits = True
 
-    def __call__(self, x: LossInputs) -> torch.Tensor:
+    def count(self, x: LossInputs) -> int:
+        return x.input_ids.numel()
+
+    def position_sum(self, logits, x, start, end):
         t = x.teacher
         if t is None:
             raise ValueError("LogitKL needs a teacher")
         tau = self.temperature
-        log_q = torch.log_softmax(x.logits.float() / tau, dim=-1)
-        dev = log_q.device
-        if t.logits is not None:
-            kl = kl_terms(x.logits.float() / tau, torch.log_softmax(t.logits.to(dev).float() / tau, dim=-1))
+        dev = logits.device
+        if t.logits is not None or t.final_hidden is not None:
+            if t.logits is not None:
+                t_logits = _flat(t.logits, start, end, dev)
+            else:
+                with torch.no_grad():
+                    t_logits = t.head(_flat(t.final_hidden, start, end, t.final_hidden.device)).to(dev)
+            kl = kl_terms(logits.float() / tau, torch.log_softmax(t_logits.float() / tau, dim=-1))
         else:
+            log_q = torch.log_softmax(logits.float() / tau, dim=-1)
             if abs(t.temperature - tau) > 1e-9:
                 raise ValueError(f"the teacher cache was built at temperature {t.temperature}, not {tau}")
-            log_p_k = t.topk_values.to(dev).float() / tau - t.logsumexp.to(dev).float().unsqueeze(-1)
-            log_q_k = log_q.gather(-1, t.topk_indices.to(dev).long())
+            log_p_k = _flat(t.topk_values, start, end, dev).float() / tau - _flat(t.logsumexp, start, end, dev).float().unsqueeze(-1)
+            log_q_k = log_q.gather(-1, _flat(t.topk_indices, start, end, dev).long())
             p_k = log_p_k.exp()
             kl = (p_k * (log_p_k - log_q_k)).sum(-1)
             # the rest of the vocabulary as one outcome
             p_rest = (1 - p_k.sum(-1)).clamp_min(1e-12)
             q_rest = (1 - log_q_k.exp().sum(-1)).clamp_min(1e-12)
             kl = kl + p_rest * (p_rest.log() - q_rest.log())
-        return kl.mean() * tau * tau
+        return kl.sum() * tau * tau
 
     def describe(self) -> dict:
         return {"name": self.name, "weight": self.weight, "temperature": self.temperature}
@@ -143,7 +214,7 @@ class HiddenMSE(Loss):
     def __call__(self, x: LossInputs) -> torch.Tensor:
         if x.teacher is None:
             raise ValueError("HiddenMSE needs a teacher")
-        total = x.logits.new_zeros((), dtype=torch.float32)
+        total = torch.zeros((), dtype=torch.float32, device=x.input_ids.device)
         for s, t in self.layer_map.items():
             hs = x.hidden[s % x.num_layers]
             ht = x.teacher.hidden[t % x.teacher.num_layers].to(hs.device).float()  # layers may sit on other devices

@@ -24,6 +24,7 @@ from torch import nn
 from ..data.calibration import _model_fingerprint, cache_dir
 from ..models.loading import input_device
 from .capture import layer_outputs, model_layers
+from .head import OutputHead, run_for_hidden
 from .losses import TeacherOutputs
 
 
@@ -34,16 +35,24 @@ class OnTheFlyTeacher:
         self.model = model.eval()
         self.layers = model_layers(model, arch)
         self.num_layers = len(self.layers)
+        self.head = OutputHead(model, arch)
 
     def describe(self) -> dict:
         return {"kind": "on-the-fly", "num_layers": self.num_layers}
 
     @torch.no_grad()
     def outputs(self, input_ids: torch.Tensor, rows: list[int], layers: set[int], need_logits: bool,
-                temperature: float = 1.0) -> TeacherOutputs:
+                temperature: float = 1.0, chunked: bool = False) -> TeacherOutputs:
+        """With ``chunked`` (or no logits needed) the teacher's head computes nothing here: its
+        final hidden states and head go to the losses, which take logits chunk by chunk."""
         with layer_outputs(self.layers, layers, detach=True) as hidden:
-            logits = self.model(input_ids=input_ids).logits
-        return TeacherOutputs(logits=logits if need_logits else None, hidden=dict(hidden), num_layers=self.num_layers)
+            if chunked or not need_logits:
+                final = run_for_hidden(self.model, self.head, input_ids)
+                out = TeacherOutputs(final_hidden=final if need_logits else None, head=self.head)
+            else:
+                out = TeacherOutputs(logits=self.model(input_ids=input_ids).logits)
+        out.hidden, out.num_layers = dict(hidden), self.num_layers
+        return out
 
 
 class TeacherCache:
@@ -123,15 +132,27 @@ def build_teacher_cache(
         lse = mm(tmp / "lse.npy", "w+", np.float32, (n, t))
         hidden = {l: mm(tmp / f"hidden_{l}.npy", "w+", np.float16, (n, t, hidden_size)) for l in layers}
         dev = input_device(model)
+        head = OutputHead(model, teacher.arch)
+        step = head.chunk_tokens(0)
         for start in tqdm(range(0, n, batch_size), desc="teacher cache", unit="batch", disable=not progress):
             ids = data[start : start + batch_size].to(dev)
             with layer_outputs(layer_list, layers, detach=True) as hs:
-                logits = model(input_ids=ids).logits.float()
-            top = logits.topk(topk, dim=-1)
+                final = run_for_hidden(model, head, ids)
             end = start + ids.shape[0]
-            values[start:end] = top.values.cpu().half().numpy()
-            indices[start:end] = top.indices.cpu().int().numpy()
-            lse[start:end] = torch.logsumexp(logits / temperature, dim=-1).cpu().numpy()
+            # the logits of a chunk of positions at a time (the batch's would be [b, t, vocab])
+            flat = final.reshape(-1, final.shape[-1])
+            top_v, top_i, sums = [], [], []
+            for s in range(0, flat.shape[0], step):
+                logits = head(flat[s : s + step]).float()
+                top = logits.topk(topk, dim=-1)
+                top_v.append(top.values.cpu())
+                top_i.append(top.indices.cpu())
+                sums.append(torch.logsumexp(logits / temperature, dim=-1).cpu())
+                del logits, top
+            shape = (ids.shape[0], ids.shape[1])
+            values[start:end] = torch.cat(top_v).reshape(*shape, topk).half().numpy()
+            indices[start:end] = torch.cat(top_i).reshape(*shape, topk).int().numpy()
+            lse[start:end] = torch.cat(sums).reshape(shape).numpy()
             for l in layers:
                 hidden[l][start:end] = hs[l].float().cpu().half().numpy()
         for a in [values, indices, lse, *hidden.values()]:
