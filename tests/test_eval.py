@@ -200,7 +200,7 @@ def test_evaluate_result_roundtrip_and_stability(task_files, tmp_path):
 def test_cli_eval_and_compare(tiny_model_dir, task_files, tmp_path, capsys):
     folder = tiny_model_dir("llama")
     a, b = tmp_path / "a.json", tmp_path / "b.json"
-    code = main(["-q", "eval", folder, "--data-dir", str(task_files), "--tasks", "mc,wino", "--ppl", "lamb",
+    code = main(["-q", "eval", folder, "--data-dir", str(task_files), "--tasks", "mc,wino", "--ppl", "lamb", "--ppl-window", "128",
                  "--json", str(a), "--no-speed", "--reference", folder, "--reference-json", str(b)])
     out = capsys.readouterr().out
     assert code == 0, out
