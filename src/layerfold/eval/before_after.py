@@ -13,35 +13,18 @@ giving a ratio.
 from __future__ import annotations
 
 import statistics
-import time
 
 import torch
 
-from ..models.compat import cache_kwargs, returned_cache
-from .cost import _PeakMemory, _sync, weight_bytes
+from .cost import _PeakMemory, decode_tokens_per_s, prefill_seconds, weight_bytes
 
 NOISY_SPREAD = 0.20  # (highest - lowest) / median of the per-round ratios above which none is printed
 DEFAULT_ROUNDS = 7
 
 
-@torch.no_grad()
 def _one_run(model, prompt: torch.Tensor, decode_tokens: int) -> tuple[float, float]:
     """Tokens per second of one prefill over ``prompt`` and of ``decode_tokens`` cached decode steps."""
-    device = prompt.device
-    _sync(device)
-    t = time.perf_counter()
-    model(input_ids=prompt, use_cache=False, logits_to_keep=1)
-    _sync(device)
-    prefill = prompt.shape[1] / (time.perf_counter() - t)
-    out = model(input_ids=prompt[:, :16], use_cache=True, logits_to_keep=1)
-    cache, nxt = returned_cache(out), out.logits[:, -1:].argmax(-1)
-    _sync(device)
-    t = time.perf_counter()
-    for _ in range(decode_tokens):
-        out = model(input_ids=nxt, use_cache=True, **cache_kwargs(model, cache))
-        cache, nxt = returned_cache(out), out.logits[:, -1:].argmax(-1)
-    _sync(device)
-    return prefill, decode_tokens / (time.perf_counter() - t)
+    return prompt.shape[1] / prefill_seconds(model, prompt), decode_tokens_per_s(model, prompt, decode_tokens)
 
 
 def compare_runs(reference: list[float], other: list[float]) -> dict:

@@ -124,6 +124,30 @@ def _sync(device):
 
 
 @torch.no_grad()
+def prefill_seconds(model, prompt: torch.Tensor) -> float:
+    """Seconds of one uncached forward over ``prompt`` (only the last position's logits)."""
+    _sync(prompt.device)
+    t = time.perf_counter()
+    model(input_ids=prompt, use_cache=False, logits_to_keep=1)
+    _sync(prompt.device)
+    return time.perf_counter() - t
+
+
+@torch.no_grad()
+def decode_tokens_per_s(model, prompt: torch.Tensor, decode_tokens: int) -> float:
+    """Tokens per second of ``decode_tokens`` greedy cached steps after a 16-token prefix of ``prompt``."""
+    out = model(input_ids=prompt[:, :16], use_cache=True, logits_to_keep=1)
+    cache, nxt = returned_cache(out), out.logits[:, -1:].argmax(-1)
+    _sync(prompt.device)
+    t = time.perf_counter()
+    for _ in range(decode_tokens):
+        out = model(input_ids=nxt, use_cache=True, **cache_kwargs(model, cache))
+        cache, nxt = returned_cache(out), out.logits[:, -1:].argmax(-1)
+    _sync(prompt.device)
+    return decode_tokens / (time.perf_counter() - t)
+
+
+@torch.no_grad()
 def measure_cost(model, *, path=None, prefill_tokens: int = 256, decode_tokens: int = 32,
                  repeats: int = 3, speed: bool = True) -> Cost:
     device = next(model.parameters()).device
@@ -136,23 +160,9 @@ def measure_cost(model, *, path=None, prefill_tokens: int = 256, decode_tokens: 
     # random token ids: speed does not depend on which tokens run
     prompt = torch.randint(3, vocab, (1, prefill_tokens), generator=g).to(device)
     with _PeakMemory(device) as mem:
-        times = []
-        for _ in range(repeats + 1):
-            _sync(device)
-            t = time.perf_counter()
-            model(input_ids=prompt, use_cache=False, logits_to_keep=1)
-            _sync(device)
-            times.append(time.perf_counter() - t)
+        times = [prefill_seconds(model, prompt) for _ in range(repeats + 1)]
         cost.prefill_tokens_per_s = prefill_tokens / statistics.median(times[1:])
-        out = model(input_ids=prompt[:, :16], use_cache=True, logits_to_keep=1)
-        cache, nxt = returned_cache(out), out.logits[:, -1:].argmax(-1)
-        _sync(device)
-        t = time.perf_counter()
-        for _ in range(decode_tokens):
-            out = model(input_ids=nxt, use_cache=True, **cache_kwargs(model, cache))
-            cache, nxt = returned_cache(out), out.logits[:, -1:].argmax(-1)
-        _sync(device)
-        cost.decode_tokens_per_s = decode_tokens / (time.perf_counter() - t)
+        cost.decode_tokens_per_s = decode_tokens_per_s(model, prompt, decode_tokens)
     cost.peak_memory_bytes = mem.model_peak(cost.weight_bytes)
     cost.prefill_tokens, cost.decode_tokens = prefill_tokens, decode_tokens
     return cost
