@@ -212,6 +212,18 @@ def test_cli_eval_and_compare(tiny_model_dir, task_files, tmp_path, capsys):
     assert "task 'nope'" in capsys.readouterr().err
 
 
+def test_default_ppl_window_fits_the_models_positions(tiny_model_dir, task_files, tmp_path, capsys):
+    """Without --ppl-window, a 256-position model is scored with 256-token windows, not refused
+    for the 512 default; an explicit window beyond its positions is still refused."""
+    folder = tiny_model_dir("llama")
+    out = tmp_path / "e.json"
+    code = main(["-q", "eval", folder, "--data-dir", str(task_files), "--ppl", "lamb", "--no-speed", "--json", str(out)])
+    assert code == 0, capsys.readouterr().err
+    assert EvalResult.load(out).settings["ppl_window"] == 256
+    assert main(["-q", "eval", folder, "--data-dir", str(task_files), "--ppl", "lamb", "--ppl-window", "512"]) == 2
+    assert "longer than the 256 positions" in capsys.readouterr().err
+
+
 def test_compress_writes_report_with_before_and_after(tiny_model_dir, task_files, text_file, tmp_path, capsys):
     out = tmp_path / "pruned"
     code = main(["-q", "compress", tiny_model_dir("llama"), "--remove", "2", "--calib", text_file,

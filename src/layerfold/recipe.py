@@ -158,8 +158,9 @@ class EvaluateOptions:
         "help": "first N examples of each task (default: all)", "flag": "--limit"})
     ppl_limit: int | None = field(default=None, metadata={
         "help": "first N documents of each perplexity text (default: --limit)", "flag": "--ppl-limit"})
-    ppl_window: int = field(default=DEFAULT_PPL_WINDOW, metadata={"help": "perplexity window in tokens",
-                                                                   "flag": "--ppl-window"})
+    ppl_window: int | None = field(default=None, metadata={
+        "help": f"perplexity window in tokens (default: {DEFAULT_PPL_WINDOW}, or the model's positions if it has fewer)",
+        "flag": "--ppl-window"})
     ppl_stride: int | None = field(default=None, metadata={"help": "perplexity stride (default: the window)",
                                                             "flag": "--ppl-stride"})
     data_dir: str | None = field(default=None, metadata={

@@ -123,6 +123,12 @@ def evaluate_task(model, tokenizer, task: Task, *, batch_size: int = 8, add_bos:
     return multiple_choice_result(task.name, rows, **kw)
 
 
+def default_ppl_window(model) -> int:
+    """``DEFAULT_PPL_WINDOW``, shortened to the model's positions when it was trained for fewer."""
+    positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    return min(DEFAULT_PPL_WINDOW, positions) if isinstance(positions, int) and positions > 1 else DEFAULT_PPL_WINDOW
+
+
 def evaluate(
     model=None,
     tokenizer=None,
@@ -133,7 +139,7 @@ def evaluate(
     batch_size: int = 8,
     reference: EvalResult | str | os.PathLike | None = None,
     data_dir: str | os.PathLike | None = None,
-    ppl_window: int = DEFAULT_PPL_WINDOW,
+    ppl_window: int | None = None,
     ppl_stride: int | None = None,
     ppl_limit: int | None = None,
     ppl_max_tokens: int | None = None,
@@ -149,7 +155,8 @@ def evaluate(
     ``model``: a ``LoadedModel``, a Hugging Face causal LM (then pass ``tokenizer``), or a
     source to load (folder, hub id, .gguf, None for the embedded model).
     ``tasks``: task names (``piqa`` -> ``<data>/tasks/piqa.jsonl``), paths, or ``Task`` objects.
-    ``ppl``: .txt/.jsonl files or task names whose text is scored with a fixed window.
+    ``ppl``: .txt/.jsonl files or task names whose text is scored with a fixed window
+    (``ppl_window``; by default ``DEFAULT_PPL_WINDOW`` tokens, or the model's positions if fewer).
     ``limit``: first N examples of each task (and documents of each perplexity text unless
     ``ppl_limit`` is given). ``reference``: an ``EvalResult`` (or its JSON file) of the
     original model on the same tasks and limit; fills ``stability`` per task.
@@ -177,6 +184,8 @@ def evaluate(
     model_obj.eval()
     try:
         result = EvalResult(model=name or model_name)
+        if ppl_window is None:
+            ppl_window = default_ppl_window(model_obj)
         result.settings = {"limit": limit, "batch_size": batch_size, "ppl_window": ppl_window,
                            "ppl_stride": ppl_stride or ppl_window, "add_bos": add_bos,
                            "dtype": str(next(model_obj.parameters()).dtype).replace("torch.", "")}
