@@ -44,6 +44,7 @@ from .data.calibration import CalibrationSpec, load_calibration
 from .data.guard import check_not_eval_data
 from .errors import LayerfoldError
 from .models.loading import LoadedModel, input_device
+from .nn.lora import add_lora, has_lora, merge_lora
 from .train import (
     Checkpoints,
     HiddenMSE,
@@ -273,6 +274,14 @@ def _parse_layers(text: str, n: int) -> list[int]:
     return sorted({i % n for i in idx})
 
 
+def shares_weights(model: nn.Module, arch) -> bool:
+    """Whether decoder layers share weight tensors (a FoldGPT model; lm_head tied to the
+    embeddings does not count)."""
+    from .nn.shared import shared_parameter_map
+
+    return any(name.startswith(arch.layers + ".") for name in shared_parameter_map(model))
+
+
 def is_tied(model: nn.Module) -> bool:
     out, inp = model.get_output_embeddings(), model.get_input_embeddings()
     return out is not None and inp is not None and out.weight is inp.weight
@@ -380,6 +389,8 @@ def heal(
 
     if trained_model is not model:
         model = trained_model.merge_and_unload()
+    elif has_lora(model):  # a shared model's adapters: each one added to its shared tensor once
+        merge_lora(model)
     if opts.checkpointing:
         model.gradient_checkpointing_disable()
     for p in model.parameters():
@@ -418,8 +429,14 @@ def _make_trainable(student: LoadedModel, opts: HealOptions) -> tuple[nn.Module,
     trained_model: nn.Module = model
     what = []
     if opts.train in ("lora", "lora+layers"):
-        trained_model = _add_lora(model, opts)
-        what.append(f"LoRA r={opts.lora_rank} on {opts.lora_modules}")
+        if shares_weights(model, student.arch):
+            # PEFT would give each member of a shared group its own adapter and merge all of
+            # them into the one shared tensor; nn.lora gives the tensor one adapter
+            add_lora(model, student.arch, opts.lora_rank, opts.lora_alpha, modules=opts.lora_modules, seed=opts.seed)
+            what.append(f"LoRA r={opts.lora_rank} on {opts.lora_modules} (one adapter per shared tensor)")
+        else:
+            trained_model = _add_lora(model, opts)
+            what.append(f"LoRA r={opts.lora_rank} on {opts.lora_modules}")
     # full fine-tuning is switched on after PEFT, which freezes everything it does not add
     for i in full_layers:
         for p in layers[i].parameters():

@@ -811,7 +811,9 @@ def heal_model(opts: HealModelOptions) -> HealModelResult:
                   params_after=params, options=recipes.schema.to_dict(recipes.absolute_paths(opts)))
     t = time.perf_counter()
     files = {"layerfold.json": json.dumps(record, indent=2, default=str) + "\n", recipes.RECIPE_FILE: recipe_yaml}
-    out = save_model_folder(student, out, card=card, force=opts.output.force, extra_files=files)
+    from .export.shared import save_shared_folder  # a shared model stays shared (a standard one: standard)
+
+    out = save_shared_folder(student, out, card=card, force=opts.output.force, extra_files=files)
     seconds["save"] = time.perf_counter() - t
     return HealModelResult(out, summary, params, seconds)
 

@@ -34,7 +34,9 @@ class CureOptions:
     """The cure: which losses, how long. ``steps=0`` skips it."""
 
     steps: int = field(default=40, metadata={"help": "optimiser steps of the cure; 0 skips it"})
-    lr: float = field(default=5e-5, metadata={"help": "AdamW learning rate of the cure"})
+    lr: float | None = field(default=None, metadata={
+        "help": "AdamW learning rate of the cure (default: 5e-5 for every decoder-layer weight, 5e-4 with "
+                "--cure-lora-rank)"})
     batch_size: int = field(default=4, metadata={"help": "sequences per cure step"})
     grad_accum: int = field(default=1, metadata={"help": "micro-batches per cure step"})
     samples: int = field(default=64, metadata={
@@ -48,6 +50,16 @@ class CureOptions:
     tail_weight: float = field(default=1.0, metadata={"help": "weight of tail-layer distillation",
                                                       "flag": "--tail-weight"})
     warmup_steps: int = field(default=4, metadata={"help": "steps of linear learning-rate warmup"})
+    lora_rank: int = field(default=0, metadata={
+        "help": "train LoRA adapters of this rank on the linear weights instead of the weights themselves: one "
+                "adapter per shared tensor, merged into it once at the end, so sharing survives; norms and "
+                "biases still train (0: every decoder-layer weight trains)"})
+    lora_alpha: float = field(default=32.0, metadata={"help": "LoRA scaling numerator (scale = alpha / rank)"})
+
+    def learning_rate(self) -> float:
+        if self.lr is not None:
+            return self.lr
+        return 5e-4 if self.lora_rank else 5e-5
 
     def validate(self) -> None:
         if self.steps < 0:
@@ -56,7 +68,9 @@ class CureOptions:
             raise LayerfoldError(f"--tail-layers must be 0 or more (got {self.tail_layers})")
         if self.samples < 1 or self.batch_size < 1:
             raise LayerfoldError("--cure-samples and the cure batch size must be at least 1")
-        if self.lr <= 0 or self.kl_weight < 0 or self.tail_weight < 0:
+        if self.lora_rank < 0:
+            raise LayerfoldError(f"--cure-lora-rank must be 0 or more (got {self.lora_rank})")
+        if (self.lr is not None and self.lr <= 0) or self.kl_weight < 0 or self.tail_weight < 0:
             raise LayerfoldError("cure learning rate must be positive and loss weights non-negative")
 
 
@@ -189,9 +203,13 @@ def fold(
 
 def run_cure(model, teacher, arch, ids: torch.Tensor, opts: CureOptions, *, kept=None,
              log_file: str | None = None, progress: bool = True, checkpoints: Checkpoints | None = None) -> dict:
-    """Fine-tune every decoder-layer parameter (shared weights once, per-layer norms) of
-    ``model`` toward ``teacher``: logit KL + tail-layer MSE, student layer j against teacher
-    layer ``kept[j]`` (the layer map). Embeddings and lm_head stay."""
+    """Fine-tune the decoder layers of ``model`` toward ``teacher`` through the one training
+    loop (``train.loop.fit``): logit KL + tail-layer MSE, student layer j against teacher
+    layer ``kept[j]`` (the layer map). What trains: every decoder-layer parameter (a shared
+    weight once: it is one Parameter), or with ``opts.lora_rank`` LoRA adapters on the linear
+    weights (one per shared tensor, ``nn.lora``) plus the per-layer norms and biases, merged
+    into the weights once at the end. Embeddings and lm_head stay."""
+    from ..nn.lora import add_lora, merge_lora
     from ..train import HiddenMSE, LogitKL, TrainConfig, tail_map, train
 
     losses = []
@@ -203,18 +221,25 @@ def run_cure(model, teacher, arch, ids: torch.Tensor, opts: CureOptions, *, kept
     if not losses:
         raise LayerfoldError("the cure has no loss: give --kl-weight or --tail-layers/--tail-weight above 0")
     config = TrainConfig(
-        steps=opts.steps, batch_size=opts.batch_size, grad_accum=opts.grad_accum, lr=opts.lr,
+        steps=opts.steps, batch_size=opts.batch_size, grad_accum=opts.grad_accum, lr=opts.learning_rate(),
         warmup_steps=opts.warmup_steps, **(checkpoints or Checkpoints()).settings(), log_file=log_file,
         progress=progress, desc="cure",
     )
     prefix = arch.layers + "."
     flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    frozen: set[int] = set()
+    if opts.lora_rank:
+        frozen = {id(w) for w in add_lora(model, arch, opts.lora_rank, opts.lora_alpha)}
     try:
         result = train(model, ids, config, losses, teacher=teacher, arch=arch,
-                       trainable=lambda name, p: name.startswith(prefix))
+                       trainable=lambda name, p: name.startswith(prefix) and id(p) not in frozen)
     finally:
+        if opts.lora_rank:
+            merge_lora(model)
         for name, p in model.named_parameters():
             p.requires_grad_(flags.get(name, True))
     summary = {k: v for k, v in asdict(result).items() if k != "history"}
-    return {"options": asdict(opts), "losses": [l.describe() for l in losses], **summary,
-            "history": result.history}
+    what = (f"LoRA r={opts.lora_rank} on the linear weights (one adapter per shared tensor, merged once) + "
+            "per-layer norms and biases" if opts.lora_rank else "every decoder-layer weight (a shared one once)")
+    return {"options": asdict(opts), "lr": opts.learning_rate(), "trained": what,
+            "losses": [l.describe() for l in losses], **summary, "history": result.history}

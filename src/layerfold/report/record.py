@@ -92,7 +92,8 @@ def streamline_summary(so, sl, n_layers: int) -> str:
 def foldgpt_summary(plan, cure_steps: int) -> str:
     shared = [g for g in plan.groups if len(g) > 1]
     return (
-        f"FoldGPT: removed {len(plan.removed)} of {plan.layers_before} decoder layers by learned gates, then "
+        f"FoldGPT: removed {len(plan.removed)} of {plan.layers_before} decoder layers by "
+        f"{'learned gates' if plan.selection == 'gates' else 'the ' + plan.selection + ' selection'}, then "
         f"{sum(len(g) for g in shared)} of the remaining {plan.layers_after} layers share their linear weights in "
         f"groups ({', '.join(f'{g[0]}-{g[-1]}' for g in shared) or 'none'}); "
         + (f"cured for {cure_steps} steps with logit KL + tail-layer distillation." if cure_steps > 0 else "no cure.")
