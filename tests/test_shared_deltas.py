@@ -80,3 +80,66 @@ def test_deltas_train_and_bad_rank():
     assert mod.delta_a.grad is not None and mod.delta_b.grad is not None
     with pytest.raises(LayerfoldError, match="delta rank"):
         share_groups(_model()[0], ARCHITECTURES["llama"], [[0, 1]], delta_rank=-1)
+
+
+def test_a_shared_folder_stores_the_deltas_and_both_loaders_and_unfold_give_the_same_model(tmp_path):
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    from conftest import tiny_tokenizer
+    from layerfold.cli import main
+    from layerfold.export.shared import save_shared_folder
+    from layerfold.models.loading import LoadedModel, load_model
+
+    model, _ = _model()
+    share_groups(model, ARCHITECTURES["llama"], GROUPS, init="mean", delta_rank=3)
+    with torch.no_grad():  # the deltas after some training: every member's differs, none is zero
+        for m in model.modules():
+            if isinstance(m, LowRankDeltaLinear):
+                m.delta_b.add_(0.01)
+    stored = count_parameters(model)
+    ids = torch.randint(3, 250, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+    loaded = LoadedModel(model=model, tokenizer=tiny_tokenizer(), arch=ARCHITECTURES["llama"], source="tiny",
+                         base_model="tiny", local_dir=None)
+    out = save_shared_folder(loaded, tmp_path / "shared", card="test")
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["layerfold_deltas"]["model.layers.1.mlp.up_proj"] == 3 and len(cfg["layerfold_deltas"]) == 4 * 7
+    ours = load_model(str(out), device="cpu").model
+    theirs = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
+    for m in (ours, theirs):
+        assert count_parameters(m) == stored  # the shared matrices once, every member's deltas
+        layers = m.model.layers
+        assert layers[2].self_attn.v_proj.weight is layers[3].self_attn.v_proj.weight
+        with torch.no_grad():
+            torch.testing.assert_close(m(input_ids=ids).logits, ref, rtol=0, atol=1e-5)
+    target = tmp_path / "unfolded"
+    assert main(["-q", "export", str(out), "--unfold", "-o", str(target)]) == 0
+    plain = AutoModelForCausalLM.from_pretrained(target)  # stock transformers, no custom code
+    assert "layerfold_deltas" not in json.loads((target / "config.json").read_text())
+    with torch.no_grad():
+        torch.testing.assert_close(plain(input_ids=ids).logits, ref, rtol=0, atol=1e-5)
+
+
+def test_compress_with_deltas_counts_and_saves_them(tiny_model_dir, text_file, tmp_path, capsys):
+    import json
+
+    from layerfold.cli import main
+    from layerfold.models.loading import load_model
+
+    runs = {}
+    for rank in (0, 2):
+        out = tmp_path / f"r{rank}"
+        code = main(["-q", "compress", tiny_model_dir("llama"), "--method", "foldgpt", "--remove", "2", "--calib",
+                     text_file, "--calib-samples", "6", "--seq-len", "16", "--gate-steps", "2", "--cure-steps", "1",
+                     "--cure-samples", "4", "--no-eval", "--delta-rank", str(rank), "-o", str(out)])
+        assert code == 0, capsys.readouterr()
+        runs[rank] = json.loads((out / "layerfold.json").read_text())
+        assert count_parameters(load_model(str(out), device="cpu").model) == runs[rank]["params_after"]
+    # 4 kept layers in 2 pairs: each member adds 2 x (in + out) per linear matrix (tiny llama:
+    # hidden 64, 4 heads of 16 with 2 kv heads, intermediate 128)
+    shapes = [(64, 64), (32, 64), (32, 64), (64, 64), (128, 64), (128, 64), (64, 128)]
+    assert runs[2]["params_after"] - runs[0]["params_after"] == 4 * sum(2 * (o + i) for o, i in shapes)
+    assert runs[2]["plan"]["params_after"] == runs[2]["params_after"]

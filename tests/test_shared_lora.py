@@ -1,5 +1,5 @@
 """LoRA on shared weights (nn.lora): one adapter per shared tensor, merged once; FoldGPT's
-LoRA cure; healing a shared (FoldGPT) model keeps it shared; --delta-rank refused on the CLI."""
+LoRA cure; healing a shared (FoldGPT) model keeps it shared."""
 
 from __future__ import annotations
 
@@ -113,11 +113,3 @@ def test_healing_a_shared_model_keeps_it_shared(tiny_model_dir, text_file, tmp_p
     record = json.loads((healed / "layerfold.json").read_text())
     if train == "lora":
         assert "one adapter per shared tensor" in record["heal"]["trainable"]
-
-
-def test_compress_refuses_delta_rank_in_one_line(tiny_model_dir, text_file, tmp_path, capsys):
-    code = main(["-q", "compress", tiny_model_dir("llama"), "--method", "foldgpt", "--remove", "2", "--calib",
-                 text_file, "--delta-rank", "4", "-o", str(tmp_path / "o")])
-    err = capsys.readouterr().err
-    assert code == 2 and "--delta-rank" in err and len(err.strip().splitlines()) == 1
-    assert not (tmp_path / "o").exists()

@@ -199,8 +199,6 @@ class _Compression:
                                      "scores (--scores) cannot stand in for it")
         if self.method.share or self.method.cure:
             o.foldgpt.validate()
-            if o.foldgpt.delta_rank:
-                raise LayerfoldError("per-layer deltas (--delta-rank) cannot be saved in a shared folder yet")
         if o.selection.scores and not Path(o.selection.scores).expanduser().is_file():
             raise LayerfoldError(f"{o.selection.scores}: no such scores file (write one with layerfold analyze --json)")
         if o.output.path and not o.output.dry_run:

@@ -32,7 +32,7 @@ from ..errors import LayerfoldError
 from ..models.architectures import Architecture
 from ..models.saving import save_model_folder
 from ..models.surgery import decoder_layers
-from ..nn.shared import shared_parameter_map
+from ..nn.shared import attach_deltas, delta_ranks, shared_parameter_map
 
 SHARED_MODEL_TYPE = "layerfold_shared"
 MODELING_FILE = "modeling_layerfold_shared.py"
@@ -42,8 +42,11 @@ _MODELING_TEMPLATE = '''"""Weight sharing across decoder layers, written by laye
 Some parameters of this model are stored once and used by several layers: config.json's
 ``layerfold_shared`` maps each such name to the stored one. This class adds that map to
 transformers' tied-weights mechanism, so loading ties them like embeddings and lm_head.
+Linear layers named in ``layerfold_deltas`` (name -> rank) add their own low-rank delta
+B A to the shared weight: W x + B (A x).
 """
 
+import torch
 from transformers import {config_class} as _BaseConfig
 from transformers import {model_class} as _BaseModel
 
@@ -52,8 +55,29 @@ class LayerfoldSharedConfig(_BaseConfig):
     model_type = "{model_type}"
 
 
+class _DeltaLinear(torch.nn.Module):
+    def __init__(self, base, rank):
+        super().__init__()
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight, self.bias = base.weight, base.bias
+        rank = min(rank, self.in_features, self.out_features)
+        self.delta_b = torch.nn.Parameter(torch.zeros(self.out_features, rank, dtype=base.weight.dtype))
+        self.delta_a = torch.nn.Parameter(torch.zeros(rank, self.in_features, dtype=base.weight.dtype))
+
+    def forward(self, x):
+        f = torch.nn.functional.linear
+        return f(x, self.weight, self.bias) + f(f(x, self.delta_a), self.delta_b)
+
+
 class LayerfoldSharedForCausalLM(_BaseModel):
     config_class = LayerfoldSharedConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        for name, rank in (getattr(config, "layerfold_deltas", None) or {{}}).items():
+            parent, _, child = name.rpartition(".")
+            owner = self.get_submodule(parent)
+            setattr(owner, child, _DeltaLinear(getattr(owner, child), rank))
 
     def get_expanded_tied_weights_keys(self, all_submodels=False):
         keys = super().get_expanded_tied_weights_keys(all_submodels=all_submodels)
@@ -87,6 +111,9 @@ def shared_config_json(model: nn.Module, mapping: dict[str, str], groups: list[l
     """config.json of a shared model: the base config plus the sharing map and auto_map."""
     d = model.config.to_dict()
     base_type = d["model_type"]
+    deltas = delta_ranks(model)
+    if deltas:
+        d["layerfold_deltas"] = deltas
     d.update(
         model_type=SHARED_MODEL_TYPE,
         layerfold_base_model_type=base_type,
@@ -119,7 +146,7 @@ def base_config(shared: dict):
     base_type = d.pop("layerfold_base_model_type", None)
     if not base_type:
         raise LayerfoldError("shared model config has no layerfold_base_model_type")
-    for key in ("model_type", "auto_map", "architectures", "layerfold_groups"):
+    for key in ("model_type", "auto_map", "architectures", "layerfold_groups", "layerfold_deltas"):
         d.pop(key, None)
     mapping = d.pop("layerfold_shared", {}) or {}
     try:
@@ -127,6 +154,31 @@ def base_config(shared: dict):
     except ValueError as e:
         raise LayerfoldError(f"shared model of unknown base type {base_type!r}: {e}") from None
     return cfg, mapping
+
+
+def load_deltas(model: nn.Module, folder: Path, ranks: dict[str, int]) -> None:
+    """Rebuild the per-layer delta modules ``ranks`` names and fill them from the folder's
+    safetensors files (transformers' base class does not know these tensors)."""
+    from safetensors import safe_open
+
+    if not ranks:
+        return
+    attach_deltas(model, ranks)
+    wanted = {f"{name}.{part}" for name in ranks for part in ("delta_a", "delta_b")}
+    params = dict(model.named_parameters())
+    found = set()
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as f:
+            for key in wanted.intersection(f.keys()):
+                target = params[key]
+                value = f.get_tensor(key)
+                if value.shape != target.shape:
+                    raise LayerfoldError(f"stored delta {key} has shape {tuple(value.shape)}, expected {tuple(target.shape)}")
+                with torch.no_grad():
+                    target.copy_(value.to(target.dtype))
+                found.add(key)
+    if found != wanted:
+        raise LayerfoldError(f"{folder}: the config names deltas the files do not hold ({sorted(wanted - found)[0]}, ...)")
 
 
 def save_shared_folder(loaded, out: Path, *, card: str, extra_files: dict | None = None,

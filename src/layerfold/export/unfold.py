@@ -3,7 +3,7 @@ for tools that cannot express sharing."""
 
 from __future__ import annotations
 
-from ..nn.shared import shared_parameter_map, unshare
+from ..nn.shared import fold_deltas, shared_parameter_map, unshare
 
 
 def unfold(loaded) -> int:
@@ -12,7 +12,8 @@ def unfold(loaded) -> int:
     exclude = set(getattr(model, "all_tied_weights_keys", {}) or {})
     mapping = shared_parameter_map(model, exclude=exclude)
     unshare(model, mapping)
-    for key in ("layerfold_shared", "layerfold_groups", "layerfold_base_model_type", "auto_map"):
+    fold_deltas(model)  # each member's W + B A becomes its own plain weight
+    for key in ("layerfold_shared", "layerfold_groups", "layerfold_base_model_type", "auto_map", "layerfold_deltas"):
         if hasattr(model.config, key):
             delattr(model.config, key)
     return len(mapping)

@@ -107,8 +107,8 @@ class FoldGPTOptions:
         "flag": "--share-init"})
     delta_rank: int = field(default=0, metadata={
         "help": "give every member of a shared group its own rank-r delta on each shared matrix, initialised "
-                "from the truncated SVD of its difference to the shared weight (0: none; Python API only "
-                "until shared folders can store deltas)", "flag": "--delta-rank"})
+                "from the truncated SVD of its difference to the shared weight; stored in the shared folder and "
+                "counted in the stored parameters (0: none)", "flag": "--delta-rank"})
     cure: CureOptions = field(default_factory=CureOptions, metadata={
         "help": "FoldGPT's cure: logit KL + tail-layer distillation to the original (checkpoints: --checkpoint-dir)",
         "prefix": "cure-"})

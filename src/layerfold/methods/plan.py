@@ -33,6 +33,17 @@ def shared_parameters(model: nn.Module, arch: Architecture, groups: list[list[in
     return saved
 
 
+def delta_parameters(model: nn.Module, arch: Architecture, groups: list[list[int]], rank: int) -> int:
+    """Parameters per-layer rank-``rank`` deltas add: every member of a group, every linear
+    weight, rank x (in + out) (the rank capped by the matrix's smaller side)."""
+    if rank <= 0:
+        return 0
+    layers = decoder_layers(model, arch)
+    return sum(min(rank, *m.weight.shape) * sum(m.weight.shape)
+               for group in groups for member in group
+               for m in layers[member].modules() if isinstance(m, nn.Linear))
+
+
 def bytes_per_parameter(model: nn.Module) -> int:
     return next(model.parameters()).element_size()
 

@@ -33,7 +33,7 @@ from ..models.layer_map import LayerMap
 from ..models.surgery import count_parameters, remove_layers
 from ..schema import parse_fraction
 from . import pruning
-from .plan import Plan, bytes_per_parameter, layer_parameters, shared_parameters
+from .plan import Plan, bytes_per_parameter, delta_parameters, layer_parameters, shared_parameters
 
 if TYPE_CHECKING:
     from ..importance.criteria import LayerScores
@@ -302,6 +302,7 @@ def make_plan(opts: CompressOptions, model, arch, evidence: Evidence) -> Plan:
         if any(s is None for g in members for s in g):
             raise LayerfoldError("a replacement cannot share its weights with kept layers; use --repair none")
         after -= shared_parameters(model, arch, members)  # counted on the original layers: they are alike
+        after += delta_parameters(model, arch, members, opts.foldgpt.delta_rank)
     if evidence.search is not None:
         details["search"] = evidence.search
     if evidence.gates is not None:
@@ -370,7 +371,8 @@ def apply_plan(plan: Plan, loaded, ids: torch.Tensor | None, opts: CompressOptio
         # the gates end at 0/1; their scores (log a, logits) still rank the kept layers
         gates = evidence.gates.importance() if evidence.gates is not None else None
         importance = [gates[s] for s in plan.layer_map.sources] if gates is not None else None
-        share_groups(model, arch, plan.groups, init=opts.foldgpt.share_init, importance=importance)
+        share_groups(model, arch, plan.groups, init=opts.foldgpt.share_init, importance=importance,
+                     delta_rank=opts.foldgpt.delta_rank)
     applied.seconds["apply"] = time.perf_counter() - t
     if count_parameters(model) != plan.params_after:  # the plan's counts are exact, or it is a bug
         raise RuntimeError(f"planned {plan.params_after:,} parameters, made {count_parameters(model):,}")

@@ -363,16 +363,18 @@ def _load_shared(folder: Path, name: str, torch_dtype, dev) -> LoadedModel:
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ..export.shared import base_config
+    from ..export.shared import base_config, load_deltas
     from ..nn.shared import tie_parameters
 
-    config, mapping = base_config(read_shared_config(folder))
+    shared = read_shared_config(folder)
+    config, mapping = base_config(shared)
     arch = architecture_for(config)
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, config=config)  # not the shared config.json
         model = AutoModelForCausalLM.from_pretrained(folder, config=config, dtype=torch_dtype, use_safetensors=True)
     except Exception as e:
         raise LayerfoldError(f"cannot load {name}: {_first_line(e)}") from None
+    load_deltas(model, folder, shared.get("layerfold_deltas") or {})  # per-layer deltas, if stored
     tie_parameters(model, mapping)
     model.to(dev)
     model.eval()

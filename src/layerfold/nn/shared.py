@@ -10,8 +10,9 @@ Optionally (``delta_rank`` r > 0) every member keeps some freedom: its linear la
 the truncated SVD of the member's difference to the shared weight, so the member starts as
 the best rank-r correction toward its original weight (Relaxed Recursive Transformers, arXiv
 2410.20672; FlexiGPT, arXiv 2501.14713). The deltas are ordinary parameters: stored
-parameters count them. (Saving them is not done yet: the storage knows only shared plain
-linear layers.)
+parameters count them, and a shared folder stores them beside the shared tensors
+(``delta_ranks`` names them for the config, ``attach_deltas`` rebuilds the modules on load,
+``fold_deltas`` writes W + B A out as a plain weight when unfolding).
 
 How a shared model is stored and loaded (each shared tensor once, a sharing map in
 ``config.json``) is ``layerfold.export.shared``; materialising the shared tensors again is
@@ -155,14 +156,20 @@ class LowRankDeltaLinear(nn.Linear):
     and A at orthonormal rows, like a LoRA adapter, so the delta can still train.
     """
 
-    def __init__(self, base: nn.Linear, original: torch.Tensor, rank: int):
+    def __init__(self, base: nn.Linear, original: torch.Tensor | None, rank: int):
         nn.Module.__init__(self)  # not nn.Linear's: the weight is the shared one, not a new one
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight, self.bias = base.weight, base.bias
-        diff = original.float() - base.weight.detach().float()
+        w = base.weight
+        dtype, grad = w.dtype, w.requires_grad
+        if original is None:  # to be filled with stored values (a saved folder's deltas)
+            r = min(rank, w.shape[0], w.shape[1])
+            self.delta_b = nn.Parameter(torch.zeros(w.shape[0], r, dtype=dtype, device=w.device), requires_grad=grad)
+            self.delta_a = nn.Parameter(torch.zeros(r, w.shape[1], dtype=dtype, device=w.device), requires_grad=grad)
+            return
+        diff = original.float() - w.detach().float()
         u, s, vh = torch.linalg.svd(diff, full_matrices=False)
         r = min(rank, s.numel())
-        dtype, grad = base.weight.dtype, base.weight.requires_grad
         self.delta_b = nn.Parameter((u[:, :r] * s[:r]).to(dtype), requires_grad=grad)  # [out, r]
         self.delta_a = nn.Parameter(vh[:r].contiguous().to(dtype), requires_grad=grad)  # [r, in]
 
@@ -175,6 +182,40 @@ class LowRankDeltaLinear(nn.Linear):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, delta_rank={self.delta_a.shape[0]}"
+
+
+def delta_ranks(model: nn.Module) -> dict[str, int]:
+    """The modules with per-layer deltas: module name -> rank (what a shared folder's config records)."""
+    return {name: m.delta_a.shape[0] for name, m in model.named_modules() if isinstance(m, LowRankDeltaLinear)}
+
+
+def attach_deltas(model: nn.Module, ranks: dict[str, int]) -> None:
+    """Turn each named linear layer into a :class:`LowRankDeltaLinear` with zero deltas of its
+    rank, ready to receive stored values."""
+    for name, rank in ranks.items():
+        try:
+            mod = model.get_submodule(name)
+        except AttributeError:
+            raise LayerfoldError(f"stored deltas for {name}, which this model does not have") from None
+        if not isinstance(mod, nn.Linear):
+            raise LayerfoldError(f"stored deltas for {name}, which is not a linear layer")
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, LowRankDeltaLinear(mod, None, rank))
+
+
+@torch.no_grad()
+def fold_deltas(model: nn.Module) -> int:
+    """Replace every :class:`LowRankDeltaLinear` by a plain linear layer whose own weight is
+    W + B A (the shared weight is no longer shared there); returns how many."""
+    found = [(name, m) for name, m in model.named_modules() if isinstance(m, LowRankDeltaLinear)]
+    for name, m in found:
+        plain = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
+        plain.weight = nn.Parameter(m.effective_weight().detach().clone(), requires_grad=m.weight.requires_grad)
+        if m.bias is not None:
+            plain.bias = m.bias
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, plain)
+    return len(found)
 
 
 def shared_parameter_map(model: nn.Module, exclude: Sequence[str] = ()) -> dict[str, str]:
