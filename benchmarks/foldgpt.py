@@ -1,0 +1,191 @@
+"""FoldGPT on the embedded SmolLM2-135M against Block Influence, through the command line.
+
+Every variant is the `layerfold` command a user would type (run as a subprocess, so each
+row is exactly that command's output), then `layerfold eval` of the saved folder against one
+evaluation of the original:
+
+    python benchmarks/foldgpt.py run original gates foldgpt bi19-cure    # in this order
+    python benchmarks/foldgpt.py table                                   # the Markdown table
+    python benchmarks/foldgpt.py commands                                # every command, as run
+
+``gates`` trains FoldGPT's gates once (`layerfold analyze --gates --json`); every FoldGPT
+variant plans from that file (`compress --scores`), so the gates are trained once and shared.
+A variant whose result file exists is not rerun. Models go to ``--models`` (not committed),
+results (`VARIANT.json`: command, exit code, wall time, the output's layerfold.json figures,
+file size; `VARIANT.eval.json`: the `layerfold eval` result) to ``--work``.
+
+Settings are kept small for shared cores (say so in the note): 100 examples per task, LAMBADA
+text perplexity on 100 documents, a cure of 32 steps x 4 sequences x 256 tokens (64 distinct
+self-written sequences, seed 1), gates 40 steps of 2 rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+TASKS = ["piqa", "arc_easy", "boolq", "winogrande"]
+LAMBADA = "lambada_openai"
+LIMIT, PPL_DOCS = 100, 100
+GATE_STEPS = 40
+CURE = ["--cure-steps", "32", "--cure-batch-size", "4", "--cure-samples", "64"]
+FOLD = ["--method", "foldgpt", "--remove", "8", "--scores", "{gates}"]
+# BI + the very same cure (the same function, text, steps and losses), no sharing: the equal-size
+# baseline removes 19 layers (11 left: as many stored layer matrices as FoldGPT's 11 shared pairs)
+BI_CURED = ["--method", "foldgpt", "--select", "bi", "--group-size", "1"]
+
+VARIANTS: dict[str, tuple[str, list[str]]] = {
+    "original": ("eval", []),
+    "gates": ("analyze", ["--gates", "--remove", "8", "--gate-steps", str(GATE_STEPS)]),
+    # the gates' choice without any weight training (no sharing, no cure)
+    "gates-choice": ("compress", [*FOLD, "--group-size", "1", "--cure-steps", "0"]),
+    "bi8": ("compress", ["--method", "bi", "--remove", "8", "--no-heal"]),
+    # FoldGPT complete: remove 8, share adjacent pairs, cure
+    "foldgpt": ("compress", [*FOLD, *CURE]),
+    "foldgpt-mean": ("compress", [*FOLD, "--share-init", "mean", *CURE]),
+    "foldgpt-lora": ("compress", [*FOLD, *CURE, "--cure-lora-rank", "16"]),
+    # where it loses: the same without the cure; the cure without sharing
+    "foldgpt-nocure": ("compress", [*FOLD, "--cure-steps", "0"]),
+    "foldgpt-mean-nocure": ("compress", [*FOLD, "--share-init", "mean", "--cure-steps", "0"]),
+    "noshare-cure": ("compress", [*FOLD, "--group-size", "1", *CURE]),
+    # Block Influence at FoldGPT's stored size, with and without the same cure
+    "bi19-cure": ("compress", [*BI_CURED, "--remove", "19", *CURE]),
+    "bi19": ("compress", ["--method", "bi", "--remove", "19", "--no-heal"]),
+}
+
+
+def layerfold(*args: str) -> list[str]:
+    return [sys.executable, "-m", "layerfold", "-q", *args]
+
+
+class Runner:
+    def __init__(self, work: Path, models: Path):
+        self.work, self.models = work, models
+        work.mkdir(parents=True, exist_ok=True)
+        models.mkdir(parents=True, exist_ok=True)
+        self.gates = work / "gates.scores.json"
+
+    def command(self, name: str) -> list[str]:
+        kind, args = VARIANTS[name]
+        args = [a.replace("{gates}", str(self.gates)) for a in args]
+        if kind == "eval":
+            return layerfold("eval", *self.eval_args(), "--json", str(self.work / "original.eval.json"))
+        if kind == "analyze":
+            return layerfold("analyze", *args, "--json", str(self.gates))
+        return layerfold("compress", *args, "--no-eval", "-o", str(self.models / name), "--force")
+
+    @staticmethod
+    def eval_args() -> list[str]:
+        return ["--tasks", ",".join([*TASKS, LAMBADA]), "--ppl", LAMBADA, "--limit", str(LIMIT),
+                "--ppl-limit", str(PPL_DOCS), "--no-speed"]
+
+    def run(self, name: str) -> None:
+        path = self.work / f"{name}.json"
+        if path.exists():
+            print(f"== {name}: done before ({path})", flush=True)
+            return
+        cmd = self.command(name)
+        print(f"== {name}: {shlex.join(cmd[2:])}", flush=True)
+        record = {"variant": name, "command": "layerfold " + shlex.join(cmd[3:]), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+        t = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        record.update(seconds=time.perf_counter() - t, exit_code=proc.returncode, stdout=proc.stdout,
+                      stderr=proc.stderr[-4000:])
+        if proc.returncode != 0:
+            print(proc.stdout, proc.stderr, sep="\n", flush=True)
+            (self.work / f"{name}.failed.json").write_text(json.dumps(record, indent=1))
+            raise SystemExit(f"{name} failed")
+        kind = VARIANTS[name][0]
+        if kind == "analyze":
+            scores = json.loads(self.gates.read_text())
+            record.update(removed=scores["gates_removed"], check=scores["gates_check"], gates=scores["gates"])
+        if kind == "compress":
+            out = self.models / name
+            made = json.loads((out / "layerfold.json").read_text())
+            record.update(removed=made["recipe"]["removed_layers"], params_before=made["params_before"],
+                          params_stored=made["params_after"], seconds_by_stage=made["seconds"],
+                          bytes=sum(p.stat().st_size for p in out.glob("*.safetensors")),
+                          cure=made.get("cure"), groups=made["recipe"].get("groups"),
+                          gate_check=(made.get("gates") or {}).get("check"), peak_rss_mib=made.get("peak_rss_mib"))
+            reference = self.work / "original.eval.json"
+            while not reference.exists():  # another runner process evaluates the original
+                time.sleep(20)
+            ecmd = layerfold("eval", str(out), *self.eval_args(), "--reference",
+                             str(self.work / "original.eval.json"), "--json", str(self.work / f"{name}.eval.json"))
+            record["eval_command"] = "layerfold " + shlex.join(ecmd[3:])
+            t = time.perf_counter()
+            proc = subprocess.run(ecmd, capture_output=True, text=True)
+            record.update(eval_seconds=time.perf_counter() - t, eval_stdout=proc.stdout)
+            if proc.returncode != 0:
+                print(proc.stdout, proc.stderr, sep="\n", flush=True)
+                raise SystemExit(f"{name}: evaluation failed")
+        path.write_text(json.dumps(record, indent=1, default=str))
+        print(proc.stdout[-3000:], flush=True)
+
+
+def table(work: Path, names: list[str]) -> str:
+    from layerfold.eval import EvalResult
+
+    ref = EvalResult.load(work / "original.eval.json")
+    head = ["variant", "layers removed", "stored params", "file MiB", *TASKS, "mean acc", "LAMBADA acc",
+            "LAMBADA text ppl", "stability", "build s (shared)", "of which cure s"]
+    lines = ["| " + " | ".join(head) + " |", "|---|---|" + "---:|" * (len(head) - 2)]
+    for name in names:
+        if name == "gates":
+            continue
+        if name == "original":
+            ev, rec = ref, {"removed": [], "params_stored": ref.cost.parameters if ref.cost else None}
+        else:
+            p = work / f"{name}.json"
+            if not p.exists():
+                continue
+            rec = json.loads(p.read_text())
+            ev = EvalResult.load(work / f"{name}.eval.json")
+        accs = [ev.tasks[t].metrics["acc"] for t in TASKS]
+        stab = [ev.tasks[t].metrics.get("stability") for t in TASKS]
+        cure = (rec.get("seconds_by_stage") or {}).get("cure")
+        removed = rec.get("removed") or []
+        cells = [name, ",".join(map(str, removed)) or "-",
+                 f"{rec['params_stored']:,}" if rec.get("params_stored") else "-",
+                 f"{rec['bytes'] / 2**20:.1f}" if rec.get("bytes") else "-",
+                 *(f"{100 * a:.0f}" for a in accs), f"{100 * sum(accs) / len(accs):.1f}",
+                 f"{100 * ev.tasks[LAMBADA].metrics['acc']:.0f}", f"{ev.perplexity[LAMBADA].perplexity:.1f}",
+                 f"{sum(stab) / len(stab):.3f}" if None not in stab else "-",
+                 f"{rec['seconds']:.0f}" if name != "original" else "-", f"{cure:.0f}" if cure else "-"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("action", choices=["run", "table", "commands"])
+    ap.add_argument("variants", nargs="*", default=list(VARIANTS))
+    ap.add_argument("--work", default="benchmarks/results/foldgpt")
+    ap.add_argument("--models", default=os.environ.get("LAYERFOLD_BENCH_MODELS", "/tmp/foldgpt-models"))
+    args = ap.parse_args()
+    unknown = [v for v in args.variants if v not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
+    runner = Runner(Path(args.work), Path(args.models))
+    if args.action == "run":
+        (runner.work / "machine.json").write_text(json.dumps({
+            "platform": platform.platform(), "python": sys.version.split()[0], "cpus": os.cpu_count(),
+            "omp_threads": os.environ.get("OMP_NUM_THREADS")}, indent=1))
+        for v in args.variants:
+            runner.run(v)
+    if args.action == "commands":
+        for v in args.variants:
+            print(f"{v}: layerfold {shlex.join(runner.command(v)[3:])}")
+    if args.action in ("run", "table"):
+        print(table(runner.work, args.variants))
+
+
+if __name__ == "__main__":
+    main()
