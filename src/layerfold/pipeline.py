@@ -201,6 +201,9 @@ class _Compression:
             o.foldgpt.validate()
         if o.selection.scores and not Path(o.selection.scores).expanduser().is_file():
             raise LayerfoldError(f"{o.selection.scores}: no such scores file (write one with layerfold analyze --json)")
+        if o.output.reproducible and o.evaluation.enabled:
+            raise LayerfoldError("--reproducible: the evaluation times runs and meters memory, which never repeat; "
+                                 "add --no-eval (and evaluate the folder with layerfold eval)")
         if o.output.path and not o.output.dry_run:
             check_output_dir(Path(o.output.path), o.output.force)
         o.gguf.validate()
@@ -547,6 +550,8 @@ class _Compression:
         cure = (healed or {}).get("cure")
         params_after = count_parameters(loaded.model)
         what = self._what_was_done(plan, evidence, applied, heal_summary)
+        if o.output.reproducible:
+            what = records.without_measurements(what)
         summary = self._summary(plan, applied, heal_summary)
         if after is not None:
             summary += "\n\n" + records.evaluation_table(before, after, o.evaluation.limit)
@@ -554,11 +559,14 @@ class _Compression:
         layer_map = applied.layer_map.to_list()
         mergekit = self._mergekit(loaded, applied.layer_map, plan, heal_summary is not None or cure is not None)
         outputs = _checked_outputs(mergekit=MERGEKIT_FILE if mergekit else None)
+        env = records.environment(o)
         card = model_card(base_model=loaded.base_model, command=o.command(), recipe=what, layer_map=layer_map,
                           params_before=plan.params_before, params_after=params_after,
-                          layers_before=plan.layers_before, summary=summary, recipe_yaml=recipe_yaml, outputs=outputs)
+                          layers_before=plan.layers_before, summary=summary, recipe_yaml=recipe_yaml, outputs=outputs,
+                          environment=env)
         record = {
             "layerfold_version": records.version(),
+            **env,
             "base_model": loaded.base_model,
             "source": loaded.source,
             "command": o.command(),
@@ -591,7 +599,12 @@ class _Compression:
                                               for i, rnd in enumerate(evidence.gates.rounds) for rec in rnd["log"])
         if not files.get("training_log.jsonl", True):
             files.pop("training_log.jsonl")
-        files["layerfold.json"] = json.dumps(record, indent=2, default=str) + "\n"
+        kept = record  # what the folder keeps
+        if o.output.reproducible:  # the same inputs, the same bytes: nothing a clock measured
+            kept = records.without_measurements(record)
+            files = {name: _without_measured_lines(text) if name.endswith(".jsonl") else text
+                     for name, text in files.items()}
+        files["layerfold.json"] = json.dumps(kept, indent=2, default=str) + "\n"
         files[recipes.RECIPE_FILE] = recipe_yaml
         written = {}
 
@@ -599,7 +612,7 @@ class _Compression:
             """The evaluation results and the report join the folder before it is renamed into place."""
             if after is not None and after.cost is not None:
                 after.cost.bytes_on_disk = folder_bytes(tmp)
-            written["report"] = _write_report(tmp, record, before, after) if o.evaluation.report else None
+            written["report"] = _write_report(tmp, kept, before, after) if o.evaluation.report else None
 
         if mergekit:
             files[MERGEKIT_FILE] = mergekit
@@ -616,7 +629,8 @@ class _Compression:
             extra["gguf"] = self.save_gguf(loaded, out, card_text=lambda g: model_card(
                 base_model=loaded.base_model, command=o.command(), recipe=what, layer_map=layer_map,
                 params_before=plan.params_before, params_after=params_after, layers_before=plan.layers_before,
-                summary=summary, recipe_yaml=recipe_yaml, outputs=outputs + _checked_outputs(gguf=g)[1:]),
+                summary=summary, recipe_yaml=recipe_yaml, outputs=outputs + _checked_outputs(gguf=g)[1:],
+                environment=env),
                 layer_map=layer_map, source=loaded.source)
         report = out / written["report"].name if written.get("report") else None
         if self.method.share:
@@ -665,6 +679,8 @@ class _Compression:
         record_path = folder / "layerfold.json"
         record = json.loads(record_path.read_text(encoding="utf-8"))
         record["gguf"] = _gguf_record(r)
+        if self.opts.output.reproducible:
+            record = records.without_measurements(record)
         record_path.write_text(json.dumps(record, indent=2, default=str) + "\n", encoding="utf-8")
         self._timed("gguf", t)
         return r
@@ -716,6 +732,12 @@ class _Compression:
         return (f"Removed {len(plan.removed)} of {plan.layers_before} decoder layers by `{plan.method}`"
                 f" (selection {plan.selection}){repaired}; "
                 + (records.heal_sentence(heal_summary) if heal_summary else "no retraining."))
+
+
+def _without_measured_lines(text: str) -> str:
+    """A JSON-lines log without its measured entries (``report.record.MEASURED``)."""
+    return "".join(json.dumps(records.without_measurements(json.loads(line))) + "\n"
+                   for line in text.splitlines() if line.strip())
 
 
 def _write_report(out: Path, record: dict, eval_before, eval_after) -> Path | None:
@@ -802,11 +824,13 @@ def heal_model(opts: HealModelOptions) -> HealModelResult:
         base_model=base, command=opts.command(), recipe=recipe, layer_map=layer_map.to_list(),
         params_before=previous.get("params_before") or params, params_after=params,
         layers_before=layer_map.layers_before, summary=f"{student.source} {records.heal_sentence(summary)}",
-        recipe_yaml=recipe_yaml,
+        recipe_yaml=recipe_yaml, environment=records.environment(opts),
     )
-    record = dict(previous, layerfold_version=records.version(), base_model=base, source=student.source,
-                  command=opts.command(), recipe=recipe, layer_map=layer_map.to_list(), heal=summary,
-                  params_after=params, options=recipes.schema.to_dict(recipes.absolute_paths(opts)))
+    record = dict(previous, layerfold_version=records.version(), **records.environment(opts), base_model=base,
+                  source=student.source, command=opts.command(), recipe=recipe, layer_map=layer_map.to_list(),
+                  heal=summary, params_after=params, options=recipes.schema.to_dict(recipes.absolute_paths(opts)))
+    if opts.output.reproducible:
+        record = records.without_measurements(record)
     t = time.perf_counter()
     files = {"layerfold.json": json.dumps(record, indent=2, default=str) + "\n", recipes.RECIPE_FILE: recipe_yaml}
     from .export.shared import save_shared_folder  # a shared model stays shared (a standard one: standard)

@@ -248,11 +248,22 @@ def absolute_paths(opts):
 
 
 def versions() -> dict[str, str]:
-    """The library versions a bitwise rebuild needs to match."""
-    import torch
-    import transformers
+    """The versions a bitwise rebuild needs to match (a package not installed: "none")."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
 
-    return {"layerfold": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
+    found = {"layerfold": __version__, "python": platform.python_version()}
+    for package in ("torch", "transformers", "peft", "safetensors", "tokenizers", "numpy"):
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            found[package] = "none"
+    return found
+
+
+def seeds(opts) -> dict[str, int]:
+    """Every seed among the options, by its recipe path (``data.seed``, ``healing.seed``, ...)."""
+    return {".".join(o.path): schema.get(opts, o.path) for o in schema.options(type(opts)) if o.path[-1] == "seed"}
 
 
 RECIPES = {"compress": CompressOptions, "heal": HealModelOptions, "export": ExportOptions}

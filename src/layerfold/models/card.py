@@ -7,6 +7,14 @@ import json
 from .._version import __version__
 
 
+def _environment_lines(environment: dict | None) -> list[str]:
+    if not environment:
+        return []
+    versions = ", ".join(f"{k} {v}" for k, v in environment["versions"].items())
+    seeds = ", ".join(f"{k} {v}" for k, v in environment["seeds"].items()) or "none"
+    return [f"Versions: {versions}. Seeds: {seeds}.", ""]
+
+
 def model_card(
     *,
     base_model: str,
@@ -19,12 +27,14 @@ def model_card(
     summary: str = "",
     recipe_yaml: str | None = None,
     outputs: list[str] | None = None,
+    environment: dict | None = None,
 ) -> str:
     """The model card: what was done, the command and the recipe that do it again, the layer map.
 
     ``recipe`` is what was done (layers removed, replacements, groups...); ``recipe_yaml`` the
     options that made it (``recipe.yaml``), when the model came from a recipe; ``outputs`` the
-    files written and the tools each was checked with.
+    files written and the tools each was checked with; ``environment`` the library versions and
+    seeds (``report.record.environment``).
     """
     removed = sorted(set(range(layers_before)) - {i for i in layer_map if i is not None})
     rows = "\n".join(
@@ -44,6 +54,7 @@ def model_card(
             "",
             f"Made by layerfold {__version__} from `{base_model}`.",
             "",
+            *_environment_lines(environment),
             summary,
             "",
             "| | before | after |",

@@ -40,6 +40,10 @@ class OutputOptions:
         "help": "print the plan (layer map, replacements, parameters and bytes before and after, the stages that "
                 "would run) and stop: no decoder layer is read beyond what choosing needs, and with --scores no "
                 "weight at all", "flag": "--dry-run"})
+    reproducible: bool = field(default=False, metadata={
+        "help": "leave what a clock or a memory meter measured (seconds, tokens/s, memory peaks) out of the folder, "
+                "so that the same inputs, options and seeds give the same bytes (compress: with --no-eval)",
+        "flag": "--reproducible"})
 
 
 def default_output_name(source: str, method: str, n_remove: int) -> str:

@@ -103,6 +103,32 @@ def foldgpt_summary(plan, cure_steps: int) -> str:
     )
 
 
+# what a clock or a memory meter measured: it differs between runs of the same inputs, so a
+# reproducible folder (--reproducible) leaves it out (keys ending in "_seconds" too)
+MEASURED = frozenset({"seconds", "peak_rss_mib", "tokens_per_second", "peak_memory_bytes", "prefill_tokens_per_s",
+                      "decode_tokens_per_s"})
+
+
+def is_measured(key) -> bool:
+    return isinstance(key, str) and (key in MEASURED or key.endswith("_seconds"))
+
+
+def without_measurements(value):
+    """``value`` (a record of dicts, lists and numbers) without any measured entry, at any depth."""
+    if isinstance(value, dict):
+        return {k: without_measurements(v) for k, v in value.items() if not is_measured(k)}
+    if isinstance(value, (list, tuple)):
+        return [without_measurements(v) for v in value]
+    return value
+
+
+def environment(opts) -> dict:
+    """The library versions and the seeds behind a folder: what the same bytes again need."""
+    from ..recipe import seeds, versions
+
+    return {"versions": versions(), "seeds": seeds(opts)}
+
+
 def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
