@@ -1,8 +1,8 @@
 """LLM-Streamline on the embedded SmolLM2-135M, 8 layers removed net (9 -> 1): loss x init.
 
-    PYTHONPATH=src nice -n 10 python benchmarks/streamline_grid.py --train-tokens 16384 \\
-        --variants original,bi,none,mse:first,mse:last,cosine:first --limit 100 \\
-        --out benchmarks/results/streamline/grid-16k.json
+    PYTHONPATH=src nice -n 10 python benchmarks/streamline_grid.py --train-tokens 65536 \\
+        --variants original,bi,none,mse:first,mse:last,cosine:first,cosine:linear,bi+heal --limit 100 \\
+        --pairs-dir /tmp/lf-pairs-64k --out benchmarks/results/streamline/grid-64k.json
 
 One process: the original is loaded once; the block is chosen on the calibration text (seed 0,
 32 x 256, cached); the replacement's training text is its own (seed 1, the healing text,
@@ -12,11 +12,16 @@ original through ``replace_and_train`` (the library's path) and is evaluated wit
 ``layerfold.eval`` on the first ``--limit`` examples of LAMBADA (perplexity of the last word
 given the context, and last-word accuracy), PIQA and ARC-Easy, with stability against the
 original. Peak memory is the process's VmHWM, reset before each variant (it includes the
-resident original, about 0.5 GiB). Results are written after every variant.
+resident original, about 0.5 GiB). Results are written after every variant; a second invocation with the
+same ``--out`` adds its variants to the file, reusing the original's evaluation (its JSON beside
+``--out``) and, with ``--pairs-dir``, the collected pairs (kept there, reused when they are of the
+same block and text).
 
-Variants: ``original``; ``bi`` (Block Influence prune-only, 8 layers); ``none`` (prune-only of
-the same block: its first layer kept untrained); ``LOSS:INIT`` for LOSS in mse, mse-normed,
-cosine, lm, kl and INIT in first, last.
+Variants: ``original``; ``bi`` (Block Influence prune-only, 8 layers); ``bi+heal`` (the same, then
+healed by the library's default healing, LoRA + KL to the original, on the training rows: the
+same ``--train-tokens``); ``none`` (prune-only of the same block: its first layer kept untrained);
+``LOSS:INIT`` for LOSS in mse, mse-normed, cosine, lm, kl and INIT in first, last, linear,
+linear-last.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import copy
 import json
 import platform
 import shutil
+import sys
 import tempfile
 import time
 from datetime import datetime, timezone
@@ -36,6 +42,7 @@ import torch
 from layerfold.data.calibration import CalibrationSpec, load_calibration
 from layerfold.data.pairs import PairStore
 from layerfold.eval import evaluate
+from layerfold.eval.result import EvalResult
 from layerfold.importance import measure_similarity
 from layerfold.methods import pruning
 from layerfold.methods.streamline import (
@@ -63,7 +70,25 @@ def figures(ev) -> dict:
     for name, task in ev.tasks.items():
         out[name] = {k: task.metrics[k] for k in ("acc", "acc_norm", "perplexity", "stability") if k in task.metrics}
         out[name]["n"] = len(task.examples)
+    for name, p in ev.perplexity.items():
+        out[f"text:{name}"] = {"perplexity": p.perplexity}
     return out
+
+
+def heal_bi(model, loaded, text, tokens: int, work: Path):
+    """Block Influence's pruned ``model`` healed as ``layerfold compress`` heals by default (LoRA
+    rank 16, KL to the original's logits), on the replacement's training rows: the same budget."""
+    from dataclasses import replace
+
+    from layerfold.healing import HealOptions, heal
+
+    opts = HealOptions(tokens=tokens, progress=False)
+    student = replace(loaded, model=model)
+    t = time.perf_counter()
+    r = heal(student, loaded, opts, ids=text.ids[: text.train])
+    return student.model, {"seconds": time.perf_counter() - t, "steps": r.train.steps, "tokens": r.train.tokens,
+                           "rows": r.rows, "parts": r.seconds,
+                           "loss": [x["loss"] for x in r.train.history if "loss" in x]}
 
 
 def main() -> None:
@@ -79,11 +104,16 @@ def main() -> None:
                     help="self: the library's default (seed 1, self-written); lambada: LAMBADA documents 1000.. "
                          "packed (disjoint from the evaluated documents 0..limit-1, but the same domain)")
     ap.add_argument("--out", default="benchmarks/results/streamline/grid.json")
+    ap.add_argument("--reference", help="the original's evaluation JSON (default: beside --out); read when a "
+                    "variant is evaluated, so a parallel invocation can wait for another's")
+    ap.add_argument("--pairs-dir", help="keep the training pairs here and reuse them on the next invocation")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     out_path = Path(args.out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     results = json.loads(out_path.read_text()) if out_path.exists() else {"variants": {}}
+    results.setdefault("runs", []).append({"argv": sys.argv[1:], "started": datetime.now(timezone.utc).isoformat(
+        timespec="seconds")})
     results.update(settings=vars(args), started=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                    machine=f"{platform.machine()}, torch {torch.__version__}, {args.threads} thread(s), "
                            "2 cores shared with other runs")
@@ -116,25 +146,38 @@ def main() -> None:
     results["text"] = {"train_rows": text.train, "val_rows": text.val, "seq_len": text.ids.shape[1]}
     work = Path(tempfile.mkdtemp(prefix="lf-grid-", dir="."))
     evals: dict = {}
+    ref_path = Path(args.reference) if args.reference else out_path.with_suffix(".original.eval.json")
+    names = args.variants.split(",")
+    if "original" not in names and not (args.reference or "original" in results["variants"]):
+        names.insert(0, "original")
     try:
-        t = time.perf_counter()
-        reset_peak()
-        store = PairStore(work / "pairs", text.ids.shape[0], text.ids.shape[1], original.config.hidden_size, "bf16")
-        collect_pairs(original, arch, text.ids, start, window, store, progress=False)
-        results["pairs"] = {"seconds": time.perf_counter() - t, "bytes": store.nbytes(), "tokens": store.tokens,
-                            "peak_mib": peak_mib()}
-        save()
-        names = args.variants.split(",")
-        if "original" not in names:
-            names.insert(0, "original")
+        pairs_dir = Path(args.pairs_dir) if args.pairs_dir else work / "pairs"
+        key = {"block": results["block"], "rows": list(text.ids.shape), "source": args.train_source,
+               "ids_sum": int(text.ids.sum())}
+        done = pairs_dir / "done.json"
+        if not any(n.partition(":")[0] in PAIR_LOSSES for n in names):
+            store = None
+        elif done.exists() and json.loads(done.read_text()) == key:
+            store = PairStore.open(pairs_dir)
+        else:
+            t = time.perf_counter()
+            reset_peak()
+            store = PairStore(pairs_dir, text.ids.shape[0], text.ids.shape[1], original.config.hidden_size, "bf16")
+            collect_pairs(original, arch, text.ids, start, window, store, progress=False)
+            done.write_text(json.dumps(key))
+            results["pairs"] = {"seconds": time.perf_counter() - t, "bytes": store.nbytes(), "tokens": store.tokens,
+                                "peak_mib": peak_mib()}
+            save()
         for name in names:
             reset_peak()
             t0 = time.perf_counter()
             entry: dict = {}
             model = original if name == "original" else copy.deepcopy(original)
-            if name == "bi":
+            if name in ("bi", "bi+heal"):
                 entry["removed"] = pruning.block_influence(scores, args.remove)
                 remove_layers(model, arch, entry["removed"])
+                if name == "bi+heal":
+                    model, entry["heal"] = heal_bi(model, loaded, text, args.train_tokens, work)
             elif name != "original":
                 loss, _, init = name.partition(":")
                 opts = StreamlineOptions(replacement="layer" if loss != "none" else "none",
@@ -147,11 +190,16 @@ def main() -> None:
             entry["make_seconds"] = time.perf_counter() - t0
             entry["make_peak_mib"] = peak_mib()
             entry["layers"], entry["params"] = len(decoder_layers(model, arch)), count_parameters(model)
+            if name != "original" and "original" not in evals and ref_path.exists():
+                evals["original"] = EvalResult.load(ref_path)
             t = time.perf_counter()
             ev = evaluate(model, tok, tasks=list(TASKS), limit=args.limit, data_dir=args.data,
-                          reference=evals.get("original"), cost=False, speed=False)
+                          ppl=["lambada_openai"], ppl_limit=args.limit, reference=evals.get("original"),
+                          cost=False, speed=False)
             entry["eval_seconds"] = time.perf_counter() - t
-            evals.setdefault("original", ev)
+            if name == "original":
+                evals["original"] = ev
+                ev.save(ref_path)
             entry["tasks"] = figures(ev)
             results["variants"][name] = entry
             results["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")

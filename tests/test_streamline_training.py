@@ -229,3 +229,79 @@ def test_init_applies_only_to_layer_replacements():
         opts = StreamlineOptions(replacement=kind, init="last")
         opts.validate()
         assert init_layer(opts, 1, 4, cfg, LLAMA) == 1
+
+
+# -- the closed-form linear init -----------------------------------------------------------
+
+
+def _pairs_mse(model, index, store, rows):
+    from layerfold.importance.layer_pass import layer_arguments, run_layer
+
+    x, y, ids = store.read(rows)
+    call = layer_arguments(model, LLAMA, tuple(ids.shape), torch.device("cpu"), torch.float32)[index]
+    with torch.no_grad():
+        return F.mse_loss(run_layer(decoder_layers(model, LLAMA)[index], x, call), y).item()
+
+
+@pytest.mark.parametrize("init,source", [("linear", 1), ("linear-last", 3)])
+def test_linear_init_is_the_least_squares_fit_of_the_down_projection(tmp_path, init, source):
+    from layerfold.importance.layer_pass import layer_arguments, run_layer
+
+    text = TrainingText(_ids(66), 2)  # 1,024 training tokens for 64 x 64 unknowns: the fit generalises
+    model = build_tiny("llama", layers=6)
+    reference = build_tiny("llama", layers=6)
+    store = PairStore(tmp_path / "pairs", 66, 16, model.config.hidden_size, "fp32")
+    collect_pairs(model, LLAMA, text.ids, 1, 3, store, progress=False)
+    # by hand: the source layer's MLP output M and the rest Y on the training rows' inputs,
+    # T = argmin |M T - (h_out - Y)|^2 + alpha |T|^2 (alpha: 1e-4 x the mean of diag M^T M), W <- T^T W
+    layer = decoder_layers(reference, LLAMA)[source]
+    x, y, ids = store.read(list(range(64)))
+    call = layer_arguments(reference, LLAMA, tuple(ids.shape), torch.device("cpu"), torch.float32)[1]
+    seen = []
+    hook = layer.mlp.down_proj.register_forward_hook(lambda m, i, o: seen.append(o))
+    with torch.no_grad():
+        out = run_layer(layer, x, call)
+    hook.remove()
+    m = seen[0].reshape(-1, 64).double()
+    d = (y.double() - (out - seen[0]).double()).reshape(-1, 64)
+    alpha = 1e-4 * float((m * m).sum(0).mean())
+    t = torch.linalg.lstsq(torch.cat([m, alpha**0.5 * torch.eye(64, dtype=torch.float64)]),
+                           torch.cat([d, torch.zeros(64, 64, dtype=torch.float64)])).solution
+    expected = (t.T @ layer.mlp.down_proj.weight.double()).float()
+
+    opts = StreamlineOptions(init=init, loss="cosine", lr=1e-12, min_lr=1e-12, batch=2, min_steps=1)
+    r = replace_and_train(model, LLAMA, text, 1, 3, opts, work_dir=tmp_path, progress=False, store=store)
+    got = decoder_layers(model, LLAMA)[1].mlp.down_proj.weight
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    fit = r.training["linear_init"]
+    assert fit["tokens"] == 64 * 16 and fit["error_after"] < fit["error_before"]
+    # the model's own MSE on the training pairs is below the plain layer's it started from (T = I)
+    plain = build_tiny("llama", layers=6)
+    replace_and_train(plain, LLAMA, text, 1, 3, StreamlineOptions(init=init.replace("linear-", "").replace(
+        "linear", "first"), loss="cosine", lr=1e-12, min_lr=1e-12, batch=2, min_steps=1), work_dir=tmp_path,
+        progress=False, store=store)
+    assert _pairs_mse(model, 1, store, list(range(64))) < _pairs_mse(plain, 1, store, list(range(64)))
+
+
+def test_linear_init_needs_a_pair_loss():
+    with pytest.raises(LayerfoldError, match="pair loss"):
+        StreamlineOptions(init="linear", loss="kl").validate()
+    StreamlineOptions(init="linear", loss="mse").validate()
+    StreamlineOptions(init="linear", replacement="ffn", loss="kl").validate()  # ffn: the init does not apply
+
+
+def test_cli_linear_init_records_its_fit_and_refuses_an_in_place_loss(tmp_path, tiny_model_dir, text_file, capsys):
+    out = tmp_path / "o"
+    code = main(["-q", "compress", tiny_model_dir("llama"), "--method", "streamline", "--remove", "2",
+                 "--calib", text_file, "--calib-samples", "6", "--seq-len", "16", "--train-tokens", "64",
+                 "--train-data", text_file, "--train-seq-len", "16", "--train-init", "linear", "--no-heal", "--no-eval",
+                 "-o", str(out)])
+    capsys.readouterr()
+    assert code == 0
+    sl = json.loads((out / "layerfold.json").read_text())["recipe"]["streamline"]
+    fit = sl["training"]["linear_init"]
+    assert sl["init"] == "linear" and fit["tokens"] == 64 and fit["error_after"] < fit["error_before"]
+    code = main(["-q", "compress", tiny_model_dir("llama"), "--method", "streamline", "--train-init", "linear",
+                 "--loss", "kl", "--calib", text_file, "-o", str(tmp_path / "k")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "pair loss" in err and not (tmp_path / "k").exists()

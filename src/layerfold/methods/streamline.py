@@ -42,7 +42,10 @@ from . import pruning
 
 LOSSES = ("mse", "mse-normed", "cosine", "lm", "kl")
 PAIR_LOSSES = ("mse", "mse-normed", "cosine")  # trained on the cached (input, output) pairs
-INITS = ("first", "last")  # which layer of the block a decoder-layer replacement starts as
+# which layer of the block a decoder-layer replacement starts as; the linear ones then refit that
+# layer's MLP output projection in closed form (ReplaceMe's least squares) on the training pairs
+INITS = ("first", "last", "linear", "linear-last")
+LINEAR_INITS = {"linear": "first", "linear-last": "last"}
 TRAIN_SEED = 1  # self-written training text: calibration is seed 0, held-out rows seed 2
 FROM_CALIBRATION = "calib"  # --train-data calib: the calibration text itself (the paper's code)
 OFFICIAL_BATCH = 128  # sequences per optimiser step in the official code
@@ -74,8 +77,10 @@ class StreamlineOptions:
                 "logits", "choices": LOSSES, "flag": "--loss"})
     init: str = field(default=DEFAULT_INIT, metadata={
         "help": "first: the replacement layer starts as the block's first layer (the official code); last: as its "
-                "last (of the slot's attention type); for layer and swiglu replacements (ffn starts as the "
-                "identity, none keeps the first layer)", "choices": INITS})
+                "last (of the slot's attention type); linear / linear-last: first / last with its MLP output "
+                "projection refitted in closed form so that the layer maps the block's inputs to its outputs on the "
+                "training pairs (ReplaceMe's least squares; pair losses only); for layer and swiglu replacements "
+                "(ffn starts as the identity, none keeps the first layer)", "choices": INITS})
     ffn_width: int | None = field(default=None, metadata={
         "help": "ffn: hidden width (default: the model's intermediate size)", "flag": "--ffn-width"})
     ffn_activation: str = field(default="gelu", metadata={
@@ -140,6 +145,9 @@ class StreamlineOptions:
             raise LayerfoldError(f"--min-lr must be positive and at most --lr (got {self.min_lr:g}, {self.lr:g})")
         if not 0 <= self.warmup < 1:
             raise LayerfoldError(f"--train-warmup must be a fraction in [0, 1) (got {self.warmup:g})")
+        if self.init in LINEAR_INITS and self.replacement in ("layer", "swiglu") and self.loss not in PAIR_LOSSES:
+            raise LayerfoldError(f"--train-init {self.init} fits on the cached pairs of a pair loss "
+                                 f"({', '.join(PAIR_LOSSES)}); --loss {self.loss} trains in place without them")
         if self.loss != DEFAULT_LOSS and self.replacement == "none":
             raise LayerfoldError("--replacement none trains nothing; drop --loss or choose a replacement")
         if self.data.source != FROM_CALIBRATION:
@@ -402,6 +410,38 @@ def train_pairs(
                 checkpoints=checkpoints, best_state_dir=store.folder)  # beside the pairs
 
 
+@torch.no_grad()
+def linear_init(model: nn.Module, arch: Architecture, index: int, store: PairStore, rows: Sequence[int], *,
+                ridge: float = 1e-4, batch_size: int = 8) -> dict:
+    """Refit the MLP output projection of the layer at ``index`` so that the layer maps the stored
+    block inputs of ``rows`` to the stored block outputs, in closed form (ReplaceMe's least squares).
+
+    The layer's output is ``Y + M`` (``M`` what its MLP writes into the residual stream); the
+    matrix T minimising |M T + Y - h_out|^2 over the rows' tokens is folded into the projection
+    (W <- T^T W), so the layer keeps its shape. Returns the relative errors |M T - D|^2 / |D|^2
+    (D = h_out - Y) before (T = I) and after the fit."""
+    from .replaceme import _Stats, _with_mlp_output, check_foldable, fold_into, solve_lstsq
+    from ..models.architectures import get_path
+
+    check_foldable(arch)
+    layer = decoder_layers(model, arch)[index]
+    first = next(layer.parameters())
+    stats = _Stats(model.config.hidden_size, keep_samples=False)
+    calls: dict[tuple, tuple] = {}
+    rows = sorted(rows)
+    for i in range(0, len(rows), batch_size):
+        x, y, ids = store.read(rows[i : i + batch_size])
+        if ids.shape not in calls:
+            calls[ids.shape] = layer_arguments(model, arch, tuple(ids.shape), first.device, first.dtype)[index]
+        out, m = _with_mlp_output(layer, arch, x.to(first.device, first.dtype), calls[ids.shape])
+        stats.add(m, out - m, y.to(first.device))
+    t = solve_lstsq(stats.mtm, stats.mtd, ridge)
+    fold_into(get_path(layer, arch.mlp_output), t)
+    dd = max(stats.dd, 1e-30)
+    return {"tokens": stats.tokens, "ridge": ridge, "error_before": stats.removal_err / dd,
+            "error_after": stats.error(t) / dd}
+
+
 def _rms_normalize(h: torch.Tensor) -> torch.Tensor:
     return h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
 
@@ -485,10 +525,15 @@ def streamline(
 def init_layer(opts: StreamlineOptions, start: int, window: int, config, arch: Architecture) -> int:
     """The original layer a decoder-layer replacement starts as: the block's first, or its last
     layer of the slot's attention type (a sliding-window layer cannot become a full one)."""
-    if opts.init == "first" or opts.spec.kind not in ("layer", "swiglu"):
+    if LINEAR_INITS.get(opts.init, opts.init) == "first" or opts.spec.kind not in ("layer", "swiglu"):
         return start
     types = attention_types(config, arch)
     return max(i for i in range(start, start + window) if types[i] == types[start])
+
+
+def spec_fits_linear(opts: StreamlineOptions) -> bool:
+    """Whether ``opts``' replacement has an MLP output projection that the linear init refits."""
+    return opts.spec.kind in ("layer", "swiglu") and opts.spec.trainable
 
 
 def replace_and_train(
@@ -511,6 +556,11 @@ def replace_and_train(
     text ``ids`` (see :func:`streamline`), put the replacement in its first slot, train it."""
     opts.validate()
     check_block(opts.spec, start, model.config, arch)
+    linear = opts.init in LINEAR_INITS and spec_fits_linear(opts)
+    if linear:
+        from .replaceme import check_foldable
+
+        check_foldable(arch)  # before any work
     source = init_layer(opts, start, window, model.config, arch)
     text = ids if isinstance(ids, TrainingText) else TrainingText.split(ids, opts.val_rows)
     seconds: dict[str, float] = {}
@@ -555,8 +605,15 @@ def replace_and_train(
         try:
             if opts.loss in PAIR_LOSSES:
                 weights.park_input_embeddings()  # training reads cached pairs: no pass needs them now
+                fitted = None
+                if linear:
+                    t_fit = time.perf_counter()
+                    fitted = linear_init(model, arch, start, store, range(text.train), batch_size=opts.batch_size)
+                    seconds["linear_init"] = fitted["seconds"] = time.perf_counter() - t_fit
                 result_fit, training = train_pairs(model, arch, start, store, text, opts, log_path=log_path,
                                                    progress=progress, checkpoints=checkpoints)
+                if fitted is not None:
+                    training["linear_init"] = fitted
             else:
                 result_fit, training = train_in_place(model, arch, start, text, opts, teacher=teacher,
                                                       log_path=log_path, progress=progress, checkpoints=checkpoints)
@@ -579,4 +636,4 @@ def replace_and_train(
 
 __all__ = ["LOSSES", "PAIR_LOSSES", "INITS", "REPLACEMENTS", "StreamlineOptions", "StreamlineResult", "TrainingText",
            "training_text", "streamline", "replace_and_train", "block_window", "choose_block", "check_block",
-           "init_layer", "collect_pairs", "train_pairs", "train_in_place", "PairRegression"]
+           "init_layer", "linear_init", "collect_pairs", "train_pairs", "train_in_place", "PairRegression"]
