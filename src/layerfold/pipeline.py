@@ -970,6 +970,9 @@ def _checked_outputs(*, gguf=None, mergekit: str | None = None) -> list[str]:
             how = (f"read back with {c['tool']}: max |logit difference| {c['max_abs_logit_diff']:.3g} on "
                    f"{c['tokens']} tokens, top-1 agreement {c['top1_agreement']:.0%}"
                    + ("" if c["passed"] else " (MORE THAN EXPECTED FOR " + gguf.outtype + ")"))
+        if c is not None:
+            how += ("; llama.cpp itself was not run on this file (benchmarks/interop.md runs layerfold's GGUF files "
+                    "of every family in llama.cpp through llama-cpp-python)")
         lines.append(f"`{gguf.path.name}` ({gguf.outtype}, llama.cpp architecture `{gguf.arch}`, tokenizer "
                      f"{gguf.tokenizer}): {how}")
         lines += [f"`{gguf.path.name}`: note: {n}" for n in gguf.notes]

@@ -121,10 +121,7 @@ ARCHITECTURES: dict[str, Architecture] = {
             llama_cpp=LlamaCppLayout("gemma3", **_LLAMA_CPP_GEMMA, swa_pattern=6, swa_rope_theta=10000.0),
             layer_types="layer_types", logit_softcap="final_logit_softcapping",
         ),
-        Architecture("phi3", llama_cpp=LlamaCppLayout("phi3", caveat=(
-            "llama-cpp-python 0.3.36 did not load layerfold's tiny phi3 test files ('error loading model vocabulary: "
-            "unordered_map::at', with BPE and SentencePiece tokenizers); transformers reads them with the same "
-            "logits. Check the file in your llama.cpp build (benchmarks/interop.md)"))),
+        Architecture("phi3", llama_cpp=LlamaCppLayout("phi3")),
         Architecture("olmo2", residual_branches=_POST_NORM_BRANCHES, mlp_output=None,
                      llama_cpp=LlamaCppLayout("olmo2", transformers_reads=False)),
     ]
