@@ -302,7 +302,8 @@ class _Compression:
 
             n = layers_to_select(o, loaded.model, loaded.arch)
             evidence.gates = gate_ranking(loaded.model, loaded.arch, ids, n, o.foldgpt.gates,
-                                          heldout=_gate_check_rows(o.data, loaded, o.progress), progress=o.progress)
+                                          heldout=_gate_check_rows(o.data, loaded, o.progress), progress=o.progress,
+                                          checkpoints=o.healing.checkpoints("gates"))
             self._timed("gates", t)
         return evidence
 

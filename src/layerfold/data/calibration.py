@@ -168,6 +168,10 @@ def _generate(spec: CalibrationSpec, loaded, picks: list[int], seed: int) -> tor
     """One batch: each prompt in ``picks`` continued by seeded sampling to ``seq_len`` tokens."""
     model, tok = loaded.model, loaded.tokenizer
     old_side = tok.padding_side
+    # padding=True switches padding on in a fast tokenizer's backend, and the saved tokenizer.json
+    # would then differ from a run that read this text from the cache: it is switched back
+    backend = getattr(tok, "backend_tokenizer", None)
+    old_padding = backend.padding if backend is not None else None
     tok.padding_side = "left"
     try:
         enc = tok([SELF_PROMPTS[i] for i in picks], return_tensors="pt", padding=True)
@@ -186,6 +190,11 @@ def _generate(spec: CalibrationSpec, loaded, picks: list[int], seed: int) -> tor
         )
     finally:
         tok.padding_side = old_side
+        if backend is not None:
+            if old_padding is None:
+                backend.no_padding()
+            else:
+                backend.enable_padding(**old_padding)
     # drop each row's left padding and keep seq_len real tokens (prompt included)
     pads = (enc["attention_mask"] == 0).sum(dim=1).tolist()
     return torch.stack([row[pad : pad + spec.seq_len] for row, pad in zip(out.cpu(), pads)]).long()

@@ -11,6 +11,8 @@ fp32 is the exact option.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +42,39 @@ class PairStore:
         for name in ("x", "y"):
             self._allocate(name, np.dtype(_NUMPY[dtype]).itemsize * hidden)
         self._allocate("ids", 8)
+
+    @classmethod
+    def reopen(cls, folder: Path, samples: int, seq_len: int, hidden: int, dtype: str = "bf16", *, key: dict,
+               resume: bool = True) -> PairStore:
+        """The store in ``folder`` when it was made for the same pairs (``key``: what determines
+        them) and ``resume``; else a new one. A killed collection continues at
+        ``rows_done()``."""
+        meta = {"samples": samples, "seq_len": seq_len, "hidden": hidden, "dtype": dtype, "key": key}
+        folder = Path(folder)
+        try:
+            same = resume and json.loads((folder / "pairs.json").read_text()) == meta
+        except (OSError, ValueError):
+            same = False
+        if same:
+            return cls.open(folder)
+        if folder.exists():
+            shutil.rmtree(folder)
+        store = cls(folder, samples, seq_len, hidden, dtype)
+        (folder / "pairs.json").write_text(json.dumps(meta))
+        return store
+
+    def rows_done(self) -> int:
+        """Rows written by an earlier collection into this store (0 for a new one)."""
+        try:
+            return int(json.loads((self.folder / "done.json").read_text())["rows"])
+        except (OSError, ValueError, KeyError):
+            return 0
+
+    def mark_done(self, rows: int) -> None:
+        """Rows ``0 .. rows-1`` are written (their pages already handed to the file system)."""
+        tmp = self.folder / f"done.json.tmp-{os.getpid()}"
+        tmp.write_text(json.dumps({"rows": rows}))
+        os.replace(tmp, self.folder / "done.json")
 
     @classmethod
     def open(cls, folder: Path) -> PairStore:

@@ -365,6 +365,72 @@ def _frozen(model: nn.Module):
             p.requires_grad_(flag)
 
 
+def _gate_step(step: int, *, model, gates, optimizers, values, input_ids, teacher, gen, batch_size, device) -> dict:
+    """One step: a batch of rows, a gate sample, the KL to the original plus the penalty."""
+    rows = torch.randperm(input_ids.shape[0], generator=gen)[:batch_size]
+    values.z = gates.sample(step, gen)
+    logits = model(input_ids=input_ids[rows].to(device), use_cache=False).logits
+    kl = kl_terms(logits, teacher[rows].to(logits.device)).mean()
+    penalty, info = gates.penalty(step)
+    loss = kl + penalty.to(kl.device)
+    for o in optimizers:
+        o.zero_grad(set_to_none=True)
+    loss.backward()
+    for o in optimizers:
+        o.step()
+    gates.after_step()
+    return {"step": step + 1, "loss": loss.item(), "kl": kl.item(), **info,
+            "off": int((values.z.detach() == 0).sum()),
+            "gates": [round(v, 5) for v in gates.values().tolist()]}
+
+
+class _GateCheckpoint:
+    """Gate training's checkpoint (``NAME.pt``): every ``checkpoints.every`` steps and at the end."""
+
+    def __init__(self, checkpoints, name: str, identity: list):
+        import hashlib
+        import json
+        from pathlib import Path
+
+        from ..train.loop import data_digest
+
+        self.every = checkpoints.every if checkpoints is not None and checkpoints.folder else 0
+        self.resume = bool(checkpoints is not None and checkpoints.resume)
+        self.path = Path(checkpoints.folder) / f"{name}.pt" if self.every else None
+        blob = json.dumps([data_digest(x) if isinstance(x, torch.Tensor) else x for x in identity],
+                          sort_keys=True, default=str)
+        self.fingerprint = hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def restore(self, gates: nn.Module, optimizers, gen: torch.Generator, log: list) -> int:
+        import json
+
+        from ..train.loop import load_checkpoint
+
+        if not (self.resume and self.path is not None and self.path.is_file()):
+            return 0
+        state = load_checkpoint(self.path)
+        if state["fingerprint"] != self.fingerprint:
+            raise LayerfoldError(f"{self.path}: the checkpoint belongs to a different run (other settings, data or "
+                                 "model); start without resuming or use another checkpoint folder")
+        gates.load_state_dict(state["gates"])
+        for o, o_state in zip(optimizers, state["optimizers"]):
+            o.load_state_dict(o_state)
+        gen.set_state(state["generator"])
+        log[:] = json.loads(state["log"])
+        return state["step"]
+
+    def save(self, step: int, steps: int, gates: nn.Module, optimizers, gen: torch.Generator, log: list) -> None:
+        import json
+
+        from ..train.loop import save_checkpoint
+
+        if self.path is None or not (step % self.every == 0 or step == steps):
+            return
+        save_checkpoint({"step": step, "fingerprint": self.fingerprint, "gates": gates.state_dict(),
+                         "optimizers": [o.state_dict() for o in optimizers], "generator": gen.get_state(),
+                         "log": json.dumps(log)}, self.path)
+
+
 @dataclass
 class TrainedGates:
     """One round's outcome: final gates (0/1 for hard types), ranking scores, the log."""
@@ -386,12 +452,16 @@ def train_gates(
     prior: Sequence[float] | None = None,
     progress: bool = True,
     desc: str = "training layer gates",
+    checkpoints=None,
+    name: str = "gates",
 ) -> TrainedGates:
     """Train one gate per layer of ``model`` (weights frozen) toward keeping ``keep`` layers.
 
     ``teacher``: the original's log-probabilities on ``input_ids`` (``reference_log_probs``).
     ``prior``: one score per layer (higher = keep) that hard-concrete's log a starts from
-    (``warm_log_alpha``); None starts every layer at ``opts.init``.
+    (``warm_log_alpha``); None starts every layer at ``opts.init``. ``checkpoints``
+    (``train.loop.Checkpoints``): the gates, their optimizers and the noise generator are saved
+    as ``NAME.pt`` in its folder, and a resumed run continues from there to the same gates.
     """
     from tqdm.auto import tqdm
 
@@ -414,29 +484,21 @@ def train_gates(
     gen = torch.Generator().manual_seed(opts.seed)
     values = GateValues(n)
     log: list[dict] = []
+    saved = _GateCheckpoint(checkpoints, name, [asdict(opts), n, keep, prior, input_ids, teacher])
+    start = saved.restore(gates, optimizers, gen, log)
     was_training = model.training
     model.eval()  # no dropout: the gates should see the model as it will be used
-    bar = tqdm(range(opts.steps), desc=desc, unit="step", disable=not progress)
+    bar = tqdm(range(start, opts.steps), desc=desc, unit="step", disable=not progress, initial=start,
+               total=opts.steps)
     try:
         with _frozen(model), gated(model, arch, values):
             for step in bar:
-                rows = torch.randperm(input_ids.shape[0], generator=gen)[: opts.batch_size]
-                values.z = gates.sample(step, gen)
-                logits = model(input_ids=input_ids[rows].to(device), use_cache=False).logits
-                kl = kl_terms(logits, teacher[rows].to(logits.device)).mean()
-                penalty, info = gates.penalty(step)
-                loss = kl + penalty.to(kl.device)
-                for o in optimizers:
-                    o.zero_grad(set_to_none=True)
-                loss.backward()
-                for o in optimizers:
-                    o.step()
-                gates.after_step()
-                entry = {"step": step + 1, "loss": loss.item(), "kl": kl.item(), **info,
-                         "off": int((values.z.detach() == 0).sum()),
-                         "gates": [round(v, 5) for v in gates.values().tolist()]}
+                entry = _gate_step(step, model=model, gates=gates, optimizers=optimizers, values=values,
+                                   input_ids=input_ids, teacher=teacher, gen=gen, batch_size=opts.batch_size,
+                                   device=device)
                 log.append(entry)
                 bar.set_postfix(kl=f"{entry['kl']:.3f}", off=entry["off"])
+                saved.save(step + 1, opts.steps, gates, optimizers, gen, log)
     finally:
         bar.close()
         model.train(was_training)
@@ -499,6 +561,7 @@ def gate_ranking(
     heldout: torch.Tensor | None = None,
     block_influence_removed: Sequence[int] | None = None,
     progress: bool = True,
+    checkpoints=None,
 ) -> GateResult:
     """Train gates toward removing ``n_remove`` layers, in ``opts.rounds`` rounds.
 
@@ -509,6 +572,7 @@ def gate_ranking(
 
     ``heldout``: rows the gates never saw; the choice is then compared with Block Influence's
     (``block_influence_removed``, or computed here on ``input_ids``) by ``check_choice``.
+    ``checkpoints``: each round's training checkpoints and resumes (see :func:`train_gates`).
     """
     import copy
 
@@ -541,7 +605,7 @@ def gate_ranking(
         keep = n - n_remove if opts.gate_type == "soft" else keep_now
         prior_now = None if prior is None else [prior[l] for l in alive]
         t = train_gates(work, arch, input_ids, keep, opts, teacher=teacher, prior=prior_now, progress=progress,
-                        desc=desc)
+                        desc=desc, checkpoints=checkpoints, name=f"gates-round{r + 1}")
         drop_local = lowest_gated(t.scores, share)
         for i, l in enumerate(alive):
             final[l], scores[l] = t.gates[i], t.scores[i]

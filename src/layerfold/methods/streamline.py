@@ -37,7 +37,7 @@ from ..models.lazy import layer_weights, materialize, return_freed_memory
 from ..models.surgery import count_parameters, decoder_layers, decoder_parameters, replace_block
 from ..nn.replacements import ACTIVATIONS, REPLACEMENTS, FFNReplacement, ReplacementSpec, build_replacement
 from ..train.losses import LogitKL, NextTokenLoss
-from ..train.loop import Checkpoints, Distillation, Objective, TrainConfig, TrainResult, fit
+from ..train.loop import Checkpoints, Distillation, Objective, TrainConfig, TrainResult, data_digest, fit
 from . import pruning
 
 LOSSES = ("mse", "mse-normed", "cosine", "lm", "kl")
@@ -293,10 +293,15 @@ def collect_pairs(
     model: nn.Module, arch: Architecture, ids: torch.Tensor, start: int, window: int, store: PairStore,
     *, batch_size: int = 8, progress: bool = True,
 ) -> None:
-    """One layer-by-layer pass up to the block's end, writing (h[l*], h[l*+k]) to ``store``."""
+    """One layer-by-layer pass up to the block's end, writing (h[l*], h[l*+k]) to ``store``,
+    one batch at a time; a store that a killed pass filled in part (``store.rows_done``) is
+    continued at its first missing batch (the same batches, so the same numbers)."""
     end = start + window - 1  # last layer of the block
     inputs: dict[int, torch.Tensor] = {}
-    written = [0]
+    done = store.rows_done()
+    written = [done]
+    if done >= ids.shape[0]:
+        return
 
     def observe(l: int, b: int, h_in: torch.Tensor, h_out: torch.Tensor) -> None:
         if l == start:
@@ -305,24 +310,24 @@ def collect_pairs(
             first, rows = written[0], h_in.shape[0]
             store.write(first, inputs.pop(b), h_out, ids[first : first + rows])
             written[0] += rows
+            store.mark_done(written[0])
 
-    layer_pass(model, arch, ids, batch_size=batch_size, chunk_batches=1, observe=observe,
+    layer_pass(model, arch, ids[done:], batch_size=batch_size, chunk_batches=1, observe=observe,
                progress=progress, desc="collecting training pairs", stop_at=end + 1)
     if written[0] != ids.shape[0]:
         raise RuntimeError(f"collected {written[0]} of {ids.shape[0]} sequences")
 
 
-def _validation(objective: Objective, rows: Sequence[int], curve: list[dict]) -> Callable[[], float]:
+def _validation(objective: Objective, rows: Sequence[int]) -> Callable[[], tuple[float, dict]]:
     """The mean loss over the validation rows, one row at a time so that its standard error
-    (between rows) goes into ``curve`` beside it: it says which differences the best-state
-    choice can see."""
+    (between rows) joins the validation's record (``val_se``): it says which differences the
+    best-state choice can see. In the record, it survives a resumed run."""
     rows = list(rows)
 
-    def validate() -> float:
+    def validate() -> tuple[float, dict]:
         values = torch.tensor([objective([r], contextlib.nullcontext())[0].item() for r in rows], dtype=torch.float64)
         se = float(values.std() / math.sqrt(len(rows))) if len(rows) > 1 else float("nan")
-        curve.append({"mean": float(values.mean()), "se": se})
-        return float(values.mean())
+        return float(values.mean()), {"val_se": se}
 
     return validate
 
@@ -344,15 +349,10 @@ def _run(module, objective, opts: StreamlineOptions, text: TrainingText, *, log_
                 "batch": micro * accum, "steps": steps, "tokens_seen": steps * micro * accum * seq_len}
     header = {"replacement": opts.replacement, "loss": opts.loss, "init": opts.init, **training,
               **config.result_fields()}
-    curve: list[dict] = []
     result = fit(module, objective, config, rows=train_rows, trainable=trainable,
-                 validate=_validation(objective, val_rows, curve), best_state_dir=best_state_dir, log_header=header)
-    vals = [r for r in result.history if r.get("event") == "val"]
-    if len(vals) == len(curve):  # a resumed run validated only its own part: no standard errors then
-        training["validation"] = [{"step": r["step"], "loss": r["val_loss"], "se": c["se"]}
-                                  for r, c in zip(vals, curve)]
-    else:
-        training["validation"] = [{"step": r["step"], "loss": r["val_loss"]} for r in vals]
+                 validate=_validation(objective, val_rows), best_state_dir=best_state_dir, log_header=header)
+    training["validation"] = [{"step": r["step"], "loss": r["val_loss"], "se": r["val_se"]}
+                              for r in result.history if r.get("event") == "val"]
     training.update(best_step=result.best_step, first_val=result.first_val, best_val=result.best_val)
     return result, training
 
@@ -584,8 +584,13 @@ def replace_and_train(
         raise LayerfoldError("the given training pairs do not match the training text")
     if own_store and spec.trainable and opts.loss in PAIR_LOSSES:
         t = time.perf_counter()
-        store = PairStore(work_dir / "pairs", text.ids.shape[0], text.ids.shape[1], model.config.hidden_size,
-                          opts.pair_dtype)
+        shape = (text.ids.shape[0], text.ids.shape[1], model.config.hidden_size, opts.pair_dtype)
+        if checkpoints is not None and checkpoints.folder:
+            # beside the training checkpoints: a killed collection continues where it stopped
+            key = {"ids": data_digest(text.ids), "start": start, "window": window, "batch_size": batch_size}
+            store = PairStore.reopen(Path(checkpoints.folder) / "pairs", *shape, key=key, resume=checkpoints.resume)
+        else:
+            store = PairStore(work_dir / "pairs", *shape)
         collect_pairs(model, arch, text.ids, start, window, store, batch_size=batch_size, progress=progress)
         seconds["pairs"] = time.perf_counter() - t
 

@@ -103,10 +103,11 @@ def foldgpt_summary(plan, cure_steps: int) -> str:
     )
 
 
-# what a clock or a memory meter measured: it differs between runs of the same inputs, so a
-# reproducible folder (--reproducible) leaves it out (keys ending in "_seconds" too)
+# what a clock or a memory meter measured, and how the process went (the step a resumed run
+# restarted at): it differs between runs of the same inputs, so a reproducible folder
+# (--reproducible) leaves it out (keys ending in "_seconds" too)
 MEASURED = frozenset({"seconds", "peak_rss_mib", "tokens_per_second", "peak_memory_bytes", "prefill_tokens_per_s",
-                      "decode_tokens_per_s"})
+                      "decode_tokens_per_s", "resumed_from"})
 
 
 def is_measured(key) -> bool:

@@ -36,6 +36,7 @@ from torch import nn
 
 from ..errors import LayerfoldError, RuntimeFailure
 from ..models.loading import input_device
+from ..models.saving import _pid_alive
 from ..models.surgery import count_parameters
 from .capture import layer_outputs, model_layers
 from .head import OutputHead, run_for_hidden
@@ -314,6 +315,22 @@ def load_checkpoint(path: Path, **kwargs) -> dict:
                              "choose another --checkpoint-dir") from None
 
 
+def save_checkpoint(state: dict, path: Path) -> None:
+    """``torch.save`` to a temporary name, then renamed over ``path``: a kill while saving leaves
+    the previous checkpoint intact (and a temporary file that the next save sweeps)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(path.name + ".tmp-*"):  # left by a killed run
+        pid = stale.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            stale.unlink(missing_ok=True)
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 class _BestState:
     """The trainable tensors at the best validation so far, in memory or in a file
     (``torch.save`` writes tensor by tensor; read back memory-mapped)."""
@@ -390,12 +407,13 @@ class _History:
 
     def validate(self, step: int, model: nn.Module, validate: Callable[[], float]) -> None:
         value = _quietly(model, validate)
+        value, extra = value if isinstance(value, tuple) else (value, {})
         if self.first_val is None or value < self.best_val:
             if self.first_val is None:
                 self.first_val = value
             self.best_val, self.best_step = value, step
             self.best.keep()
-        self.add({"event": "val", "step": step, "val_loss": value, "best_val": self.best_val,
+        self.add({"event": "val", "step": step, "val_loss": value, **extra, "best_val": self.best_val,
                   "seconds": time.perf_counter() - self.t0})
 
     def last_step(self) -> dict:
@@ -472,13 +490,7 @@ class _Checkpoints:
         if history.best is not None:
             state["validation"] = [history.first_val, history.best_val, history.best_step]
             state["best"] = {n: t.detach().clone() for n, t in history.best.tensors().items()}
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(self.path.name + f".tmp-{os.getpid()}")
-        try:
-            torch.save(state, tmp)
-            os.replace(tmp, self.path)  # a kill during saving leaves the previous checkpoint intact
-        finally:
-            tmp.unlink(missing_ok=True)
+        save_checkpoint(state, self.path)
         self.last_step = step
 
 
