@@ -7,7 +7,8 @@ used to fail late fail now.
    writes every case, its message, exit code and time into the Markdown file;
 2. runs the cases of issue 19's audit as a user would, one ``layerfold`` process each (Python
    start-up and imports included), on the embedded SmolLM2-135M (30 layers, 8,192 positions),
-   and appends their wall-clock times.
+   and appends their wall-clock times;
+3. runs the kill/resume, determinism and safety tests and appends their results.
 """
 
 from __future__ import annotations
@@ -35,7 +36,14 @@ AUDIT = [  # (what the audit saw, arguments after `layerfold`)
     ("broken calibration file, a .jsonl line that is not JSON (was: 21-25 s)", ["compress", "--calib", "{broken}"]),
     ("missing calibration file (was: 21-25 s)", ["compress", "--calib", "{missing}"]),
     ("JSON lines without the text field (was: 21-25 s)", ["compress", "--calib", "{nofield}"]),
+    ("`hf:` calibration data without the `datasets` package (was: 21-25 s)",
+     ["compress", "--calib", "hf:wikitext:wikitext-2-raw-v1"]),
+    ("LoRA healing (the default) without `peft` (was: reported after 4 min 53 s of work; `peft` hidden here by a "
+     "module that fails to import)", ["compress", "{no_peft}"]),
 ]
+
+# put first on the path of the "without peft" case: an import of peft fails as if it were missing
+NO_PEFT = "raise ImportError(\"No module named 'peft'\")\n"
 
 
 def audit_rows(tmp: Path) -> list[str]:
@@ -45,10 +53,13 @@ def audit_rows(tmp: Path) -> list[str]:
     files["blank"].write_text("  \n\n\t\n\n")
     files["broken"].write_text('{"text": "fine"}\n{"text": "broken\n')
     files["nofield"].write_text('{"body": "some text"}\n')
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
+    (tmp / "hide" / "peft").mkdir(parents=True)
+    (tmp / "hide" / "peft" / "__init__.py").write_text(NO_PEFT)
     rows = []
     for what, args in AUDIT:
-        argv = [a.format(**{k: str(v) for k, v in files.items()}) for a in args]
+        hide = "{no_peft}" in args
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp / "hide")] * hide + [str(ROOT / "src")]))
+        argv = [a.format(**{k: str(v) for k, v in files.items()}) for a in args if a != "{no_peft}"]
         t = time.perf_counter()
         extra = ["-o", str(tmp / "out")] if argv[0] == "compress" else []
         p = subprocess.run([sys.executable, "-c", "import sys; from layerfold.cli import main; sys.exit(main())",
@@ -58,6 +69,29 @@ def audit_rows(tmp: Path) -> list[str]:
         rows.append(f"| {what} | {p.returncode} | {seconds:.1f} | `{line}` |")
         assert not (tmp / "out").exists()
     return rows
+
+
+OTHER_SUITES = {
+    "tests/test_resume.py": "runs SIGKILLed at 8 + 5 seeded points across calibration, training pairs, the "
+                            "replacement's training, healing, gate training, the cure, checkpoint writes and the "
+                            "save, each restarted with --resume: every restart continues at the last checkpoint, "
+                            "the final folder is byte-identical to an uninterrupted run's",
+    "tests/test_determinism.py": "two runs of the same command (--reproducible) give the same bytes in every file "
+                                 "(streamline + healing, foldgpt, heal); another seed other weights; versions and "
+                                 "seeds recorded",
+    "tests/test_safety.py": "a folder's code runs only with --trust-remote-code; a FoldGPT folder's own code never "
+                            "runs in layerfold; a malicious gate checkpoint is refused; the package starts no "
+                            "shell or program; paths full of shell syntax are only names",
+}
+
+
+def other_suite(name: str, env: dict) -> str:
+    t = time.perf_counter()
+    p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(ROOT / name)],
+                       capture_output=True, text=True, env=env, cwd=ROOT)
+    seconds = time.perf_counter() - t
+    summary = (p.stdout.strip().splitlines() or ["(no output)"])[-1].strip("= ")
+    return f"| `{name}` | {OTHER_SUITES[name]} | {summary} | {seconds:.0f} |"
 
 
 def main() -> int:
@@ -71,6 +105,7 @@ def main() -> int:
         return code
     with tempfile.TemporaryDirectory() as tmp:
         rows = audit_rows(Path(tmp))
+    others = [other_suite(name, env) for name in OTHER_SUITES]
     text = OUT.read_text(encoding="utf-8")
     text += "\n".join([
         "",
@@ -85,6 +120,14 @@ def main() -> int:
         "| case (what the audit saw) | exit | seconds | message |",
         "|---|---:|---:|---|",
         *rows,
+        "",
+        "## Kill and resume, determinism, safety",
+        "",
+        "Each file run on its own by pytest (the same shared machine, one thread):",
+        "",
+        "| tests | what they check | result | seconds |",
+        "|---|---|---|---:|",
+        *others,
         "",
     ])
     OUT.write_text(text, encoding="utf-8")

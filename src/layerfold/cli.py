@@ -347,8 +347,9 @@ def main(argv: list[str] | None = None) -> int:
         opts = _quiet(schema.from_arguments(args.root(), args), glob.quiet)
         from . import validation
 
-        preflight.check(opts)  # packages and devices the options need, before any model or data
         validation.check(opts)  # everything the options, the config and the file headers can tell
+        preflight.check(opts)  # packages and devices the options need, before any model or data (after
+        # validation: importing peft takes seconds, a bad option is refused without it)
         return args.func(opts, glob)
     except LayerfoldError as e:
         if glob.debug:
