@@ -128,7 +128,7 @@ def test_paths_with_shell_syntax_are_only_paths(tiny_model_dir, text_file, tmp_p
     weird = "m; touch pwned1 && $(touch pwned2) `touch pwned3` 'q\" |x"
     model = tmp_path / f"model {weird}"
     shutil.copytree(tiny_model_dir("llama"), model)
-    calib = tmp_path / f"calib $(touch pwned4).txt"
+    calib = tmp_path / "calib $(touch pwned4).txt"
     shutil.copy(text_file, calib)
     out = tmp_path / f"out {weird}"
     assert main(["-q", "compress", str(model), "--calib", str(calib), *SMALL, "--remove", "2", "--no-heal",
