@@ -160,6 +160,10 @@ def test_resume_refuses_a_checkpoint_of_another_run(tmp_path):
     cfg.resume, cfg.lr = True, 5e-4
     with pytest.raises(LayerfoldError, match="different run"):
         train(build_tiny("llama"), data, cfg, [NextTokenLoss()])
+    cfg.lr = 1e-3  # the same settings and data, another model of the same shape: refused too
+    with pytest.raises(LayerfoldError, match="different run"):
+        train(build_tiny("llama", seed=1), data, cfg, [NextTokenLoss()])
+    train(build_tiny("llama"), data, cfg, [NextTokenLoss()])  # the same model: resumes
 
 
 def test_bad_inputs_are_user_errors():

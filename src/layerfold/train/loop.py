@@ -366,11 +366,25 @@ class _BestState:
             self.path.unlink(missing_ok=True)
 
 
-def _fingerprint(config: TrainConfig, objective, rows: list[int], names: list[str], validated: bool) -> str:
+def _fingerprint(config: TrainConfig, objective, rows: list[int], names: list[str], validated: bool,
+                 model: str = "") -> str:
     blob = json.dumps([config.result_fields(), objective.describe() if hasattr(objective, "describe") else None,
-                       hashlib.sha256(json.dumps(rows).encode()).hexdigest(), names, validated],
+                       hashlib.sha256(json.dumps(rows).encode()).hexdigest(), names, validated, model],
                       sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+@torch.no_grad()
+def model_digest(model: nn.Module, values: int = 256) -> str:
+    """What identifies the model a training starts from, cheaply: every parameter's and buffer's
+    name, shape and dtype, and its first ``values`` numbers (weights not in memory: name and
+    shape only). A checkpoint of another model of the same shape is then refused on resuming."""
+    h = hashlib.sha256()
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        if t.device.type != "meta" and t.numel():
+            h.update(t.detach().reshape(-1)[:values].cpu().float().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def _optimizer(params: list[tuple[str, nn.Parameter]], config: TrainConfig) -> torch.optim.AdamW:
@@ -555,8 +569,9 @@ def fit(
     optimizer = _optimizer(params, config)
     scheduler = _scheduler(optimizer, config)
     history = _History(config, log_header, _BestState(params, best_state_dir) if validate is not None else None)
-    checkpoints = _Checkpoints(config, _fingerprint(config, objective, train_rows, [n for n, _ in params],
-                                                    validate is not None))
+    fingerprint = (_fingerprint(config, objective, train_rows, [n for n, _ in params], validate is not None,
+                                model_digest(model)) if config.checkpoint_dir else "")
+    checkpoints = _Checkpoints(config, fingerprint)
     torch.manual_seed(config.seed)
     start = resumed = checkpoints.restore(model, params, optimizer, scheduler, history)
     history.open()
