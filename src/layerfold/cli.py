@@ -142,6 +142,10 @@ def _cmd_compress(opts: CompressOptions, glob: GlobalOptions) -> int:
 
     t0 = time.perf_counter()
     r = compress(opts)
+    from .train.parallel import processes
+
+    if not processes().main:  # under `accelerate launch` the main process reports
+        return 0
     if r.output is None:  # --dry-run
         if r.extra.get("auto_text"):
             print(r.extra["auto_text"])
@@ -225,6 +229,16 @@ def _cmd_heal(opts: HealModelOptions, glob: GlobalOptions) -> int:
 
     t0 = time.perf_counter()
     r = heal_model(opts)
+    from .train.parallel import processes
+
+    if r.memory is not None:  # --dry-run
+        from .train.memory import describe
+
+        print(describe(r.memory))
+        return 0
+
+    if not processes().main:  # under `accelerate launch` the main process reports
+        return 0
     _print_heal(r.heal)
     steps = ", ".join(f"{k} {v:.1f}s" for k, v in r.seconds.items())
     print(f"parameters   {r.params:,}")

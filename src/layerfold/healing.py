@@ -297,13 +297,22 @@ def untie_lm_head(model: nn.Module) -> None:
         text_config().tie_word_embeddings = False
 
 
+def global_batch(opts: HealOptions) -> int:
+    """Rows per micro-batch over all processes: ``--heal-batch-size`` is each process's
+    (accelerate's convention), and the token budget is the run's, shared by the processes."""
+    from .train.parallel import processes
+
+    return opts.batch_size * processes().count
+
+
 def healing_data(opts: HealOptions, source_model: LoadedModel, seq_len: int | None = None) -> torch.Tensor:
     """Token rows for ``opts.tokens`` tokens (one pass), written by / read for ``source_model``."""
     if opts.data.source == CALIBRATION_TEXT:
         raise LayerfoldError("--heal-data calib (the calibration text) works only with `layerfold compress`")
     seq = seq_len or opts.data.seq_len
-    steps = steps_for_tokens(opts.tokens, opts.batch_size, opts.grad_accum, seq)
-    rows = steps * opts.batch_size * opts.grad_accum
+    batch = global_batch(opts)
+    steps = steps_for_tokens(opts.tokens, batch, opts.grad_accum, seq)
+    rows = steps * batch * opts.grad_accum
     if opts.rows:
         rows = min(rows, opts.rows)
     return load_calibration(replace(opts.data, samples=rows, seq_len=seq), source_model, progress=opts.progress)
@@ -375,7 +384,7 @@ def heal(
     trained_model, what, head_mode = _make_trainable(student, opts)
     losses = _losses(opts, layer_map)
 
-    steps = steps_for_tokens(opts.tokens, opts.batch_size, opts.grad_accum, ids.shape[1])
+    steps = steps_for_tokens(opts.tokens, global_batch(opts), opts.grad_accum, ids.shape[1])
     config = TrainConfig(
         steps=steps, batch_size=opts.batch_size, grad_accum=opts.grad_accum, lr=opts.learning_rate(),
         warmup_steps=int(math.floor(opts.warmup * steps)), precision=opts.precision, seed=opts.seed,

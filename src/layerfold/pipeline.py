@@ -39,6 +39,7 @@ from .models.saving import check_output_dir, default_output_name, folder_bytes, 
 from .models.surgery import count_parameters, decoder_layers
 from .recipe import AnalyzeOptions, CompressOptions, EvaluateOptions, ExportOptions, HealModelOptions
 from .report import record as records
+from .train.parallel import processes
 
 __all__ = ["AnalyzeOptions", "CompressOptions", "EvalOptions", "EvaluateOptions", "ExportOptions",
            "HealModelOptions", "ModelOptions", "analyze", "compress", "evaluate_model", "export", "heal_model"]
@@ -129,16 +130,21 @@ def compress(opts: CompressOptions, loaded: LoadedModel | None = None) -> Compre
         return run.dry(run.plan(_skeleton(opts.model), run.saved_evidence()))
     loaded = run.load(loaded)
     run.check_gguf(loaded)  # the family and its rope: refused before any slow work
-    ids = run.calibrate(loaded)
+    procs = processes()  # under `accelerate launch`: every process prunes alike, healing is data-parallel
+    with procs.main_first():  # the main process writes the shared text and teacher caches, the others read them
+        ids = run.calibrate(loaded)
     evidence = run.score(loaded, ids)
     plan = run.plan(loaded, evidence)
     if opts.output.dry_run:
         return run.dry(plan)
     before = run.evaluate_before(loaded)
-    healing = run.prepare_healing(loaded, ids, plan)
+    with procs.main_first():
+        healing = run.prepare_healing(loaded, ids, plan)
     applied = run.apply(loaded, plan, ids, evidence)
     run.check_gguf(loaded)  # the pruned layer pattern, before healing
     healed = run.heal(loaded, healing, applied)
+    if not procs.main:  # the same weights in every process: the main one evaluates and saves
+        return run.dry(plan)
     after = run.evaluate_after(loaded, plan, before)
     return run.save(loaded, plan, evidence, applied, healed, before, after)
 
@@ -497,7 +503,7 @@ class _Compression:
             healing.teacher = None
             self._timed("cure", t)
             return {"cure": {k: v for k, v in cure.items() if k != "history"}}
-        from .healing import heal
+        from .healing import global_batch, heal
         from .train import steps_for_tokens
 
         eval_fn, eval_every = None, 0
@@ -505,7 +511,7 @@ class _Compression:
             start = self.heldout_fit(loaded.model)
             self.heal_curve.append({"tokens": 0, "heldout": start})
             eval_fn = self.heldout_fit
-            steps = steps_for_tokens(o.healing.tokens, o.healing.batch_size, o.healing.grad_accum, healing.ids.shape[1])
+            steps = steps_for_tokens(o.healing.tokens, global_batch(o.healing), o.healing.grad_accum, healing.ids.shape[1])
             eval_every = max(1, steps // 4)
         result = heal(loaded, None, o.healing, ids=healing.ids, prepared_teacher=healing.teacher,
                       layer_map=applied.layer_map.kept, eval_fn=eval_fn, eval_every=eval_every)
@@ -770,6 +776,29 @@ class HealModelResult:
     heal: dict
     params: int
     seconds: dict[str, float]
+    memory: dict | None = None  # --dry-run: train.memory.healing_needs
+
+
+def heal_memory(opts: HealModelOptions) -> dict:
+    """``layerfold heal --dry-run``: what healing would need in memory, from the shapes of the
+    student and the teacher (their configs; no weight is read)."""
+    from .healing import is_tied
+    from .models.loading import model_skeleton, resolve_device, resolve_dtype
+    from .train.memory import Shapes, healing_needs
+
+    m = opts.model
+    student = model_skeleton(m.model, dtype=m.dtype, device=m.device, trust_remote_code=m.trust_remote_code)
+    teacher = None
+    if opts.healing.needs_teacher:
+        teacher = Shapes.of(*_skeleton_parts(model_skeleton(opts.teacher, dtype=m.dtype, device=m.device,
+                                                            trust_remote_code=m.trust_remote_code)))
+    dtype = resolve_dtype(m.dtype, resolve_device(m.device))
+    return healing_needs(Shapes.of(*_skeleton_parts(student)), teacher, opts.healing,
+                         seq_len=opts.healing.data.seq_len, dtype=dtype, tied=is_tied(student.model))
+
+
+def _skeleton_parts(loaded: LoadedModel):
+    return loaded.model, loaded.arch
 
 
 def heal_model(opts: HealModelOptions) -> HealModelResult:
@@ -781,6 +810,8 @@ def heal_model(opts: HealModelOptions) -> HealModelResult:
         opts = replace(opts, healing=replace_heal_losses_without_teacher(opts.healing))
     if opts.model.model is None:
         raise LayerfoldError("give the compressed model folder to heal")
+    if opts.output.dry_run:  # the shapes only (configs): what each plan would need in memory
+        return HealModelResult(Path(opts.output.path or "."), {}, 0, {}, memory=heal_memory(opts))
     out = Path(opts.output.path or f"{Path(opts.model.model.rstrip('/')).name}-healed")
     check_output_dir(out, opts.output.force, protect=Path(opts.model.model) if Path(opts.model.model).is_dir() else None)
     student_dir = locate_model(opts.model.model)[4]  # a path that is not a model fails now, not after the teacher's work
@@ -790,6 +821,9 @@ def heal_model(opts: HealModelOptions) -> HealModelResult:
         if previous.get("layer_map") else None
     seconds: dict[str, float] = {}
     teacher = ids = prepared = None
+    procs = processes()  # under `accelerate launch`: data-parallel healing (train/parallel.py)
+    if procs.parallel and procs.device is not None and procs.device.type != "cpu" and opts.model.placement is None:
+        opts = replace(opts, model=replace(opts.model, device=str(procs.device)))  # one GPU per process
     if opts.healing.needs_teacher:
         # the teacher first: its outputs are cached on disk, and then it leaves memory before
         # the student arrives, so the two never need room together (big models, device maps)
@@ -797,8 +831,9 @@ def heal_model(opts: HealModelOptions) -> HealModelResult:
         teacher = _load(replace(opts.model, model=opts.teacher))  # the student's loading options
         seconds["load teacher"] = time.perf_counter() - t
         t = time.perf_counter()
-        ids = healing_data(opts.healing, teacher)
-        prepared = prepare_teacher(opts.healing, teacher, ids, layer_map.kept if layer_map else None)
+        with procs.main_first():  # the main process writes the text and the teacher cache, the others read them
+            ids = healing_data(opts.healing, teacher)
+            prepared = prepare_teacher(opts.healing, teacher, ids, layer_map.kept if layer_map else None)
         seconds["teacher outputs"] = time.perf_counter() - t
     t = time.perf_counter()
     student = _load(opts.model)
@@ -811,6 +846,9 @@ def heal_model(opts: HealModelOptions) -> HealModelResult:
         _free_memory()
     n_layers = len(decoder_layers(student.model, student.arch))
     t = time.perf_counter()
+    if ids is None:  # no teacher: the student reads (or writes) the text
+        with procs.main_first():
+            ids = healing_data(opts.healing, student)
     result = heal(student, teacher, opts.healing, ids=ids, prepared_teacher=prepared,
                   layer_map=layer_map.kept if layer_map else None)
     layer_map = layer_map or LayerMap.identity(n_layers)
@@ -832,12 +870,16 @@ def heal_model(opts: HealModelOptions) -> HealModelResult:
                   heal=summary, params_after=params, options=recipes.schema.to_dict(recipes.absolute_paths(opts)))
     if opts.output.reproducible:
         record = records.without_measurements(record)
+    if not procs.main:  # the weights are the same in every process: the main one saves them
+        procs.wait()
+        return HealModelResult(out, summary, params, seconds)
     t = time.perf_counter()
     files = {"layerfold.json": json.dumps(record, indent=2, default=str) + "\n", recipes.RECIPE_FILE: recipe_yaml}
     from .export.shared import save_shared_folder  # a shared model stays shared (a standard one: standard)
 
     out = save_shared_folder(student, out, card=card, force=opts.output.force, extra_files=files)
     seconds["save"] = time.perf_counter() - t
+    procs.wait()
     return HealModelResult(out, summary, params, seconds)
 
 

@@ -571,6 +571,8 @@ def _check_heal(o, loaded=None) -> None:
     o.healing.validate()
     if o.model.model is None and loaded is None:
         raise LayerfoldError("give the compressed model folder to heal")
+    if o.output.dry_run:  # the memory estimate reads the configs only: plan before the weights are downloaded
+        return
     facts = _facts(o.model, loaded)
     teacher = None
     if o.healing.needs_teacher and not o.no_teacher:

@@ -41,6 +41,7 @@ from ..models.surgery import count_parameters
 from .capture import layer_outputs, model_layers
 from .head import OutputHead, run_for_hidden
 from .losses import Loss, LossInputs, logit_terms
+from .parallel import Processes, processes
 from .teacher import OnTheFlyTeacher, TeacherCache
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -367,10 +368,12 @@ class _BestState:
 
 
 def _fingerprint(config: TrainConfig, objective, rows: list[int], names: list[str], validated: bool,
-                 model: str = "") -> str:
-    blob = json.dumps([config.result_fields(), objective.describe() if hasattr(objective, "describe") else None,
-                       hashlib.sha256(json.dumps(rows).encode()).hexdigest(), names, validated, model],
-                      sort_keys=True, default=str)
+                 model: str = "", processes: int = 1) -> str:
+    parts = [config.result_fields(), objective.describe() if hasattr(objective, "describe") else None,
+             hashlib.sha256(json.dumps(rows).encode()).hexdigest(), names, validated, model]
+    if processes > 1:  # the global batch differs (one-process fingerprints stay as they were)
+        parts.append({"processes": processes})
+    blob = json.dumps(parts, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -401,9 +404,9 @@ def _optimizer(params: list[tuple[str, nn.Parameter]], config: TrainConfig) -> t
 class _History:
     """The run's records (steps and validations), its log file, and the best validation so far."""
 
-    def __init__(self, config: TrainConfig, header: dict | None, best: _BestState | None):
+    def __init__(self, config: TrainConfig, header: dict | None, best: _BestState | None, writes: bool = True):
         self.records: list[dict] = []
-        self.log = Path(config.log_file) if config.log_file else None
+        self.log = Path(config.log_file) if config.log_file and writes else None  # the main process writes it
         self.header, self.best = header, best
         self.first_val = self.best_val = self.best_step = None
         self.t0 = time.perf_counter()
@@ -450,8 +453,8 @@ class Diverged(RuntimeFailure):
 class _Checkpoints:
     """Checkpoints at optimizer-step boundaries, and resuming from the last one."""
 
-    def __init__(self, config: TrainConfig, fingerprint: str):
-        self.config, self.fingerprint = config, fingerprint
+    def __init__(self, config: TrainConfig, fingerprint: str, writes: bool = True):
+        self.config, self.fingerprint, self.writes = config, fingerprint, writes  # writes: the main process
         self.path = Path(config.checkpoint_dir) / CHECKPOINT_NAME if config.checkpoint_dir else None
         self.last_step = 0  # the step of the last checkpoint written or resumed from
 
@@ -492,6 +495,9 @@ class _Checkpoints:
         every, last = self.config.checkpoint_every, step == self.config.steps
         if self.path is None or not every or not (step % every == 0 or last):
             return
+        if not self.writes:  # the weights are the same in every process: the main one writes them
+            self.last_step = step
+            return
         state = {
             "step": step,
             "fingerprint": self.fingerprint,
@@ -509,8 +515,9 @@ class _Checkpoints:
 
 
 def _step(objective, rows: Callable[[int], list[int]], step: int, config: TrainConfig, params, optimizer,
-          scheduler, autocast) -> dict:
-    """One optimizer step over ``config.grad_accum`` micro-batches; its loss terms, lr and gradient norm."""
+          scheduler, autocast, procs: Processes | None = None) -> dict:
+    """One optimizer step over ``config.grad_accum`` micro-batches; its loss terms, lr and gradient norm.
+    With several processes (``procs``) each computes its rows' gradients, averaged over them before clipping."""
     optimizer.zero_grad(set_to_none=True)
     terms: dict[str, float] = {}
     total_value = 0.0
@@ -523,6 +530,11 @@ def _step(objective, rows: Callable[[int], list[int]], step: int, config: TrainC
         for name, value in parts.items():
             terms[name] = terms.get(name, 0.0) + value.item() / config.grad_accum
         del total, parts
+    if procs is not None and procs.parallel:
+        procs.average([p.grad for _, p in params if p.grad is not None])
+        names = sorted(terms)
+        total_value, *values = procs.mean([total_value, *(terms[k] for k in names)])
+        terms = dict(zip(names, values))
     grad_norm = None
     if config.max_grad_norm:
         grad_norm = float(torch.nn.utils.clip_grad_norm_([p for _, p in params], config.max_grad_norm))
@@ -566,28 +578,34 @@ def fit(
     if not train_rows:
         raise LayerfoldError("no training rows")
     params = select_trainable(model, trainable)
+    procs = processes()
     optimizer = _optimizer(params, config)
     scheduler = _scheduler(optimizer, config)
-    history = _History(config, log_header, _BestState(params, best_state_dir) if validate is not None else None)
+    history = _History(config, log_header, _BestState(params, best_state_dir) if validate is not None else None,
+                       writes=procs.main)
     fingerprint = (_fingerprint(config, objective, train_rows, [n for n, _ in params], validate is not None,
-                                model_digest(model)) if config.checkpoint_dir else "")
-    checkpoints = _Checkpoints(config, fingerprint)
+                                model_digest(model), procs.count) if config.checkpoint_dir else "")
+    checkpoints = _Checkpoints(config, fingerprint, writes=procs.main)
     torch.manual_seed(config.seed)
     start = resumed = checkpoints.restore(model, params, optimizer, scheduler, history)
     history.open()
     if validate is not None and history.first_val is None:
         history.validate(0, model, validate)
-    rows_of = _Rows(train_rows, config.batch_size, config.seed)
-    tokens_per_step = config.rows_per_step() * getattr(objective, "tokens_per_row", 1)
+    # several processes: the global micro-batch is what one process with batch_size x processes
+    # rows would read; each process trains on its part (see train.parallel)
+    global_rows = _Rows(train_rows, config.batch_size * procs.count, config.seed)
+    rows_of = (lambda m: procs.share(global_rows(m))) if procs.parallel else global_rows
+    tokens_per_step = config.rows_per_step() * procs.count * getattr(objective, "tokens_per_row", 1)
     autocast = torch.autocast(input_device(model).type, dtype=torch.bfloat16, enabled=config.precision == "bf16")
     model.train()
-    bar = tqdm(total=config.steps, initial=start, desc=config.desc, unit="step", disable=not config.progress)
+    bar = tqdm(total=config.steps, initial=start, desc=config.desc, unit="step",
+               disable=not config.progress or not procs.main)
     t0 = time.perf_counter()
     try:
         for step in range(start, config.steps):
             t_step = time.perf_counter()
             try:
-                record = _step(objective, rows_of, step, config, params, optimizer, scheduler, autocast)
+                record = _step(objective, rows_of, step, config, params, optimizer, scheduler, autocast, procs)
             except Diverged as e:
                 raise checkpoints.diverged(e) from None
             elapsed = time.perf_counter() - t0

@@ -1,0 +1,61 @@
+"""`layerfold heal --dry-run`: the memory estimate from shapes, checked against the model itself."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from layerfold.cli import main
+from layerfold.healing import HealOptions, _make_trainable
+from layerfold.models.loading import load_model, model_skeleton
+from layerfold.train.memory import ACT_HIDDEN, ACT_KV, ACT_MLP, RUNTIME_BYTES, Shapes, healing_needs
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.mark.parametrize("train,lm_head", [("lora", "auto"), ("lora+layers", "train"), ("layers", "freeze")])
+def test_trained_parameters_equal_what_healing_really_trains(tiny_model_dir, train, lm_head):
+    opts = HealOptions(tokens=64, train=train, layers="last:2", lm_head=lm_head, lora_rank=4)
+    loaded = load_model(tiny_model_dir("llama"), dtype="fp32", device="cpu")
+    skeleton = model_skeleton(tiny_model_dir("llama"), dtype="fp32", device="cpu")
+    shapes = Shapes.of(skeleton.model, skeleton.arch)
+    assert shapes.params == sum(p.numel() for p in loaded.model.parameters())
+    need = healing_needs(shapes, None, replace_kl(opts), seq_len=32, dtype=torch.float32, tied=False)
+    model, _, _ = _make_trainable(loaded, opts)
+    really = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert need["trained_parameters"] == really
+
+
+def replace_kl(opts):
+    from dataclasses import replace
+
+    return replace(opts, kl=0.0, ce=1.0)
+
+
+def test_the_sums_by_hand(tiny_model_dir):
+    """The tiny Llama: hidden 64, key/value width 2 x 16, MLP 128, 6 layers, vocabulary 260."""
+    skeleton = model_skeleton(tiny_model_dir("llama"), dtype="fp32", device="cpu")
+    s = Shapes.of(skeleton.model, skeleton.arch)
+    assert (s.hidden, s.kv, s.intermediate, s.layers, s.vocab) == (64, 32, 128, 6, 260)
+    opts = HealOptions(tokens=64, batch_size=2, lora_rank=4, kl=0.0, ce=1.0, train_norm=False, lm_head="freeze")
+    need = healing_needs(s, None, opts, seq_len=16, dtype=torch.float32, tied=False)
+    # LoRA on q,k,v,o (64->64, 64->32, 64->32, 64->64) and gate, up, down (64->128, 64->128, 128->64)
+    lora = 4 * ((64 + 64) + 2 * (64 + 32) + (64 + 64) + 3 * (64 + 128))
+    assert need["trained_parameters"] == 6 * lora
+    assert need["trained_state_bytes"] == 6 * lora * 4 * 4
+    per_layer = (ACT_HIDDEN * 64 + ACT_KV * 32 + ACT_MLP * 128 + 2 * 4 * 7) * 4
+    assert need["activation_bytes"] == 32 * 6 * per_layer
+    logits = 4 * 32 * 260 * 4 + 32 * 64 * 4  # the whole batch's logits fit one chunk
+    plain = need["plans"][0]["device_bytes"]
+    assert plain == RUNTIME_BYTES + s.weight_bytes + 6 * lora * 16 + 32 * 6 * per_layer + logits
+    ckpt = need["plans"][1]["device_bytes"]
+    assert ckpt == RUNTIME_BYTES + s.weight_bytes + 6 * lora * 16 + 32 * (64 * 4 * 6 + per_layer) + logits
+
+
+def test_dry_run_prints_the_estimate_and_writes_nothing(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "healed"
+    code = main(["heal", tiny_model_dir("llama"), "--teacher", tiny_model_dir("llama"), "--dry-run", "-o", str(out)])
+    assert code == 0
+    text = capsys.readouterr().out
+    assert "healing memory estimate" in text and "--heal-checkpointing" in text and "offload" in text
+    assert not out.exists()
