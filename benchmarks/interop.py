@@ -45,7 +45,6 @@ PROMPTS = [
 ]
 NEW_TOKENS = 32
 SPEED_TOKENS = 64
-SPEED_ROUNDS = 3
 
 
 # -- the llama.cpp side (runs inside the llama-cpp-python environment) ----------------------
@@ -98,6 +97,10 @@ def llama_part(request: dict) -> dict:
             rows.append({"new": new, "own_tokenization": own})
         out["greedy"] = rows
         out["metadata"] = {k: v for k, v in llm.metadata.items() if not k.startswith("tokenizer.chat")}
+    if "tokenize" in request:
+        t = request["tokenize"]
+        llm = llama_cpp.Llama(t["gguf"], vocab_only=True, verbose=True)
+        out["tokenize"] = [llm.tokenize(text.encode(), add_bos=False, special=False) for text in t["texts"]]
     if "speed" in request:
         s = request["speed"]
         llms = {name: _load(llama_cpp, path, 256, threads) for name, path in s["files"].items()}
@@ -195,6 +198,18 @@ def _tokenizer_fields(path: Path) -> dict:
     return out
 
 
+def speedups(speed: dict) -> dict:
+    """Pruned over original decode tokens/s at the same weight type, round by round (the two ran
+    back to back in each round, so a change in the machine's load hits both alike)."""
+    out = {}
+    for kind in ("f16", "q8_0"):
+        a, b = speed.get(f"pruned-{kind}"), speed.get(f"original-{kind}")
+        if a and b:
+            r = sorted(x / y for x, y in zip(a["tok_s"], b["tok_s"]))
+            out[kind] = {"per_round": r, "median": r[len(r) // 2], "min": r[0], "max": r[-1]}
+    return out
+
+
 def step_main(args, work: Path, log: Path) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -250,16 +265,39 @@ def step_main(args, work: Path, log: Path) -> dict:
                         "llama_cpp_text": [tok.decode(row["new"]) for row in r["greedy"]]}
     speed_files = {k: str(v) for k, v in files.items() if k != "pruned-f32"}
     speed = call_llama(args.llama_python, {"threads": args.threads, "speed": {
-        "files": speed_files, "ids": ids[0], "tokens": SPEED_TOKENS, "rounds": SPEED_ROUNDS}}, work, "speed")
+        "files": speed_files, "ids": ids[0], "tokens": SPEED_TOKENS, "rounds": args.speed_rounds}}, work, "speed")
     texts = [tok.decode(r) for r in reference]
     record = json.loads((main_dir / "layerfold.json").read_text())
+    if "speed" in speed:
+        speed["speedup"] = speedups(speed["speed"])
     return {"llama_cpp_python": speed.get("llama_cpp_python") or next(iter(loaded.values()), {}).get("llama_cpp_python"),
             "main_dir": str(main_dir), "greedy": greedy, "reference_text": texts, "speed": speed.get("speed", speed),
+            "speedup": speed.get("speedup"),
             "seconds": seconds, "sizes_mib": {k: Path(v).stat().st_size / 2**20 for k, v in files.items()},
             "gguf_fields": {k: _tokenizer_fields(Path(v)) for k, v in files.items()},
             "main_gguf_check": record.get("gguf", {}).get("check") if record.get("gguf") else None,
             "removed": record["recipe"].get("removed_layers"), "heal": bool(record.get("heal")),
-            "command": record.get("command")}
+            "command": record.get("command"), "threads": args.threads, "speed_rounds": args.speed_rounds,
+            "speed_tokens": SPEED_TOKENS, "new_tokens": NEW_TOKENS}
+
+
+DIGIT_TEXTS = ["In 2024 there were 1234567 people.", "Call 555-0199 now", "The answer is 42.", "3.14159"]
+
+
+def step_tokens(args, work: Path, log: Path) -> dict:
+    """How llama.cpp splits text with digits, from the exported file's tokenizer fields (copied
+    from the GGUF the model came from: pre-tokenizer ``smollm``, digits one by one), against the
+    main job folder's tokenizer.json (which transformers' GGUF reader wrote)."""
+    from transformers import AutoTokenizer
+
+    main_dir = Path(args.main_dir) if args.main_dir else work / "main"
+    tok = AutoTokenizer.from_pretrained(main_dir)
+    ours = [tok(t, add_special_tokens=False)["input_ids"] for t in DIGIT_TEXTS]
+    r = call_llama(args.llama_python, {"tokenize": {"gguf": str(work / "main-f16.gguf"), "texts": DIGIT_TEXTS}},
+                   work, "tokenize")
+    rows = [{"text": t, "transformers_folder": [tok.decode([i]) for i in a], "llama_cpp": [tok.decode([i]) for i in b],
+             "equal": a == b} for t, a, b in zip(DIGIT_TEXTS, ours, r.get("tokenize", [[]] * len(ours)))]
+    return {"llama_cpp_python": r.get("llama_cpp_python"), "rows": rows, "error": r.get("error")}
 
 
 def step_mergekit(args, work: Path, log: Path) -> dict:
@@ -306,6 +344,7 @@ def main() -> None:
     ap.add_argument("--main-args", default="", help="extra options of the main job's compress")
     ap.add_argument("--main-dir", default=None, help="an existing main-job folder (layerfold compress -o DIR)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--speed-rounds", type=int, default=7, help="alternating decode timings per file")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "interop"))
     args = ap.parse_args()
     work = Path(args.work)
@@ -315,7 +354,7 @@ def main() -> None:
     log = work / "commands.log"
     for step in args.steps.split(","):
         t0 = time.perf_counter()
-        result = {"tiny": step_tiny, "main": step_main, "mergekit": step_mergekit}[step](args, work, log)
+        result = {"tiny": step_tiny, "main": step_main, "tokens": step_tokens, "mergekit": step_mergekit}[step](args, work, log)
         result["machine"] = {"platform": platform.platform(), "cpus": os.cpu_count(),
                              "load_avg_at_end": os.getloadavg(), "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
                              "note": "shared cores (other jobs running)"}

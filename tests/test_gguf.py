@@ -17,7 +17,6 @@ import torch
 from conftest import CHAT_TEMPLATE, build_tiny, tiny_bpe_tokenizer, tiny_spm_tokenizer, tiny_tokenizer
 
 from layerfold.cli import main
-from layerfold.errors import LayerfoldError
 from layerfold.models.architectures import ARCHITECTURES
 from layerfold.models.surgery import remove_layers
 
