@@ -5,6 +5,7 @@ row is exactly that command's output), then `layerfold eval` of the saved folder
 evaluation of the original:
 
     python benchmarks/foldgpt.py run original gates foldgpt bi19-cure    # in this order
+    python benchmarks/foldgpt.py heldout                                 # held-out KL of each saved model
     python benchmarks/foldgpt.py table                                   # the Markdown table
     python benchmarks/foldgpt.py commands                                # every command, as run
 
@@ -15,8 +16,9 @@ results (`VARIANT.json`: command, exit code, wall time, the output's layerfold.j
 file size; `VARIANT.eval.json`: the `layerfold eval` result) to ``--work``.
 
 Settings are kept small for shared cores (say so in the note): 100 examples per task, LAMBADA
-text perplexity on 100 documents, a cure of 32 steps x 4 sequences x 256 tokens (64 distinct
-self-written sequences, seed 1), gates 40 steps of 2 rows.
+text perplexity on 100 documents, a cure of 16 steps x 4 sequences x 256 tokens (two passes
+over 32 self-written sequences, seed 1), gates 40 steps of 2 rows. ``--quick`` evaluates
+LAMBADA only (last-word accuracy and text perplexity), for rows that must finish sooner.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ TASKS = ["piqa", "arc_easy", "boolq", "winogrande"]
 LAMBADA = "lambada_openai"
 LIMIT, PPL_DOCS = 100, 100
 GATE_STEPS = 40
-CURE = ["--cure-steps", "32", "--cure-batch-size", "4", "--cure-samples", "64"]
+CURE = ["--cure-steps", "16", "--cure-batch-size", "4", "--cure-samples", "32"]
 FOLD = ["--method", "foldgpt", "--remove", "8", "--scores", "{gates}"]
 # BI + the very same cure (the same function, text, steps and losses), no sharing: the equal-size
 # baseline removes 19 layers (11 left: as many stored layer matrices as FoldGPT's 11 shared pairs)
@@ -75,15 +77,18 @@ class Runner:
     def command(self, name: str) -> list[str]:
         kind, args = VARIANTS[name]
         args = [a.replace("{gates}", str(self.gates)) for a in args]
-        if kind == "eval":
-            return layerfold("eval", *self.eval_args(), "--json", str(self.work / "original.eval.json"))
+        if kind == "eval":  # the original: always every task (the reference of both modes)
+            return layerfold("eval", *Runner.eval_args(Runner.__new__(Runner)), "--json",
+                             str(self.work / "original.eval.json"))
         if kind == "analyze":
             return layerfold("analyze", *args, "--json", str(self.gates))
         return layerfold("compress", *args, "--no-eval", "-o", str(self.models / name), "--force")
 
-    @staticmethod
-    def eval_args() -> list[str]:
-        return ["--tasks", ",".join([*TASKS, LAMBADA]), "--ppl", LAMBADA, "--limit", str(LIMIT),
+    quick = False  # --quick: LAMBADA only (last-word accuracy and text perplexity), no multiple-choice tasks
+
+    def eval_args(self) -> list[str]:
+        tasks = [LAMBADA] if self.quick else [*TASKS, LAMBADA]
+        return ["--tasks", ",".join(tasks), "--ppl", LAMBADA, "--limit", str(LIMIT),
                 "--ppl-limit", str(PPL_DOCS), "--no-speed"]
 
     def run(self, name: str) -> None:
@@ -91,9 +96,20 @@ class Runner:
         if path.exists():
             print(f"== {name}: done before ({path})", flush=True)
             return
+        running = self.work / f"{name}.running"
+        if running.exists():
+            print(f"== {name}: another runner has it ({running})", flush=True)
+            return
+        running.write_text(str(os.getpid()))
+        try:
+            self._run(name, path)
+        finally:
+            running.unlink(missing_ok=True)
+
+    def _run(self, name: str, path: Path) -> None:
         cmd = self.command(name)
         print(f"== {name}: {shlex.join(cmd[2:])}", flush=True)
-        record = {"variant": name, "command": "layerfold " + shlex.join(cmd[3:]), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+        record = {"variant": name, "quick": self.quick, "command": "layerfold " + shlex.join(cmd[3:]), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
         t = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True)
         record.update(seconds=time.perf_counter() - t, exit_code=proc.returncode, stdout=proc.stdout,
@@ -130,12 +146,56 @@ class Runner:
         print(proc.stdout[-3000:], flush=True)
 
 
-def table(work: Path, names: list[str]) -> str:
+def heldout(work: Path, models: Path, names: list[str]) -> None:
+    """KL to the original, top-1 agreement and perplexity on the 8 held-out rows of
+    self-written text (``layerfold.eval.heldout``, the metric of the gate check), for every
+    saved variant; cheap (one forward pass of 2,048 tokens each)."""
+    from layerfold.data.calibration import CalibrationSpec
+    from layerfold.eval.heldout import compare_to_reference, heldout_ids, reference_log_probs
+    from layerfold.models.loading import load_model
+
+    original = load_model(None)
+    ids = heldout_ids(CalibrationSpec(), original, progress=False)
+    ref = reference_log_probs(original.model, ids)
+    for name in names:
+        folder, path = models / name, work / f"{name}.heldout.json"
+        if path.exists() or not (folder / "layerfold.json").exists():
+            continue
+        fit = compare_to_reference(load_model(str(folder)).model, ids, ref).to_dict()
+        path.write_text(json.dumps(fit, indent=1))
+        print(name, fit, flush=True)
+
+
+def curves(work: Path, models: Path, names: list[str]) -> str:
+    """The cure's training loss per step, side by side (the same rows in the same order for
+    every variant: the same seeds), from each folder's training_log.jsonl (or a copy in
+    ``work/NAME.cure-log.jsonl``, e.g. of a run still going)."""
+    logs = {}
+    for name in names:
+        for path in (models / name / "training_log.jsonl", work / f"{name}.cure-log.jsonl"):
+            if path.exists():
+                logs[name] = {r["step"]: r for r in map(json.loads, path.read_text().splitlines())
+                              if r.get("event") == "step"}
+                break
+    names = [n for n in names if n in logs]
+    steps = sorted({s for log in logs.values() for s in log})
+    lines = ["| step | " + " | ".join(f"{n} KL | {n} tail MSE" for n in names) + " |",
+             "|---:|" + "---:|---:|" * len(names)]
+    for step in steps:
+        cells = []
+        for n in names:
+            r = logs[n].get(step)
+            cells += [f"{r['loss_kl']:.3f}", f"{r['loss_mse']:.3f}"] if r else ["-", "-"]
+        lines.append(f"| {step} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def table(work: Path, names: list[str], models: Path | None = None) -> str:
     from layerfold.eval import EvalResult
 
     ref = EvalResult.load(work / "original.eval.json")
     head = ["variant", "layers removed", "stored params", "file MiB", *TASKS, "mean acc", "LAMBADA acc",
-            "LAMBADA text ppl", "stability", "build s (shared)", "of which cure s"]
+            "LAMBADA text ppl", "stability", "held-out KL", "build s (shared)", "of which cure s"]
     lines = ["| " + " | ".join(head) + " |", "|---|---|" + "---:|" * (len(head) - 2)]
     for name in names:
         if name == "gates":
@@ -144,36 +204,52 @@ def table(work: Path, names: list[str]) -> str:
             ev, rec = ref, {"removed": [], "params_stored": ref.cost.parameters if ref.cost else None}
         else:
             p = work / f"{name}.json"
-            if not p.exists():
+            if p.exists():
+                rec = json.loads(p.read_text())
+                ev = EvalResult.load(work / f"{name}.eval.json")
+            elif models is not None and (models / name / "layerfold.json").exists():  # built, not evaluated yet
+                made = json.loads((models / name / "layerfold.json").read_text())
+                rec = {"removed": made["recipe"]["removed_layers"], "params_stored": made["params_after"],
+                       "bytes": sum(f.stat().st_size for f in (models / name).glob("*.safetensors")),
+                       "seconds_by_stage": made["seconds"], "seconds": sum(made["seconds"].values())}
+                ev = None
+            else:
                 continue
-            rec = json.loads(p.read_text())
-            ev = EvalResult.load(work / f"{name}.eval.json")
-        accs = [ev.tasks[t].metrics["acc"] for t in TASKS]
-        stab = [ev.tasks[t].metrics.get("stability") for t in TASKS]
+        fit_path = work / f"{name}.heldout.json"
+        fit = json.loads(fit_path.read_text()) if fit_path.exists() else ({"kl": 0.0} if name == "original" else None)
+        if ev is not None and any(t not in ev.tasks for t in TASKS):  # a --quick row: LAMBADA only
+            accs, stab = [], [None]
+        else:
+            accs = [ev.tasks[t].metrics["acc"] for t in TASKS] if ev else []
+            stab = [ev.tasks[t].metrics.get("stability") for t in TASKS] if ev else [None]
         cure = (rec.get("seconds_by_stage") or {}).get("cure")
         removed = rec.get("removed") or []
         cells = [name, ",".join(map(str, removed)) or "-",
                  f"{rec['params_stored']:,}" if rec.get("params_stored") else "-",
                  f"{rec['bytes'] / 2**20:.1f}" if rec.get("bytes") else "-",
-                 *(f"{100 * a:.0f}" for a in accs), f"{100 * sum(accs) / len(accs):.1f}",
-                 f"{100 * ev.tasks[LAMBADA].metrics['acc']:.0f}", f"{ev.perplexity[LAMBADA].perplexity:.1f}",
+                 *((f"{100 * a:.0f}" for a in accs) if accs else ["-"] * len(TASKS)),
+                 f"{100 * sum(accs) / len(accs):.1f}" if accs else "-",
+                 f"{100 * ev.tasks[LAMBADA].metrics['acc']:.0f}" if ev else "-",
+                 f"{ev.perplexity[LAMBADA].perplexity:.1f}" if ev else "-",
                  f"{sum(stab) / len(stab):.3f}" if None not in stab else "-",
-                 f"{rec['seconds']:.0f}" if name != "original" else "-", f"{cure:.0f}" if cure else "-"]
+                 f"{fit['kl']:.3f}" if fit else "-", f"{rec['seconds']:.0f}" if name != "original" else "-", f"{cure:.0f}" if cure else "-"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("action", choices=["run", "table", "commands"])
+    ap.add_argument("action", choices=["run", "table", "commands", "heldout", "curves"])
     ap.add_argument("variants", nargs="*", default=list(VARIANTS))
     ap.add_argument("--work", default="benchmarks/results/foldgpt")
+    ap.add_argument("--quick", action="store_true", help="evaluate LAMBADA only (no multiple-choice tasks)")
     ap.add_argument("--models", default=os.environ.get("LAYERFOLD_BENCH_MODELS", "/tmp/foldgpt-models"))
     args = ap.parse_args()
     unknown = [v for v in args.variants if v not in VARIANTS]
     if unknown:
         raise SystemExit(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
     runner = Runner(Path(args.work), Path(args.models))
+    runner.quick = args.quick
     if args.action == "run":
         (runner.work / "machine.json").write_text(json.dumps({
             "platform": platform.platform(), "python": sys.version.split()[0], "cpus": os.cpu_count(),
@@ -183,8 +259,12 @@ def main() -> None:
     if args.action == "commands":
         for v in args.variants:
             print(f"{v}: layerfold {shlex.join(runner.command(v)[3:])}")
+    if args.action == "curves":
+        print(curves(runner.work, runner.models, args.variants))
+    if args.action == "heldout":
+        heldout(runner.work, runner.models, args.variants)
     if args.action in ("run", "table"):
-        print(table(runner.work, args.variants))
+        print(table(runner.work, args.variants, runner.models))
 
 
 if __name__ == "__main__":
