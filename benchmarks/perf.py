@@ -4,6 +4,9 @@
     python benchmarks/perf.py decode     # decode tokens/s of the pruned model / the original's
     python benchmarks/perf.py rss        # peak RSS of `layerfold compress --method streamline` / weight bytes,
                                          # on random Llama models this script writes (default ~5 GB)
+    python benchmarks/perf.py heal       # peak RSS and healing tokens/s of the main job (--heal-tokens 4096),
+                                         # chunked logits / full logits, with and without --heal-checkpointing,
+                                         # and healing tokens/s / the bound set by this machine's GEMM FLOP/s
 
 Results go to ``benchmarks/results/perf/ACTION.json``; ``benchmarks/perf.md`` quotes them.
 Timings alternate the two things compared (A B A B ...) and take medians, so a machine that
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shutil
 import statistics
@@ -194,10 +198,116 @@ def rss(args) -> None:
             shutil.rmtree(out, ignore_errors=True)
     save(f"rss-{args.shapes.replace(',', '-')}", {"rows": rows})
 
+HEAL_VARIANTS = {  # name: the flags beside `layerfold -q compress --heal-tokens N --no-eval`
+    "chunked logits (default)": [],
+    "full logits (--heal-logit-chunk -1)": ["--heal-logit-chunk", "-1"],
+    "chunked logits, --heal-checkpointing": ["--heal-checkpointing"],
+    "full logits, --heal-checkpointing": ["--heal-logit-chunk", "-1", "--heal-checkpointing"],
+    # the same 8-row optimizer steps (the same rows, train.loop._Rows) in micro-batches of 2 or 1
+    "micro-batches 2 x 4 (--heal-batch-size 2 --grad-accum 4)": ["--heal-batch-size", "2", "--grad-accum", "4"],
+    "micro-batches 1 x 8, --heal-checkpointing": ["--heal-batch-size", "1", "--grad-accum", "8",
+                                                  "--heal-checkpointing"],
+}
+
+
+def _linear_shapes(config, layers: int) -> list[tuple[int, int]]:
+    """(in, out) of every matrix product a token goes through in a Llama-type decoder, head included."""
+    h, i = config.hidden_size, config.intermediate_size
+    kv = config.num_key_value_heads * (getattr(config, "head_dim", None) or h // config.num_attention_heads)
+    per_layer = [(h, h), (h, kv), (h, kv), (h, h), (h, i), (h, i), (i, h)]
+    return per_layer * layers + [(h, config.vocab_size)]
+
+
+def gemm_flops_per_second(shapes: list[tuple[int, int]], tokens: int, repeats: int = 3) -> float:
+    """FLOP/s of X[tokens, in] @ W[in, out] over the model's distinct shapes, weighted as the model
+    uses them (best of ``repeats`` per shape), in this process with its torch threads."""
+    flops = seconds = 0.0
+    counts: dict[tuple[int, int], int] = {}
+    for s in shapes:
+        counts[s] = counts.get(s, 0) + 1
+    for (n_in, n_out), count in counts.items():
+        x, w = torch.randn(tokens, n_in), torch.randn(n_in, n_out)
+        x @ w
+        best = min(_timed(lambda: x @ w) for _ in range(repeats))
+        flops += count * 2 * tokens * n_in * n_out
+        seconds += count * best
+    return flops / seconds
+
+
+def _timed(f) -> float:
+    t = time.perf_counter()
+    f()
+    return time.perf_counter() - t
+
+
+def heal_flops_per_token(config, layers: int, seq_len: int, lora_rank: int, checkpointing: bool) -> dict:
+    """Forward + backward FLOPs per token of LoRA healing against a cached teacher: the frozen
+    matrices' forward (2 per weight) and input gradient (2 more; no weight gradient), LoRA's
+    three products each way, causal attention (QK^T and AV, half the positions on average:
+    2 x seq x H per layer forward, twice that backward); --heal-checkpointing recomputes the
+    decoder's forward once more."""
+    shapes = _linear_shapes(config, layers)
+    dense = sum(a * b for a, b in shapes)
+    decoder = dense - config.hidden_size * config.vocab_size
+    lora = sum(lora_rank * (a + b) for a, b in shapes[:-1])
+    attention = 2 * seq_len * config.hidden_size * layers  # forward, causal
+    forward = 2 * dense + 2 * lora + attention
+    backward = 2 * dense + 4 * lora + 2 * attention
+    recompute = 2 * decoder + 2 * lora + attention if checkpointing else 0
+    return {"forward": forward, "backward": backward, "recompute": recompute,
+            "total": forward + backward + recompute}
+
+
+def heal(args) -> None:
+    """Peak RSS and healing tokens/s of `layerfold compress` (the main job) per variant, in fresh
+    processes in turns; GEMM FLOP/s on the model's shapes measured between the runs."""
+    from transformers import AutoConfig
+
+    from layerfold.models.loading import model_skeleton
+
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads or 1))
+    rows, gemm = [], []
+    names = list(HEAL_VARIANTS) if args.variants == "all" else [n for n in HEAL_VARIANTS
+                                                                 if any(v in n for v in args.variants.split(","))]
+    for r in range(args.repeats):
+        for name in names:
+            out, log = work / f"heal-out-{os.getpid()}", work / f"heal-log-{os.getpid()}.jsonl"
+            log.unlink(missing_ok=True)
+            cmd = [sys.executable, "-m", "layerfold", "-q", "compress", "-o", str(out), "--force",
+                   "--heal-tokens", str(args.heal_tokens), "--no-eval", "--heal-log", str(log), *HEAL_VARIANTS[name]]
+            t = time.perf_counter()
+            done = subprocess.run([sys.executable, "-c", PEAK_OF_CHILD, *cmd], capture_output=True, text=True, env=env)
+            seconds = time.perf_counter() - t
+            if done.returncode != 0:
+                raise SystemExit(f"{' '.join(cmd)} failed:\n{done.stderr[-2000:]}")
+            steps = [json.loads(line) for line in log.read_text().splitlines() if '"event": "step"' in line]
+            record = json.loads((out / "layerfold.json").read_text())
+            config = AutoConfig.from_pretrained(out)
+            row = {"variant": name, "repeat": r, "peak_rss_bytes": int(done.stdout.strip().splitlines()[-1]),
+                   "heal_tokens_per_second": steps[-1]["tokens_per_second"], "heal_steps": len(steps),
+                   "heal_seconds": record.get("seconds", {}).get("heal"), "wall_seconds": seconds,
+                   "layers_after": config.num_hidden_layers, "command": " ".join(cmd[1:])}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            # the machine's GEMM rate on the healed model's shapes, between the runs, same threads
+            seq, batch = record["recipe"]["heal"]["data"]["seq_len"], record["recipe"]["heal"]["batch_size"]
+            gemm.append(gemm_flops_per_second(_linear_shapes(config, config.num_hidden_layers), batch * seq))
+            print(json.dumps({"gemm_flops_per_second": gemm[-1]}), flush=True)
+    original = model_skeleton(None, dtype="fp32", device="cpu").model
+    weight_bytes = 4 * sum(p.numel() for p in original.parameters())  # fp32, the tied head once
+    heal_cfg = record["recipe"]["heal"]
+    flops = {ck: heal_flops_per_token(config, config.num_hidden_layers, heal_cfg["data"]["seq_len"],
+                                      heal_cfg["lora_rank"], ck) for ck in (False, True)}
+    save(f"heal-{args.heal_tokens}" + ("" if args.variants == "all" else "-" + args.variants.replace(",", "-")
+                                       .replace(" ", "")), {"rows": rows, "gemm_flops_per_second": gemm, "flops_per_token": {
+        "plain": flops[False], "checkpointing": flops[True]}, "original_weight_bytes": weight_bytes})
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("action", choices=["analysis", "decode", "rss"])
+    ap.add_argument("action", choices=["analysis", "decode", "rss", "heal"])
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--samples", default="32", help="calibration sequences (rss: comma-separated list)")
@@ -208,12 +318,14 @@ def main() -> None:
     ap.add_argument("--prefill", type=int, default=256, help="decode: prompt tokens")
     ap.add_argument("--shapes", default="5gb", help=f"rss: model shapes, of {sorted(SHAPES)}")
     ap.add_argument("--work", default="/tmp/layerfold-perf", help="rss: folder for the random models")
+    ap.add_argument("--heal-tokens", type=int, default=4096, help="heal: healing budget of each run")
+    ap.add_argument("--variants", default="all", help="heal: all, or comma-separated parts of variant names")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.action != "rss":
         args.samples = int(args.samples)
-    {"analysis": analysis, "decode": decode, "rss": rss}[args.action](args)
+    {"analysis": analysis, "decode": decode, "rss": rss, "heal": heal}[args.action](args)
 
 
 if __name__ == "__main__":
