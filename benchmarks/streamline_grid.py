@@ -106,6 +106,7 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results/streamline/grid.json")
     ap.add_argument("--reference", help="the original's evaluation JSON (default: beside --out); read when a "
                     "variant is evaluated, so a parallel invocation can wait for another's")
+    ap.add_argument("--no-eval", action="store_true", help="train only: the learning curves, times and memory")
     ap.add_argument("--pairs-dir", help="keep the training pairs here and reuse them on the next invocation")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -148,7 +149,7 @@ def main() -> None:
     evals: dict = {}
     ref_path = Path(args.reference) if args.reference else out_path.with_suffix(".original.eval.json")
     names = args.variants.split(",")
-    if "original" not in names and not (args.reference or "original" in results["variants"]):
+    if "original" not in names and not (args.reference or args.no_eval or "original" in results["variants"]):
         names.insert(0, "original")
     try:
         pairs_dir = Path(args.pairs_dir) if args.pairs_dir else work / "pairs"
@@ -190,6 +191,12 @@ def main() -> None:
             entry["make_seconds"] = time.perf_counter() - t0
             entry["make_peak_mib"] = peak_mib()
             entry["layers"], entry["params"] = len(decoder_layers(model, arch)), count_parameters(model)
+            if args.no_eval:
+                results["variants"][name] = entry
+                save()
+                print(name, json.dumps({k: v for k, v in entry.items() if k != "training"}), flush=True)
+                del model
+                continue
             if name != "original" and "original" not in evals and ref_path.exists():
                 evals["original"] = EvalResult.load(ref_path)
             t = time.perf_counter()

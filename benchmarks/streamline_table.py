@@ -1,7 +1,9 @@
-"""The Markdown table and the learning-curve plot of a ``streamline_grid.py`` result file.
+"""The Markdown table and the learning-curve plot of ``streamline_grid.py`` result files.
 
-    python benchmarks/streamline_table.py benchmarks/results/streamline/grid-16k.json \\
-        --plot benchmarks/streamline_curves.png
+    python benchmarks/streamline_table.py benchmarks/results/streamline/grid-64k.json \\
+        benchmarks/results/streamline/grid-64k-heal.json --plot benchmarks/streamline_curves.png
+
+Several files (e.g. a parallel invocation's) are merged, variants in the order given.
 """
 
 from __future__ import annotations
@@ -10,29 +12,46 @@ import argparse
 import json
 
 
+def _training(v: dict) -> tuple[str, str, str, str]:
+    """(steps x batch, best step, validation first -> best (standard errors), linear fit error)."""
+    tr = v.get("training") or {}
+    if tr:
+        se = tr["validation"][0].get("se")
+        best = next(x for x in tr["validation"] if x["step"] == tr["best_step"])
+        val = f"{tr['first_val']:.4g} -> {tr['best_val']:.4g} ({se:.2g}, {best.get('se', float('nan')):.2g})"
+        lin = tr.get("linear_init")
+        fit = f"{lin['error_before']:.3f} -> {lin['error_after']:.3f}" if lin else "-"
+        return f"{tr['steps']} x {tr['batch']}", str(tr["best_step"]), val, fit
+    heal = v.get("heal")
+    if heal:
+        loss = heal["loss"]
+        return f"{heal['steps']} x {heal['tokens'] // heal['steps'] // 256}", "-", \
+            f"train KL {loss[0]:.3g} -> {loss[-1]:.3g}", "-"
+    return "-", "-", "-", "-"
+
+
 def table(r: dict) -> str:
-    head = ("| variant | LAMBADA ppl | LAMBADA acc | PIQA acc | PIQA stab. | ARC-E acc | ARC-E stab. | steps x batch "
-            "| best step | val loss first -> best (se) | train s | peak RSS MiB |")
-    rows = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|"]
+    head = ("| variant | LAMBADA last-word ppl | LAMBADA acc | LAMBADA text ppl | PIQA acc | PIQA stab. | ARC-E acc "
+            "| ARC-E stab. | steps x batch | best step | val loss first -> best (se) | linear fit rel. error "
+            "| train s | peak RSS MiB |")
+    rows = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---:|---:|"]
     for name, v in r["variants"].items():
-        t, tr = v["tasks"], v.get("training") or {}
+        t = v["tasks"]
         lam, piqa, arc = t["lambada_openai"], t["piqa"], t["arc_easy"]
+        text = t.get("text:lambada_openai", {}).get("perplexity")
         stab = lambda x: f"{x['stability']:.2f}" if "stability" in x else "-"  # noqa: E731
-        if tr:
-            se = tr["validation"][0].get("se")
-            best = next(x for x in tr["validation"] if x["step"] == tr["best_step"])
-            val = f"{tr['first_val']:.4g} -> {tr['best_val']:.4g} ({se:.2g}, {best.get('se', float('nan')):.2g})"
-            steps = f"{tr['steps']} x {tr['batch']}"
-        else:
-            val, steps = "-", "-"
-        train_s = v.get("seconds_parts", {}).get("train")
-        rows.append(f"| {name} | {lam['perplexity']:,.1f} | {lam['acc']:.2f} | {piqa['acc']:.2f} | {stab(piqa)} "
-                    f"| {arc['acc']:.2f} | {stab(arc)} | {steps} | {tr.get('best_step', '-')} | {val} "
+        steps, best, val, fit = _training(v)
+        train_s = v.get("seconds_parts", {}).get("train") or (v.get("heal") or {}).get("seconds")
+        rows.append(f"| {name} | {lam['perplexity']:,.1f} | {lam['acc']:.2f} | "
+                    f"{'-' if text is None else f'{text:,.1f}'} | {piqa['acc']:.2f} | {stab(piqa)} "
+                    f"| {arc['acc']:.2f} | {stab(arc)} | {steps} | {best} | {val} | {fit} "
                     f"| {'-' if train_s is None else f'{train_s:.0f}'} | {v['make_peak_mib']:,.0f} |")
     return "\n".join(rows)
 
 
 def plot(r: dict, path: str) -> None:
+    """Validation loss against optimiser step, one panel per loss, one line per initialisation
+    (absolute values: a closed-form init starts lower, which a ratio to step 0 would hide)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -40,16 +59,17 @@ def plot(r: dict, path: str) -> None:
 
     trained = {n: v["training"] for n, v in r["variants"].items() if v.get("training")}
     losses = sorted({n.split(":")[0] for n in trained})
-    fig, axes = plt.subplots(1, len(losses), figsize=(4 * len(losses), 3.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(losses), figsize=(4.5 * len(losses), 3.4), squeeze=False)
     for ax, loss in zip(axes[0], losses):
         for name, tr in trained.items():
             if name.split(":")[0] != loss:
                 continue
             steps = [x["step"] for x in tr["validation"]]
-            vals = [x["loss"] / tr["first_val"] for x in tr["validation"]]
-            ax.plot(steps, vals, marker="o", label=name)
-        ax.set_title(f"{loss}: validation loss / step 0")
+            ax.plot(steps, [x["loss"] for x in tr["validation"]], marker="o", label=name)
+        ax.set_title(f"{loss}: validation loss")
         ax.set_xlabel("optimiser step")
+        if loss == "mse":
+            ax.set_yscale("log")
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
@@ -57,10 +77,12 @@ def plot(r: dict, path: str) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("results")
+    ap.add_argument("results", nargs="+")
     ap.add_argument("--plot")
     args = ap.parse_args()
-    r = json.loads(open(args.results).read())
+    r = json.loads(open(args.results[0]).read())
+    for extra in args.results[1:]:
+        r["variants"].update(json.loads(open(extra).read())["variants"])
     print(table(r))
     if args.plot:
         plot(r, args.plot)
