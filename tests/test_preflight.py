@@ -52,8 +52,10 @@ def _fails_fast(capsys, argv, *needles):
         assert n in lines[0], lines[0]
 
 
-def test_main_job_without_peft_stops_at_once(monkeypatch, capsys, no_loading):
-    """The README's main job (`layerfold compress`, LoRA healing by default)."""
+def test_main_job_without_peft_stops_at_once(monkeypatch, capsys, no_loading, tmp_path):
+    """The README's main job (`layerfold compress`, LoRA healing by default). It runs in an
+    empty folder: where the main job already ran, its output folder exists and is refused first."""
+    monkeypatch.chdir(tmp_path)
     _hide(monkeypatch, "peft")
     _fails_fast(capsys, ["compress"], "LoRA healing", "'peft'", "pip install peft")
 
