@@ -522,7 +522,7 @@ class _Planner:
     def reason(self) -> str:
         if not self.streamed:
             return ""
-        if self.misfit:
+        if self.misfit and not self.large:
             return f"the whole model needs more than the {_gib(self.budget)} budget"
         return (f"on a CPU, models over {CPU_WHOLE_MODEL_PARAMS / 1e6:.0f} M parameters ({self.s.params / 1e6:,.0f} M "
                 "here) run whole only when asked: self-written text, evaluation and healing would take hours")
