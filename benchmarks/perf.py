@@ -203,7 +203,8 @@ HEAL_VARIANTS = {  # name: the flags beside `layerfold -q compress --heal-tokens
     "full logits (--heal-logit-chunk -1)": ["--heal-logit-chunk", "-1"],
     "chunked logits, --heal-checkpointing": ["--heal-checkpointing"],
     "full logits, --heal-checkpointing": ["--heal-logit-chunk", "-1", "--heal-checkpointing"],
-    # the same 8-row optimizer steps (the same rows, train.loop._Rows) in micro-batches of 2 or 1
+    # the same 8-row optimizer steps (the same rows, train.loop._Rows) in micro-batches of 4, 2 or 1
+    "micro-batches 4 x 2 (--heal-batch-size 4 --grad-accum 2)": ["--heal-batch-size", "4", "--grad-accum", "2"],
     "micro-batches 2 x 4 (--heal-batch-size 2 --grad-accum 4)": ["--heal-batch-size", "2", "--grad-accum", "4"],
     "micro-batches 1 x 8, --heal-checkpointing": ["--heal-batch-size", "1", "--grad-accum", "8",
                                                   "--heal-checkpointing"],
@@ -258,9 +259,24 @@ def heal_flops_per_token(config, layers: int, seq_len: int, lora_rank: int, chec
             "total": forward + backward + recompute}
 
 
+# the same, and the child's CPU seconds (user + system) as a second line
+PEAK_AND_CPU_OF_CHILD = (
+    "import resource, subprocess, sys\n"
+    "rc = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL).returncode\n"
+    "u = resource.getrusage(resource.RUSAGE_CHILDREN)\n"
+    "print(u.ru_maxrss * 1024)\n"
+    "print(u.ru_utime + u.ru_stime)\n"
+    "sys.exit(rc)\n"
+)
+
+
 def heal(args) -> None:
     """Peak RSS and healing tokens/s of `layerfold compress` (the main job) per variant, in fresh
-    processes in turns; GEMM FLOP/s on the model's shapes measured between the runs."""
+    processes in turns; GEMM FLOP/s on the model's shapes measured between the runs. Beside the
+    wall times, CPU seconds per healing token (the steps' ``cpu_seconds`` in the training log):
+    on shared cores the wall time measures the others' load too, the CPU time this run's work.
+    ``--env KEY=VALUE,...`` adds variables to the runs' environment (e.g. glibc's
+    MALLOC_MMAP_THRESHOLD_); ``--label`` names the result file."""
     from transformers import AutoConfig
 
     from layerfold.models.loading import model_skeleton
@@ -268,6 +284,8 @@ def heal(args) -> None:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads or 1))
+    extra_env = dict(kv.split("=", 1) for kv in args.env.split(",") if kv)
+    env.update(extra_env)
     rows, gemm = [], []
     names = list(HEAL_VARIANTS) if args.variants == "all" else [n for n in HEAL_VARIANTS
                                                                  if any(v in n for v in args.variants.split(","))]
@@ -278,17 +296,22 @@ def heal(args) -> None:
             cmd = [sys.executable, "-m", "layerfold", "-q", "compress", "-o", str(out), "--force",
                    "--heal-tokens", str(args.heal_tokens), "--no-eval", "--heal-log", str(log), *HEAL_VARIANTS[name]]
             t = time.perf_counter()
-            done = subprocess.run([sys.executable, "-c", PEAK_OF_CHILD, *cmd], capture_output=True, text=True, env=env)
+            done = subprocess.run([sys.executable, "-c", PEAK_AND_CPU_OF_CHILD, *cmd], capture_output=True, text=True,
+                                  env=env)
             seconds = time.perf_counter() - t
             if done.returncode != 0:
                 raise SystemExit(f"{' '.join(cmd)} failed:\n{done.stderr[-2000:]}")
             steps = [json.loads(line) for line in log.read_text().splitlines() if '"event": "step"' in line]
             record = json.loads((out / "layerfold.json").read_text())
             config = AutoConfig.from_pretrained(out)
-            row = {"variant": name, "repeat": r, "peak_rss_bytes": int(done.stdout.strip().splitlines()[-1]),
+            peak, cpu = done.stdout.strip().splitlines()[-2:]
+            heal_cpu = sum(s["cpu_seconds"] for s in steps) if all("cpu_seconds" in s for s in steps) else None
+            row = {"variant": name, "repeat": r, "env": extra_env, "peak_rss_bytes": int(peak),
                    "heal_tokens_per_second": steps[-1]["tokens_per_second"], "heal_steps": len(steps),
+                   "heal_cpu_seconds": heal_cpu,
+                   "heal_cpu_seconds_per_token": heal_cpu / steps[-1]["tokens"] if heal_cpu is not None else None,
                    "heal_seconds": record.get("seconds", {}).get("heal"), "wall_seconds": seconds,
-                   "layers_after": config.num_hidden_layers, "command": " ".join(cmd[1:])}
+                   "cpu_seconds": float(cpu), "layers_after": config.num_hidden_layers, "command": " ".join(cmd[1:])}
             rows.append(row)
             print(json.dumps(row), flush=True)
             # the machine's GEMM rate on the healed model's shapes, between the runs, same threads
@@ -300,8 +323,8 @@ def heal(args) -> None:
     heal_cfg = record["recipe"]["heal"]
     flops = {ck: heal_flops_per_token(config, config.num_hidden_layers, heal_cfg["data"]["seq_len"],
                                       heal_cfg["lora_rank"], ck) for ck in (False, True)}
-    save(f"heal-{args.heal_tokens}" + ("" if args.variants == "all" else "-" + args.variants.replace(",", "-")
-                                       .replace(" ", "")), {"rows": rows, "gemm_flops_per_second": gemm, "flops_per_token": {
+    label = args.label or ("" if args.variants == "all" else args.variants.replace(",", "-").replace(" ", ""))
+    save(f"heal-{args.heal_tokens}" + (f"-{label}" if label else ""), {"rows": rows, "gemm_flops_per_second": gemm, "flops_per_token": {
         "plain": flops[False], "checkpointing": flops[True]}, "original_weight_bytes": weight_bytes})
 
 
@@ -320,6 +343,8 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/layerfold-perf", help="rss: folder for the random models")
     ap.add_argument("--heal-tokens", type=int, default=4096, help="heal: healing budget of each run")
     ap.add_argument("--variants", default="all", help="heal: all, or comma-separated parts of variant names")
+    ap.add_argument("--env", default="", help="heal: KEY=VALUE,... added to the runs' environment")
+    ap.add_argument("--label", default="", help="heal: result file name part (default: from --variants)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
