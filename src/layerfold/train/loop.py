@@ -38,6 +38,7 @@ from ..errors import LayerfoldError, RuntimeFailure
 from ..models.loading import input_device
 from ..models.saving import _pid_alive
 from ..models.surgery import count_parameters
+from .allocator import return_freed_memory
 from .capture import layer_outputs, model_layers
 from .head import OutputHead, run_for_hidden
 from .losses import Loss, LossInputs, logit_terms
@@ -574,6 +575,7 @@ def fit(
     from tqdm.auto import tqdm
 
     config.validate()
+    return_freed_memory()  # freed activations go back to the system, not into the heap (train.allocator)
     train_rows = list(range(rows)) if isinstance(rows, int) else list(rows)
     if not train_rows:
         raise LayerfoldError("no training rows")
