@@ -208,6 +208,7 @@ HEAL_VARIANTS = {  # name: the flags beside `layerfold -q compress --heal-tokens
     # the same 8-row optimizer steps (the same rows, train.loop._Rows) in micro-batches of 4, 2 or 1
     "micro-batches 4 x 2 (--heal-batch-size 4 --grad-accum 2)": ["--heal-batch-size", "4", "--grad-accum", "2"],
     "micro-batches 2 x 4 (--heal-batch-size 2 --grad-accum 4)": ["--heal-batch-size", "2", "--grad-accum", "4"],
+    "micro-batches 1 x 8 (--heal-batch-size 1 --grad-accum 8)": ["--heal-batch-size", "1", "--grad-accum", "8"],
     "micro-batches 1 x 8, --heal-checkpointing": ["--heal-batch-size", "1", "--grad-accum", "8",
                                                   "--heal-checkpointing"],
 }
