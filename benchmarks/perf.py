@@ -7,6 +7,8 @@
     python benchmarks/perf.py heal       # peak RSS and healing tokens/s of the main job (--heal-tokens 4096),
                                          # chunked logits / full logits, with and without --heal-checkpointing,
                                          # and healing tokens/s / the bound set by this machine's GEMM FLOP/s
+    python benchmarks/perf.py parallel   # `accelerate launch` healing with 2 CPU processes (gloo) against
+                                         # 1 process, the same global batch: weight difference and times
 
 Results go to ``benchmarks/results/perf/ACTION.json``; ``benchmarks/perf.md`` quotes them.
 Timings alternate the two things compared (A B A B ...) and take medians, so a machine that
@@ -206,6 +208,7 @@ HEAL_VARIANTS = {  # name: the flags beside `layerfold -q compress --heal-tokens
     # the same 8-row optimizer steps (the same rows, train.loop._Rows) in micro-batches of 4, 2 or 1
     "micro-batches 4 x 2 (--heal-batch-size 4 --grad-accum 2)": ["--heal-batch-size", "4", "--grad-accum", "2"],
     "micro-batches 2 x 4 (--heal-batch-size 2 --grad-accum 4)": ["--heal-batch-size", "2", "--grad-accum", "4"],
+    "micro-batches 1 x 8 (--heal-batch-size 1 --grad-accum 8)": ["--heal-batch-size", "1", "--grad-accum", "8"],
     "micro-batches 1 x 8, --heal-checkpointing": ["--heal-batch-size", "1", "--grad-accum", "8",
                                                   "--heal-checkpointing"],
 }
@@ -328,9 +331,91 @@ def heal(args) -> None:
         "plain": flops[False], "checkpointing": flops[True]}, "original_weight_bytes": weight_bytes})
 
 
+# accelerate's multi-process launcher (torchrun underneath); with no GPU layerfold joins the
+# processes over gloo on the CPU (train.parallel). `--cpu` would start one process only.
+LAUNCH = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "1", "--mixed_precision", "no",
+          "--dynamo_backend", "no"]
+
+
+def parallel(args) -> None:
+    """`layerfold heal` of the embedded model with --remove layers removed (a fixed set: which ones
+    does not matter here), LoRA and KL to the cached teacher, once in 1 process with
+    ``--batch-size`` rows per micro-batch and once under `accelerate launch` with 2 processes of
+    half that: the same global batch, so the same training up to float rounding. Each run has
+    its own teacher cache (both build it). Weight difference of the two outputs and times."""
+    from safetensors.torch import load_file
+
+    from layerfold.models.loading import load_model
+    from layerfold.models.surgery import remove_layers
+
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    student, teacher = work / "student", work / "teacher"
+    if not (student / "config.json").exists():
+        loaded = load_model(None, dtype="fp32", device="cpu")
+        loaded.model.save_pretrained(teacher, safe_serialization=True)
+        loaded.tokenizer.save_pretrained(teacher)
+        n = loaded.model.config.num_hidden_layers
+        remove_layers(loaded.model, loaded.arch, list(range(n - 2 - args.remove, n - 2)))
+        loaded.model.save_pretrained(student, safe_serialization=True)
+        loaded.tokenizer.save_pretrained(student)
+    text = work / "heal.txt"  # any text: the project's own docs
+    if not text.exists():
+        text.write_text("\n\n".join([Path("README.md").read_text(), *(p.read_text() for p in sorted(Path("benchmarks").glob("*.md")))]))
+    if args.batch_size % 2:
+        raise SystemExit("--batch-size must split over 2 processes")
+
+    def heal_args(out: Path, batch: int) -> list[str]:
+        return ["-m", "layerfold", "-q", "heal", str(student), "--teacher", str(teacher), "--heal-data", str(text),
+                "--heal-log", str(out) + ".log.jsonl",
+                "--heal-seq-len", str(args.seq_len), "--heal-tokens", str(args.heal_tokens),
+                "--heal-batch-size", str(batch), "--dtype", "fp32", "--device", "cpu", "--force", "-o", str(out)]
+
+    runs = {"1 process": heal_args(work / "out-1", args.batch_size),
+            "2 processes": [*LAUNCH, "--num_processes", "2", "--main_process_port", str(29500 + os.getpid() % 500),
+                            *heal_args(work / "out-2", args.batch_size // 2)]}
+    rows = {}
+    for name, cmd in runs.items():
+        cache = work / f"cache-{name.split()[0]}"
+        shutil.rmtree(cache, ignore_errors=True)
+        env = dict(os.environ, OMP_NUM_THREADS=str(args.threads or 1), LAYERFOLD_CACHE=str(cache),
+                   ACCELERATE_CONFIG_FILE=os.devnull)
+        env.pop("WORLD_SIZE", None)
+        t = time.perf_counter()
+        done = subprocess.run([sys.executable, "-c", PEAK_AND_CPU_OF_CHILD, sys.executable, *cmd], capture_output=True,
+                              text=True, env=env)
+        seconds = time.perf_counter() - t
+        if done.returncode != 0:
+            raise SystemExit(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
+        peak, cpu = done.stdout.strip().splitlines()[-2:]
+        out = work / ("out-1" if name == "1 process" else "out-2")
+        record = json.loads((out / "layerfold.json").read_text())
+        steps = [json.loads(line) for line in Path(str(out) + ".log.jsonl").read_text().splitlines()
+                 if '"event": "step"' in line]
+        rows[name] = {"wall_seconds": seconds, "cpu_seconds_all_processes": float(cpu),
+                      "largest_process_peak_rss_bytes": int(peak), "heal_seconds": record["heal"]["seconds"],
+                      "train_cpu_seconds_main_process": sum(s["cpu_seconds"] for s in steps),
+                      "loss_last": record["heal"]["loss_last"],
+                      "command": " ".join(["python", *cmd])}
+        print(json.dumps({name: rows[name]}), flush=True)
+
+    def weights(folder: Path) -> dict:
+        out = {}
+        for f in sorted(folder.glob("*.safetensors")):
+            out.update(load_file(f))
+        return out
+
+    w1, w2, w0 = weights(work / "out-1"), weights(work / "out-2"), weights(student)
+    assert w1.keys() == w2.keys()
+    diff = max((w1[k] - w2[k]).abs().max().item() for k in w1)
+    moved = max((w1[k] - w0[k]).abs().max().item() for k in w1 if k in w0)
+    save("parallel", {"heal_tokens": args.heal_tokens, "seq_len": args.seq_len, "global_batch": args.batch_size,
+                      "max_abs_weight_difference": diff, "max_abs_healing_change": moved, "runs": rows})
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("action", choices=["analysis", "decode", "rss", "heal"])
+    ap.add_argument("action", choices=["analysis", "decode", "rss", "heal", "parallel"])
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--samples", default="32", help="calibration sequences (rss: comma-separated list)")
@@ -341,7 +426,7 @@ def main() -> None:
     ap.add_argument("--prefill", type=int, default=256, help="decode: prompt tokens")
     ap.add_argument("--shapes", default="5gb", help=f"rss: model shapes, of {sorted(SHAPES)}")
     ap.add_argument("--work", default="/tmp/layerfold-perf", help="rss: folder for the random models")
-    ap.add_argument("--heal-tokens", type=int, default=4096, help="heal: healing budget of each run")
+    ap.add_argument("--heal-tokens", type=int, default=4096, help="heal, parallel: healing budget of each run")
     ap.add_argument("--variants", default="all", help="heal: all, or comma-separated parts of variant names")
     ap.add_argument("--env", default="", help="heal: KEY=VALUE,... added to the runs' environment")
     ap.add_argument("--label", default="", help="heal: result file name part (default: from --variants)")
@@ -350,7 +435,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     if args.action != "rss":
         args.samples = int(args.samples)
-    {"analysis": analysis, "decode": decode, "rss": rss, "heal": heal}[args.action](args)
+    {"analysis": analysis, "decode": decode, "rss": rss, "heal": heal, "parallel": parallel}[args.action](args)
 
 
 if __name__ == "__main__":

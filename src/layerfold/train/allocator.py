@@ -13,8 +13,10 @@ the embedded model peaked at 4.9 GB resident; with the thresholds fixed, at abou
 Fixing both thresholds at 128 KiB (``mallopt``, which also switches off the dynamic
 adjustment) keeps activations in their own mappings, returned on ``free``; the peak then
 follows the live tensors. It is the same as starting the process with
-``MALLOC_MMAP_THRESHOLD_=131072 MALLOC_TRIM_THRESHOLD_=131072``; a threshold already given
-that way is the user's choice and is left alone. On other C libraries (macOS, Windows, musl)
+``MALLOC_MMAP_THRESHOLD_=131072 MALLOC_TRIM_THRESHOLD_=131072``, except for what the stages
+before training (loading, importance scores, the teacher cache) left in the heap: each
+training also starts with ``malloc_trim(0)``, which gives back every free page of the heap, not
+only its top. A threshold already given by those variables is the user's choice and is left alone. On other C libraries (macOS, Windows, musl)
 nothing is done. CUDA memory is torch's own caching allocator and is not affected.
 """
 
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import logging
 import os
 import sys
@@ -38,6 +41,7 @@ _PARAMETERS = {M_MMAP_THRESHOLD: "MALLOC_MMAP_THRESHOLD_", M_TRIM_THRESHOLD: "MA
 _DONE: dict[int, bool] | None = None
 
 
+@functools.lru_cache(maxsize=1)
 def _libc():
     """glibc, or None (another C library or operating system)."""
     if not sys.platform.startswith("linux"):
@@ -48,19 +52,24 @@ def _libc():
         libc.gnu_get_libc_version()  # glibc only (musl has mallopt but no dynamic thresholds)
         libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
         libc.mallopt.restype = ctypes.c_int
+        libc.malloc_trim.argtypes = [ctypes.c_size_t]
+        libc.malloc_trim.restype = ctypes.c_int
     except (OSError, AttributeError):
         return None
     return libc
 
 
 def return_freed_memory() -> dict[int, bool]:
-    """Fix glibc's mmap and trim thresholds at 128 KiB for the rest of the process (see the
-    module docstring); returns {mallopt parameter: whether this call set it}. Called at the
-    start of every training (``train.fit``); calling it again does nothing more."""
+    """Give the heap's free pages back to the system and fix glibc's mmap and trim thresholds at
+    128 KiB for the rest of the process (see the module docstring); returns {mallopt parameter:
+    whether it was set}. Called at the start of every training (``train.fit``); the thresholds
+    are set once, the trim is done on every call (it takes milliseconds)."""
     global _DONE
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
     if _DONE is not None:
         return _DONE
-    libc = _libc()
     if libc is None:
         log.debug("not glibc on Linux: the allocator's thresholds are left as they are")
         _DONE = {}
