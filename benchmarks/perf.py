@@ -7,6 +7,8 @@
     python benchmarks/perf.py heal       # peak RSS and healing tokens/s of the main job (--heal-tokens 4096),
                                          # chunked logits / full logits, with and without --heal-checkpointing,
                                          # and healing tokens/s / the bound set by this machine's GEMM FLOP/s
+    python benchmarks/perf.py alloc      # CPU seconds (user, system) per token of the healed decoder's forward +
+                                         # backward with glibc's own thresholds / fixed by train.allocator
     python benchmarks/perf.py parallel   # `accelerate launch` healing with 2 CPU processes (gloo) against
                                          # 1 process, the same global batch: weight difference and times
 
@@ -331,6 +333,61 @@ def heal(args) -> None:
         "plain": flops[False], "checkpointing": flops[True]}, "original_weight_bytes": weight_bytes})
 
 
+ALLOC_CHILD = r"""
+import json, resource, sys, torch
+from layerfold.healing import HealOptions, _make_trainable
+from layerfold.models.loading import load_model
+from layerfold.models.surgery import remove_layers
+torch.set_num_threads(1)
+mode, batch, seq, steps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+if mode == "fixed":
+    from layerfold.train.allocator import return_freed_memory
+    return_freed_memory()
+loaded = load_model(None, dtype="fp32", device="cpu")
+n = loaded.model.config.num_hidden_layers
+remove_layers(loaded.model, loaded.arch, list(range(n - 10, n - 2)))
+model, _, _ = _make_trainable(loaded, HealOptions(tokens=1))
+model.train()
+decoder = model.get_decoder()
+ids = torch.randint(0, 49152, (batch, seq), generator=torch.Generator().manual_seed(0))
+rows = []
+for step in range(steps):
+    u0 = resource.getrusage(resource.RUSAGE_SELF)
+    decoder(input_ids=ids, use_cache=False).last_hidden_state.pow(2).mean().backward()
+    u1 = resource.getrusage(resource.RUSAGE_SELF)
+    rows.append({"user": u1.ru_utime - u0.ru_utime, "system": u1.ru_stime - u0.ru_stime,
+                 "minor_faults": u1.ru_minflt - u0.ru_minflt})
+print(json.dumps({"mode": mode, "steps": rows, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+"""
+
+
+def alloc(args) -> None:
+    """What train.allocator costs in CPU time: fresh processes in turns (plain, fixed, plain,
+    fixed, ...), each running forward + backward of the main job's healed decoder (22 layers,
+    LoRA r=16, a micro-batch of --batch-size x --seq-len tokens; the loss is the hidden states'
+    mean square, so only the decoder's allocations count) --steps times; the first step is a
+    warm-up, the others are reported as user and system CPU seconds per token and page faults."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads or 1))
+    for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"):
+        env.pop(k, None)
+    runs = []
+    for r in range(args.repeats):
+        for mode in ("plain", "fixed"):
+            done = subprocess.run([sys.executable, "-c", ALLOC_CHILD, mode, str(args.batch_size), str(args.seq_len),
+                                   str(args.steps)], capture_output=True, text=True, env=env)
+            if done.returncode != 0:
+                raise SystemExit(done.stderr[-2000:])
+            run = json.loads(done.stdout.strip().splitlines()[-1])
+            runs.append(run)
+            print(json.dumps(run), flush=True)
+    tokens = args.batch_size * args.seq_len
+    summary = {}
+    for mode in ("plain", "fixed"):
+        steps = [s for run in runs if run["mode"] == mode for s in run["steps"][1:]]
+        summary[mode] = {k: statistics.median(s[k] for s in steps) / tokens for k in ("user", "system", "minor_faults")}
+    save("alloc", {"tokens_per_step": tokens, "runs": runs, "median_per_token_after_warmup": summary})
+
+
 # accelerate's multi-process launcher (torchrun underneath); with no GPU layerfold joins the
 # processes over gloo on the CPU (train.parallel). `--cpu` would start one process only.
 LAUNCH = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "1", "--mixed_precision", "no",
@@ -415,13 +472,14 @@ def parallel(args) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("action", choices=["analysis", "decode", "rss", "heal", "parallel"])
+    ap.add_argument("action", choices=["analysis", "decode", "rss", "heal", "parallel", "alloc"])
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--samples", default="32", help="calibration sequences (rss: comma-separated list)")
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--remove", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=3, help="alloc: forward + backward passes per process (the first a warm-up)")
     ap.add_argument("--tokens", type=int, default=64, help="decode: new tokens per measurement")
     ap.add_argument("--prefill", type=int, default=256, help="decode: prompt tokens")
     ap.add_argument("--shapes", default="5gb", help=f"rss: model shapes, of {sorted(SHAPES)}")
@@ -435,7 +493,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     if args.action != "rss":
         args.samples = int(args.samples)
-    {"analysis": analysis, "decode": decode, "rss": rss, "heal": heal, "parallel": parallel}[args.action](args)
+    {"analysis": analysis, "decode": decode, "rss": rss, "heal": heal, "parallel": parallel, "alloc": alloc}[args.action](args)
 
 
 if __name__ == "__main__":
