@@ -229,3 +229,73 @@ def test_bad_options_and_targets():
         gate_ranking(model, arch, _ids(), 1, GateOptions(steps=0), progress=False)
     with pytest.raises(LayerfoldError, match="gate-type"):
         gate_ranking(model, arch, _ids(), 1, GateOptions(gate_type="magic"), progress=False)
+
+
+def _model_with_cancelling_pair(pair=(3, 4), layers=8):
+    """An 8-layer model whose layers 3 and 4 nearly cancel: both are attention-only with uniform
+    attention (zero query and key), read the same half of the hidden dimensions through the same
+    values and write into the other half, layer 4 with the negated output projection. Removing
+    either one alone is costly, removing both is the cheapest pair; every other layer is the
+    random tiny model's, so the layers matter by graded amounts, not 0 against 8x as above (on
+    such a model the first hard-concrete defaults left gates at 0.51 and 0.74 after 100 steps)."""
+    model = build_tiny("llama", layers=layers)
+    a, b = (model.model.layers[l] for l in pair)
+    with torch.no_grad():
+        for layer in (a, b):
+            layer.mlp.down_proj.weight.zero_()
+            layer.self_attn.q_proj.weight.zero_()
+            layer.self_attn.k_proj.weight.zero_()
+            layer.self_attn.v_proj.weight[:, 32:].zero_()
+        a.self_attn.o_proj.weight[:32].zero_()
+        a.self_attn.o_proj.weight.mul_(4.0)
+        b.self_attn.v_proj.weight.copy_(a.self_attn.v_proj.weight)
+        b.self_attn.o_proj.weight.copy_(-a.self_attn.o_proj.weight)
+    return model, ARCHITECTURES["llama"]
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_default_hard_concrete_gates_decide_before_the_top_k(seed):
+    """Every deterministic gate of the last step, clip(sigmoid(log a) * 1.2 - 0.1, 0, 1) BEFORE
+    the final top-k, is within 0.01 of 0 or 1, exactly two are 0 (the top-k only confirms the
+    gates), and the choice is at least as good as Block Influence's on held-out rows."""
+    model, arch = _model_with_cancelling_pair()
+    calib, heldout = _ids(), _ids(4, seed=5)
+    r = gate_ranking(model, arch, calib, 2, GateOptions(seed=seed), heldout=heldout, progress=False)
+    last = r.rounds[0]["log"][-1]["gates"]
+    assert all(g <= 0.01 or g >= 0.99 for g in last), last
+    assert [l for l, g in enumerate(last) if g <= 0.01] == sorted(r.removed)
+    assert r.gates == [0.0 if l in r.removed else 1.0 for l in range(8)]
+    assert r.check["gates"]["kl"] <= r.check["block_influence"]["kl"] * (1 + 1e-6)
+    # the pair is what coupling makes cheap: removing either member alone costs more than both
+    pair = check_choice(model, arch, heldout, {"both": [3, 4], "3": [3], "4": [4]})
+    assert pair["both"]["kl"] < min(pair["3"]["kl"], pair["4"]["kl"])
+
+
+def test_disagreement_with_the_top_k_matches_sampled_gates():
+    """disagreement() against a Monte Carlo count over sampled hard-concrete gates: for the
+    ``keep`` highest log a the share of samples below 1, for the others the share above 0."""
+    from layerfold.importance.gates import disagreement
+
+    log_alpha = torch.tensor([4.0, -3.0, 0.5, -0.5, 2.0])
+    u = torch.rand(200_000, 5, generator=torch.Generator().manual_seed(3)).clamp(1e-6, 1 - 1e-6)
+    z = (torch.sigmoid((u.log() - (1 - u).log() + log_alpha) * 1.5) * 1.2 - 0.1).clamp(0, 1)
+    top = [0, 2, 4]  # the three highest log a
+    expected = sum((z[:, l] < 1).float().mean().item() if l in top else (z[:, l] > 0).float().mean().item()
+                   for l in range(5))
+    assert disagreement(log_alpha, 3).item() == pytest.approx(expected, abs=3e-3)
+    assert disagreement(torch.tensor([10.0, -10.0]), 1).item() < 1e-3  # decided: no disagreement
+
+
+def test_polarising_multiplier_waits_then_grows():
+    """Before ``polarise`` * steps the third multiplier stays 0; after, it rises by
+    lambda_lr * disagreement each step (plain ascent), and --gate-polarise 1 turns it off."""
+    model, arch = _model_with_idle_layers()
+    t = train_gates(model, arch, _ids(), 4, GateOptions(steps=10, polarise=0.5), progress=False)
+    mus = [e["mu"] for e in t.log]
+    assert mus[:6] == [0.0] * 6  # logged before each step: steps 0-4 do not move it
+    assert mus[6] == pytest.approx(0.05 * t.log[5]["disagreement"], rel=1e-5)
+    assert all(b >= a for a, b in zip(mus, mus[1:]))
+    off = train_gates(model, arch, _ids(), 4, GateOptions(steps=10, polarise=1.0), progress=False)
+    assert all(e["mu"] == 0.0 for e in off.log)
+    with pytest.raises(LayerfoldError, match="gate-polarise"):
+        GateOptions(polarise=1.5).validate()

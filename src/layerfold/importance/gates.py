@@ -21,8 +21,14 @@ one-at-a-time scores such as Block Influence miss. Three gate types:
     falls when too few are). By default log a starts from Block Influence's ranking (evenly
     spread by rank, shifted so that s = t from the first step): the one-pass score is the prior
     and the masked model's KL moves it. Started instead from one value for every layer, t goes
-    from L to the layers kept over the first ``ramp`` of training. At the end a deterministic
-    top-k on log a keeps exactly the target count.
+    from L to the layers kept over the first ``ramp`` of training. The expected-size
+    constraint alone does not make the gates decide (benchmarks/foldgpt.md: after 40 steps 16
+    of 30 deterministic gates were between 0.03 and 0.93, because sum P(z > 0) = t is met as
+    well by many half-open gates as by t open ones): from ``polarise`` of the steps on, a third
+    multiplier mu, also by plain ascent, prices the expected number of gates whose sample
+    differs from the top-k mask (``disagreement``), so each gate is pushed out to the side of
+    the boundary the KL has put it on, until the deterministic gates are 0 or 1 and agree with
+    the final top-k, which keeps exactly the target count.
 ``topk`` (straight-through)
     the forward pass uses the hard mask of the k highest logits (with a little annealed
     Gumbel noise, so that layers near the boundary get tried); the backward pass uses a soft
@@ -73,7 +79,7 @@ class GateOptions:
                 "topk (straight-through top-k mask) or soft (sigmoid gates with a penalty; for comparison)",
         "choices": GATE_TYPES})
     steps: int = field(default=100, metadata={"help": "optimiser steps per round of gate training"})
-    lr: float = field(default=0.1, metadata={"help": "Adam learning rate of the gate logits"})
+    lr: float = field(default=0.25, metadata={"help": "Adam learning rate of the gate logits"})
     batch_size: int = field(default=2, metadata={"help": "calibration sequences per gate step"})
     ramp: float = field(default=0.5, metadata={
         "help": "fraction of the steps over which the size constraint comes in (hard-concrete: the "
@@ -87,6 +93,10 @@ class GateOptions:
                 "Block Influence, log a spread by +-init and shifted so the expected size is already the "
                 "target) instead of the same value for every layer; the gates then move it by the KL of "
                 "the masked model", "choices": WARM_STARTS})
+    polarise: float = field(default=0.4, metadata={
+        "help": "hard-concrete: from this fraction of the steps on, a third multiplier (plain gradient "
+                "ascent at --gate-lambda-lr) prices the expected number of gates whose sample differs "
+                "from the top-k mask, until every gate is 0 or 1; 1 turns it off"})
     lambda_lr: float = field(default=0.05, metadata={
         "help": "hard-concrete: learning rate of the Lagrange multipliers, plain gradient ascent on "
                 "l1 (E[size]-t) + l2 (E[size]-t)^2 with the size in layers"})
@@ -113,6 +123,8 @@ class GateOptions:
             raise LayerfoldError(f"gate batch size must be at least 1 (got {self.batch_size})")
         if self.warm_start not in WARM_STARTS:
             raise LayerfoldError(f"--gate-warm-start must be one of {', '.join(WARM_STARTS)} (got {self.warm_start!r})")
+        if not 0 <= self.polarise <= 1:
+            raise LayerfoldError(f"--gate-polarise is a fraction of the steps, 0 to 1 (got {self.polarise})")
         if not 0 <= self.ramp <= 1:
             raise LayerfoldError(f"the gate ramp is a fraction of the steps, 0 to 1 (got {self.ramp})")
 
@@ -177,6 +189,22 @@ def keep_probability(log_alpha: torch.Tensor) -> torch.Tensor:
     return torch.sigmoid(log_alpha - BETA * math.log(-lo / hi))
 
 
+def on_probability(log_alpha: torch.Tensor) -> torch.Tensor:
+    """Hard-concrete's P(z = 1) = sigmoid(log a - beta log((1 - lo) / (hi - 1)))."""
+    lo, hi = STRETCH
+    return torch.sigmoid(log_alpha - BETA * math.log((1 - lo) / (hi - 1)))
+
+
+def disagreement(log_alpha: torch.Tensor, keep: int) -> torch.Tensor:
+    """The expected number of gates whose sample differs from the deterministic top-k mask:
+    for each of the ``keep`` highest log a, P(z < 1); for every other layer, P(z > 0). It is 0
+    exactly when every gate is decided (sampled 0 or 1 as the top-k says), and its gradient
+    pushes each log a away from the boundary on its own side, so it cannot overshoot."""
+    top = torch.zeros_like(log_alpha, dtype=torch.bool)
+    top[_top(log_alpha.detach(), keep)] = True
+    return torch.where(top, 1 - on_probability(log_alpha), keep_probability(log_alpha)).sum()
+
+
 def warm_log_alpha(prior: Sequence[float], keep: int, spread: float) -> torch.Tensor:
     """log a from a ranking (higher = keep): evenly spaced by rank over [c - spread, c + spread],
     c found by bisection so that the expected number of layers kept is exactly ``keep``.
@@ -210,7 +238,8 @@ class HardConcreteGates(nn.Module):
     so l1 grows for as long as the gates keep too many layers and falls once they keep too
     few, and l2 adds a pull toward t from either side that grows with every violation.
     (Adam's ascent, the first version, moved the multipliers by a fixed ~lr a step whatever
-    the violation: 100 steps were too few for them to matter on the real model.)
+    the violation: 100 steps were too few for them to matter on the real model.) From
+    ``opts.polarise`` of the steps on, + mu * disagreement, mu += lr * disagreement.
     """
 
     def __init__(self, num_layers: int, keep: int, opts: GateOptions, prior: Sequence[float] | None = None):
@@ -219,7 +248,7 @@ class HardConcreteGates(nn.Module):
         start = torch.full((num_layers,), float(opts.init)) if prior is None else warm_log_alpha(prior, keep, opts.init)
         self.warm = prior is not None
         self.log_alpha = nn.Parameter(start)
-        self.lambdas = nn.Parameter(torch.zeros(2))  # lambda1, lambda2
+        self.lambdas = nn.Parameter(torch.zeros(3))  # lambda1, lambda2, mu (the price of undecided gates)
 
     def optimizers(self) -> list[torch.optim.Optimizer]:
         opts = [torch.optim.Adam([self.log_alpha], lr=self.opts.lr)]
@@ -245,9 +274,12 @@ class HardConcreteGates(nn.Module):
         expected = self.keep_probability().sum()
         t = self.target(step)
         gap = expected - t
-        l1, l2 = self.lambdas[0], self.lambdas[1]
-        return l1 * gap + l2 * gap * gap, {"expected_kept": expected.item(), "target": t,
-                                           "lambda1": l1.item(), "lambda2": l2.item()}
+        l1, l2, mu = self.lambdas[0], self.lambdas[1], self.lambdas[2]
+        off = disagreement(self.log_alpha, self.keep)
+        polarising = float(step >= self.opts.polarise * self.opts.steps and self.opts.polarise < 1)
+        return l1 * gap + l2 * gap * gap + polarising * mu * off, {
+            "expected_kept": expected.item(), "target": t, "lambda1": l1.item(), "lambda2": l2.item(),
+            "mu": mu.item(), "disagreement": off.item()}
 
     @torch.no_grad()
     def after_step(self) -> None:
