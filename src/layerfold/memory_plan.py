@@ -435,10 +435,7 @@ class _Planner:
         if not o.healing.enabled:
             return
         shapes = Shapes.of(skeleton.model, skeleton.arch)
-        import torch
-
-        dtype = {1: torch.int8, 2: torch.bfloat16 if o.model.dtype == "bf16" else torch.float16, 4: torch.float32}[
-            s.dtype_bytes]
+        dtype = next(skeleton.model.parameters()).dtype
         seq = o.data.seq_len if o.healing.data.source == "calib" else o.healing.data.seq_len
         est = healing_needs(shapes, shapes if o.healing.needs_teacher else None, o.healing, seq_len=seq, dtype=dtype,
                             tied=s.tied)
