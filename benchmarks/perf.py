@@ -7,6 +7,10 @@
     python benchmarks/perf.py heal       # peak RSS and healing tokens/s of the main job (--heal-tokens 4096),
                                          # chunked logits / full logits, with and without --heal-checkpointing,
                                          # and healing tokens/s / the bound set by this machine's GEMM FLOP/s
+    python benchmarks/perf.py alloc      # CPU seconds (user, system) per token of the healed decoder's forward +
+                                         # backward with glibc's own thresholds / fixed by train.allocator
+    python benchmarks/perf.py parallel   # `accelerate launch` healing with 2 CPU processes (gloo) against
+                                         # 1 process, the same global batch: weight difference and times
 
 Results go to ``benchmarks/results/perf/ACTION.json``; ``benchmarks/perf.md`` quotes them.
 Timings alternate the two things compared (A B A B ...) and take medians, so a machine that
@@ -203,8 +207,10 @@ HEAL_VARIANTS = {  # name: the flags beside `layerfold -q compress --heal-tokens
     "full logits (--heal-logit-chunk -1)": ["--heal-logit-chunk", "-1"],
     "chunked logits, --heal-checkpointing": ["--heal-checkpointing"],
     "full logits, --heal-checkpointing": ["--heal-logit-chunk", "-1", "--heal-checkpointing"],
-    # the same 8-row optimizer steps (the same rows, train.loop._Rows) in micro-batches of 2 or 1
+    # the same 8-row optimizer steps (the same rows, train.loop._Rows) in micro-batches of 4, 2 or 1
+    "micro-batches 4 x 2 (--heal-batch-size 4 --grad-accum 2)": ["--heal-batch-size", "4", "--grad-accum", "2"],
     "micro-batches 2 x 4 (--heal-batch-size 2 --grad-accum 4)": ["--heal-batch-size", "2", "--grad-accum", "4"],
+    "micro-batches 1 x 8 (--heal-batch-size 1 --grad-accum 8)": ["--heal-batch-size", "1", "--grad-accum", "8"],
     "micro-batches 1 x 8, --heal-checkpointing": ["--heal-batch-size", "1", "--grad-accum", "8",
                                                   "--heal-checkpointing"],
 }
@@ -258,9 +264,24 @@ def heal_flops_per_token(config, layers: int, seq_len: int, lora_rank: int, chec
             "total": forward + backward + recompute}
 
 
+# the same, and the child's CPU seconds (user + system) as a second line
+PEAK_AND_CPU_OF_CHILD = (
+    "import resource, subprocess, sys\n"
+    "rc = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL).returncode\n"
+    "u = resource.getrusage(resource.RUSAGE_CHILDREN)\n"
+    "print(u.ru_maxrss * 1024)\n"
+    "print(u.ru_utime + u.ru_stime)\n"
+    "sys.exit(rc)\n"
+)
+
+
 def heal(args) -> None:
     """Peak RSS and healing tokens/s of `layerfold compress` (the main job) per variant, in fresh
-    processes in turns; GEMM FLOP/s on the model's shapes measured between the runs."""
+    processes in turns; GEMM FLOP/s on the model's shapes measured between the runs. Beside the
+    wall times, CPU seconds per healing token (the steps' ``cpu_seconds`` in the training log):
+    on shared cores the wall time measures the others' load too, the CPU time this run's work.
+    ``--env KEY=VALUE,...`` adds variables to the runs' environment (e.g. glibc's
+    MALLOC_MMAP_THRESHOLD_); ``--label`` names the result file."""
     from transformers import AutoConfig
 
     from layerfold.models.loading import model_skeleton
@@ -268,6 +289,8 @@ def heal(args) -> None:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads or 1))
+    extra_env = dict(kv.split("=", 1) for kv in args.env.split(",") if kv)
+    env.update(extra_env)
     rows, gemm = [], []
     names = list(HEAL_VARIANTS) if args.variants == "all" else [n for n in HEAL_VARIANTS
                                                                  if any(v in n for v in args.variants.split(","))]
@@ -278,17 +301,22 @@ def heal(args) -> None:
             cmd = [sys.executable, "-m", "layerfold", "-q", "compress", "-o", str(out), "--force",
                    "--heal-tokens", str(args.heal_tokens), "--no-eval", "--heal-log", str(log), *HEAL_VARIANTS[name]]
             t = time.perf_counter()
-            done = subprocess.run([sys.executable, "-c", PEAK_OF_CHILD, *cmd], capture_output=True, text=True, env=env)
+            done = subprocess.run([sys.executable, "-c", PEAK_AND_CPU_OF_CHILD, *cmd], capture_output=True, text=True,
+                                  env=env)
             seconds = time.perf_counter() - t
             if done.returncode != 0:
                 raise SystemExit(f"{' '.join(cmd)} failed:\n{done.stderr[-2000:]}")
             steps = [json.loads(line) for line in log.read_text().splitlines() if '"event": "step"' in line]
             record = json.loads((out / "layerfold.json").read_text())
             config = AutoConfig.from_pretrained(out)
-            row = {"variant": name, "repeat": r, "peak_rss_bytes": int(done.stdout.strip().splitlines()[-1]),
+            peak, cpu = done.stdout.strip().splitlines()[-2:]
+            heal_cpu = sum(s["cpu_seconds"] for s in steps) if all("cpu_seconds" in s for s in steps) else None
+            row = {"variant": name, "repeat": r, "env": extra_env, "peak_rss_bytes": int(peak),
                    "heal_tokens_per_second": steps[-1]["tokens_per_second"], "heal_steps": len(steps),
+                   "heal_cpu_seconds": heal_cpu,
+                   "heal_cpu_seconds_per_token": heal_cpu / steps[-1]["tokens"] if heal_cpu is not None else None,
                    "heal_seconds": record.get("seconds", {}).get("heal"), "wall_seconds": seconds,
-                   "layers_after": config.num_hidden_layers, "command": " ".join(cmd[1:])}
+                   "cpu_seconds": float(cpu), "layers_after": config.num_hidden_layers, "command": " ".join(cmd[1:])}
             rows.append(row)
             print(json.dumps(row), flush=True)
             # the machine's GEMM rate on the healed model's shapes, between the runs, same threads
@@ -300,32 +328,172 @@ def heal(args) -> None:
     heal_cfg = record["recipe"]["heal"]
     flops = {ck: heal_flops_per_token(config, config.num_hidden_layers, heal_cfg["data"]["seq_len"],
                                       heal_cfg["lora_rank"], ck) for ck in (False, True)}
-    save(f"heal-{args.heal_tokens}" + ("" if args.variants == "all" else "-" + args.variants.replace(",", "-")
-                                       .replace(" ", "")), {"rows": rows, "gemm_flops_per_second": gemm, "flops_per_token": {
+    label = args.label or ("" if args.variants == "all" else args.variants.replace(",", "-").replace(" ", ""))
+    save(f"heal-{args.heal_tokens}" + (f"-{label}" if label else ""), {"rows": rows, "gemm_flops_per_second": gemm, "flops_per_token": {
         "plain": flops[False], "checkpointing": flops[True]}, "original_weight_bytes": weight_bytes})
+
+
+ALLOC_CHILD = r"""
+import json, resource, sys, torch
+from layerfold.healing import HealOptions, _make_trainable
+from layerfold.models.loading import load_model
+from layerfold.models.surgery import remove_layers
+torch.set_num_threads(1)
+mode, batch, seq, steps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+if mode == "fixed":
+    from layerfold.train.allocator import return_freed_memory
+    return_freed_memory()
+loaded = load_model(None, dtype="fp32", device="cpu")
+n = loaded.model.config.num_hidden_layers
+remove_layers(loaded.model, loaded.arch, list(range(n - 10, n - 2)))
+model, _, _ = _make_trainable(loaded, HealOptions(tokens=1))
+model.train()
+decoder = model.get_decoder()
+ids = torch.randint(0, 49152, (batch, seq), generator=torch.Generator().manual_seed(0))
+rows = []
+for step in range(steps):
+    u0 = resource.getrusage(resource.RUSAGE_SELF)
+    decoder(input_ids=ids, use_cache=False).last_hidden_state.pow(2).mean().backward()
+    u1 = resource.getrusage(resource.RUSAGE_SELF)
+    rows.append({"user": u1.ru_utime - u0.ru_utime, "system": u1.ru_stime - u0.ru_stime,
+                 "minor_faults": u1.ru_minflt - u0.ru_minflt})
+print(json.dumps({"mode": mode, "steps": rows, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+"""
+
+
+def alloc(args) -> None:
+    """What train.allocator costs in CPU time: fresh processes in turns (plain, fixed, plain,
+    fixed, ...), each running forward + backward of the main job's healed decoder (22 layers,
+    LoRA r=16, a micro-batch of --batch-size x --seq-len tokens; the loss is the hidden states'
+    mean square, so only the decoder's allocations count) --steps times; the first step is a
+    warm-up, the others are reported as user and system CPU seconds per token and page faults."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads or 1))
+    for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"):
+        env.pop(k, None)
+    runs = []
+    for r in range(args.repeats):
+        for mode in ("plain", "fixed"):
+            done = subprocess.run([sys.executable, "-c", ALLOC_CHILD, mode, str(args.batch_size), str(args.seq_len),
+                                   str(args.steps)], capture_output=True, text=True, env=env)
+            if done.returncode != 0:
+                raise SystemExit(done.stderr[-2000:])
+            run = json.loads(done.stdout.strip().splitlines()[-1])
+            runs.append(run)
+            print(json.dumps(run), flush=True)
+    tokens = args.batch_size * args.seq_len
+    summary = {}
+    for mode in ("plain", "fixed"):
+        steps = [s for run in runs if run["mode"] == mode for s in run["steps"][1:]]
+        summary[mode] = {k: statistics.median(s[k] for s in steps) / tokens for k in ("user", "system", "minor_faults")}
+    save("alloc", {"tokens_per_step": tokens, "runs": runs, "median_per_token_after_warmup": summary})
+
+
+# accelerate's multi-process launcher (torchrun underneath); with no GPU layerfold joins the
+# processes over gloo on the CPU (train.parallel). `--cpu` would start one process only.
+LAUNCH = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "1", "--mixed_precision", "no",
+          "--dynamo_backend", "no"]
+
+
+def parallel(args) -> None:
+    """`layerfold heal` of the embedded model with --remove layers removed (a fixed set: which ones
+    does not matter here), LoRA and KL to the cached teacher, once in 1 process with
+    ``--batch-size`` rows per micro-batch and once under `accelerate launch` with 2 processes of
+    half that: the same global batch, so the same training up to float rounding. Each run has
+    its own teacher cache (both build it). Weight difference of the two outputs and times."""
+    from safetensors.torch import load_file
+
+    from layerfold.models.loading import load_model
+    from layerfold.models.surgery import remove_layers
+
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    student, teacher = work / "student", work / "teacher"
+    if not (student / "config.json").exists():
+        loaded = load_model(None, dtype="fp32", device="cpu")
+        loaded.model.save_pretrained(teacher, safe_serialization=True)
+        loaded.tokenizer.save_pretrained(teacher)
+        n = loaded.model.config.num_hidden_layers
+        remove_layers(loaded.model, loaded.arch, list(range(n - 2 - args.remove, n - 2)))
+        loaded.model.save_pretrained(student, safe_serialization=True)
+        loaded.tokenizer.save_pretrained(student)
+    text = work / "heal.txt"  # any text: the project's own docs
+    if not text.exists():
+        text.write_text("\n\n".join([Path("README.md").read_text(), *(p.read_text() for p in sorted(Path("benchmarks").glob("*.md")))]))
+    if args.batch_size % 2:
+        raise SystemExit("--batch-size must split over 2 processes")
+
+    def heal_args(out: Path, batch: int) -> list[str]:
+        return ["-m", "layerfold", "-q", "heal", str(student), "--teacher", str(teacher), "--heal-data", str(text),
+                "--heal-log", str(out) + ".log.jsonl",
+                "--heal-seq-len", str(args.seq_len), "--heal-tokens", str(args.heal_tokens),
+                "--heal-batch-size", str(batch), "--dtype", "fp32", "--device", "cpu", "--force", "-o", str(out)]
+
+    runs = {"1 process": heal_args(work / "out-1", args.batch_size),
+            "2 processes": [*LAUNCH, "--num_processes", "2", "--main_process_port", str(29500 + os.getpid() % 500),
+                            *heal_args(work / "out-2", args.batch_size // 2)]}
+    rows = {}
+    for name, cmd in runs.items():
+        cache = work / f"cache-{name.split()[0]}"
+        shutil.rmtree(cache, ignore_errors=True)
+        env = dict(os.environ, OMP_NUM_THREADS=str(args.threads or 1), LAYERFOLD_CACHE=str(cache),
+                   ACCELERATE_CONFIG_FILE=os.devnull)
+        env.pop("WORLD_SIZE", None)
+        t = time.perf_counter()
+        done = subprocess.run([sys.executable, "-c", PEAK_AND_CPU_OF_CHILD, sys.executable, *cmd], capture_output=True,
+                              text=True, env=env)
+        seconds = time.perf_counter() - t
+        if done.returncode != 0:
+            raise SystemExit(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
+        peak, cpu = done.stdout.strip().splitlines()[-2:]
+        out = work / ("out-1" if name == "1 process" else "out-2")
+        record = json.loads((out / "layerfold.json").read_text())
+        steps = [json.loads(line) for line in Path(str(out) + ".log.jsonl").read_text().splitlines()
+                 if '"event": "step"' in line]
+        rows[name] = {"wall_seconds": seconds, "cpu_seconds_all_processes": float(cpu),
+                      "largest_process_peak_rss_bytes": int(peak), "heal_seconds": record["heal"]["seconds"],
+                      "train_cpu_seconds_main_process": sum(s["cpu_seconds"] for s in steps),
+                      "loss_last": record["heal"]["loss_last"],
+                      "command": " ".join(["python", *cmd])}
+        print(json.dumps({name: rows[name]}), flush=True)
+
+    def weights(folder: Path) -> dict:
+        out = {}
+        for f in sorted(folder.glob("*.safetensors")):
+            out.update(load_file(f))
+        return out
+
+    w1, w2, w0 = weights(work / "out-1"), weights(work / "out-2"), weights(student)
+    assert w1.keys() == w2.keys()
+    diff = max((w1[k] - w2[k]).abs().max().item() for k in w1)
+    moved = max((w1[k] - w0[k]).abs().max().item() for k in w1 if k in w0)
+    save("parallel", {"heal_tokens": args.heal_tokens, "seq_len": args.seq_len, "global_batch": args.batch_size,
+                      "max_abs_weight_difference": diff, "max_abs_healing_change": moved, "runs": rows})
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("action", choices=["analysis", "decode", "rss", "heal"])
+    ap.add_argument("action", choices=["analysis", "decode", "rss", "heal", "parallel", "alloc"])
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--samples", default="32", help="calibration sequences (rss: comma-separated list)")
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--remove", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=3, help="alloc: forward + backward passes per process (the first a warm-up)")
     ap.add_argument("--tokens", type=int, default=64, help="decode: new tokens per measurement")
     ap.add_argument("--prefill", type=int, default=256, help="decode: prompt tokens")
     ap.add_argument("--shapes", default="5gb", help=f"rss: model shapes, of {sorted(SHAPES)}")
     ap.add_argument("--work", default="/tmp/layerfold-perf", help="rss: folder for the random models")
-    ap.add_argument("--heal-tokens", type=int, default=4096, help="heal: healing budget of each run")
+    ap.add_argument("--heal-tokens", type=int, default=4096, help="heal, parallel: healing budget of each run")
     ap.add_argument("--variants", default="all", help="heal: all, or comma-separated parts of variant names")
+    ap.add_argument("--env", default="", help="heal: KEY=VALUE,... added to the runs' environment")
+    ap.add_argument("--label", default="", help="heal: result file name part (default: from --variants)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.action != "rss":
         args.samples = int(args.samples)
-    {"analysis": analysis, "decode": decode, "rss": rss, "heal": heal}[args.action](args)
+    {"analysis": analysis, "decode": decode, "rss": rss, "heal": heal, "parallel": parallel, "alloc": alloc}[args.action](args)
 
 
 if __name__ == "__main__":

@@ -305,3 +305,51 @@ def test_cli_linear_init_records_its_fit_and_refuses_an_in_place_loss(tmp_path, 
                  "--loss", "kl", "--calib", text_file, "-o", str(tmp_path / "k")])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "pair loss" in err and not (tmp_path / "k").exists()
+
+
+# -- trainings sharing one pair store ----------------------------------------------------
+
+
+def test_trainings_sharing_a_pair_store_keep_their_own_best_state(tmp_path, monkeypatch):
+    """Two replacements trained on one stored set of pairs (the grid's --pairs-dir, shared by
+    parallel processes): B trains from start to end between A's last best-state keep and A's
+    restore, as a parallel process can. A must still end with its own best state, exactly the
+    weights it gets when trained alone, and neither leaves a best-state file behind."""
+    from layerfold.train import loop
+
+    ids = _ids(22)
+    start, window = 1, 3
+    text = TrainingText(ids, 4)
+    store = PairStore(tmp_path / "pairs", 22, 16, 64, "fp32")
+    collect_pairs(build_tiny("llama", layers=6), LLAMA, ids, start, window, store, progress=False)
+    a_opts = StreamlineOptions(loss="mse", init="first", batch=6, min_steps=3, batch_size=3, lr=1e-3, min_lr=1e-4,
+                               eval_every=1)
+    b_opts = StreamlineOptions(loss="cosine", init="last", batch=6, min_steps=3, batch_size=3, lr=1e-3, min_lr=1e-4,
+                               eval_every=1)
+
+    def train(opts):
+        model = build_tiny("llama", layers=6)
+        r = replace_and_train(model, LLAMA, text, start, window, opts, work_dir=tmp_path, progress=False, store=store)
+        return r, {n: p.detach().clone() for n, p in decoder_layers(model, LLAMA)[start].named_parameters()}
+
+    alone, a_alone = train(a_opts)
+    assert alone.fit.best_step is not None  # a validated run: its best state went to disk
+
+    restore = loop._BestState.restore
+    b_ran = []
+
+    def restore_after_b(self):
+        if not b_ran:  # A's restore: B runs its whole training first (B's own restore is the real one)
+            b_ran.append(None)
+            b_ran[0] = train(b_opts)
+        restore(self)
+
+    monkeypatch.setattr(loop._BestState, "restore", restore_after_b)
+    _, a_shared = train(a_opts)
+    assert b_ran and b_ran[0][0].fit.best_step is not None
+    assert a_shared.keys() == a_alone.keys()
+    for name, tensor in a_alone.items():
+        torch.testing.assert_close(a_shared[name], tensor, rtol=0, atol=0, msg=name)
+    # the pairs are all that stays in the store's folder
+    assert sorted(p.name for p in store.folder.iterdir() if not p.is_file()) == []
+    assert not list(store.folder.rglob("best_state*"))

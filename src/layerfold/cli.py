@@ -138,11 +138,15 @@ def _quiet(opts, quiet: bool):
 
 
 def _cmd_compress(opts: CompressOptions, glob: GlobalOptions) -> int:
+    from .memory_plan import plan_memory
     from .pipeline import compress
+    from .train.parallel import processes
 
     t0 = time.perf_counter()
-    r = compress(opts)
-    from .train.parallel import processes
+    memory = plan_memory(opts)  # before any work: what fits, or a one-line refusal
+    if processes().main:  # first on stdout: what will run, and how, before it runs
+        print(memory.describe(), flush=True)
+    r = compress(opts, memory=memory)
 
     if not processes().main:  # under `accelerate launch` the main process reports
         return 0

@@ -125,10 +125,12 @@ class CompressResult:
     plan: Plan | None = None
 
 
-def compress(opts: CompressOptions, loaded: LoadedModel | None = None) -> CompressResult:
+def compress(opts: CompressOptions, loaded: LoadedModel | None = None, memory=None) -> CompressResult:
     """Compress a model as ``opts`` says and save a complete model folder (with ``--dry-run``:
-    only plan). ``loaded``: the model, already loaded (it is changed in place)."""
-    run = _Compression(opts, loaded)
+    only plan). ``loaded``: the model, already loaded (it is changed in place). ``memory``: the
+    memory plan of ``opts`` (``memory_plan.plan_memory``), when the caller made it already (to
+    print it first); the run uses its options."""
+    run = _Compression(opts, loaded, memory)
     if opts.selection.scores and opts.output.dry_run:
         return run.dry(run.plan(_skeleton(opts.model), run.saved_evidence()))
     loaded = run.load(loaded)
@@ -169,16 +171,22 @@ class _Healing:
 class _Compression:
     """The stages of :func:`compress`, sharing the options and the stage timings."""
 
-    def __init__(self, opts: CompressOptions, loaded: LoadedModel | None = None):
+    def __init__(self, opts: CompressOptions, loaded: LoadedModel | None = None, memory=None):
+        from .memory_plan import plan_memory
+
         self.opts = opts
         self.method, self.selection, self.repair = opts.selection.parts()
+        self._check(loaded)  # bad options first, then the memory plan (before any work)
+        self.memory = memory or plan_memory(opts, loaded)
+        self.opts = opts = self.memory.options  # what the plan fits: the options the run uses and records
         self.plan_opts = opts  # with --method auto: the options with the search's choice, once made
         self.auto = None  # methods.auto.AutoResult
         self.seconds: dict[str, float] = {}
         self.heldout = None  # (held-out rows, the original's log-probs on them)
         self.original = None  # a copy of the original, for the alternating speed runs
         self.heal_curve: list[dict] = []  # held-out fit and loss against healing tokens
-        self._check(loaded)
+        if self.memory.changes:
+            self._check(loaded)
 
     def _check(self, loaded: LoadedModel | None) -> None:
         """Every option, against the model's config and file headers, before any slow work."""
@@ -590,6 +598,7 @@ class _Compression:
             "heal": heal_summary,
             "heal_curve": self.heal_curve or None,
             "plan": plan.to_dict(),
+            "memory_plan": self.memory.to_dict(),
             "options": recipes.schema.to_dict(recipes.absolute_paths(o)),
             "peak_rss_mib": records.peak_rss_mib(),
             "seconds": self.seconds,

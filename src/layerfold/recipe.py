@@ -13,6 +13,7 @@ A compression recipe (``layerfold compress``, ``layerfold run``) is one :class:`
     foldgpt     FoldGPT's gates, sharing and cure
     healing     recovery training with the original as teacher
     evaluation  what is measured before and after
+    memory      the memory plan's budget (``memory_plan.py``)
     output      where the model goes
 
 Each group is the options dataclass of the code that uses it (``HealOptions`` in
@@ -43,6 +44,7 @@ from .methods.auto import AutoOptions
 from .methods.replaceme import LinearRepairOptions
 from .methods.search import SearchOptions
 from .methods.streamline import StreamlineOptions
+from .memory_plan import MemoryOptions
 from .models.loading import ModelOptions
 from .models.saving import OutputOptions
 
@@ -85,6 +87,10 @@ class CompressOptions:
     evaluation: EvalOptions = field(default_factory=EvalOptions, metadata={
         "help": "before and after, written into the output folder with report.html", "prefix": "eval-",
         "flags": {"tasks": "--eval-tasks", "ppl": "--eval-ppl", "limit": "--eval-limit"}})
+    memory: MemoryOptions = field(default_factory=MemoryOptions, metadata={
+        "help": "the memory plan: before any work, what each stage needs against the memory there is; stages "
+                "that do not fit are streamed, replaced or skipped (printed, and recorded in layerfold.json)",
+        "prefix": "memory-"})
     output: OutputOptions = field(default_factory=OutputOptions, metadata={"help": "where the model goes"})
     gguf: GGUFOptions = field(default_factory=GGUFOptions, metadata={"help": GGUF_HELP, "prefix": "gguf-"})
     progress: bool = field(default=True, metadata={"schema": False})

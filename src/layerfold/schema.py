@@ -581,5 +581,5 @@ def command_line(obj, default, prefix: list[str]) -> str:
             if value == _sets(o):
                 parts.append(o.flag)
         elif value is not None:
-            parts += [o.flag, _flag_value(value)]
+            parts += [o.flag, o.show(value) if o.show is not None else _flag_value(value)]
     return shlex.join(parts)

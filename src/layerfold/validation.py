@@ -314,9 +314,9 @@ def check_text_source(source: str, text_field: str, seq_len: int, what: str) -> 
     small enough to read now) at least one sequence of ``seq_len`` tokens long."""
     if source == "self" or source.startswith("hf:"):
         return
-    from .data.calibration import read_texts
+    from .data.calibration import BUNDLED, bundled_corpus, read_texts
 
-    path = Path(source).expanduser()
+    path = bundled_corpus() if source == BUNDLED else Path(source).expanduser()
     _readable_file(path, f"{what} {source}")
     if b"\0" in _head(path):
         raise LayerfoldError(f"{what} {source}: a binary file, not text")

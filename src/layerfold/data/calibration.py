@@ -38,7 +38,8 @@ class CalibrationSpec:
     """Where calibration text comes from and how much of it to use."""
 
     source: str = field(default="self", metadata={
-        "help": "'self' (the model writes its own text; cached), a .txt or .jsonl file, "
+        "help": "'self' (the model writes its own text; cached), 'bundled' (a small corpus shipped with layerfold, "
+                "no model needed: data/corpus/README.md), a .txt or .jsonl file, "
                 "or hf:NAME[:CONFIG] for a Hugging Face data set", "path": True})
     samples: int = field(default=32, metadata={"help": "number of sequences"})
     seq_len: int = field(default=256, metadata={"help": "tokens per sequence"})
@@ -53,6 +54,14 @@ class CalibrationSpec:
             raise LayerfoldError(f"--calib-samples must be at least 1 (got {self.samples})")
         if self.seq_len < 2:
             raise LayerfoldError(f"--seq-len must be at least 2 (got {self.seq_len})")
+
+
+BUNDLED = "bundled"
+
+
+def bundled_corpus() -> Path:
+    """The small corpus shipped in the package (``--calib bundled``; provenance in its README)."""
+    return Path(__file__).resolve().parent / "corpus" / "self-written.jsonl"
 
 
 def cache_dir() -> Path:
@@ -207,6 +216,8 @@ def read_texts(source: str, text_field: str = "text", split: str = "train") -> l
     """Documents from a .txt file (blank-line separated), a .jsonl file, or ``hf:NAME[:CONFIG]``."""
     if source.startswith("hf:"):
         return _dataset_texts(source[3:], text_field, split)
+    if source == BUNDLED:
+        source, text_field = str(bundled_corpus()), "text"
     path = Path(source).expanduser()
     if not path.exists():
         raise LayerfoldError(f"{source}: no such file")

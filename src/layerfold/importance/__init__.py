@@ -8,6 +8,12 @@ from .criteria import LayerScores, SimilarityObserver
 from .layer_pass import DEFAULT_ACTIVATION_BYTES, LayerPassOptions, layer_pass
 
 
+def activation_bytes_per_batch(hidden: int, num_layers: int, rows: int, seq_len: int) -> int:
+    """What the importance pass keeps per batch: the running state (fp32) and every layer's
+    unit vectors (fp16), for the block scores of every window."""
+    return rows * seq_len * hidden * (4 + 2 * (num_layers + 1))
+
+
 def measure_similarity(
     model,
     arch,
@@ -26,10 +32,8 @@ def measure_similarity(
 
     num_layers = len(decoder_layers(model, arch))
     obs = SimilarityObserver(num_layers)
-    hidden = model.config.hidden_size
     rows = min(batch_size, input_ids.shape[0])
-    # per batch: the running state (fp32) and every layer's unit vectors (fp16)
-    per_batch = rows * input_ids.shape[1] * hidden * (4 + 2 * (num_layers + 1))
+    per_batch = activation_bytes_per_batch(model.config.hidden_size, num_layers, rows, input_ids.shape[1])
     chunk = max(1, max_activation_bytes // max(per_batch, 1))
     layer_pass(
         model,
@@ -46,4 +50,4 @@ def measure_similarity(
     return obs.scores()
 
 
-__all__ = ["DEFAULT_ACTIVATION_BYTES", "LayerPassOptions", "LayerScores", "measure_similarity"]
+__all__ = ["DEFAULT_ACTIVATION_BYTES", "activation_bytes_per_batch", "LayerPassOptions", "LayerScores", "measure_similarity"]

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import math
 import shutil
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -406,8 +407,15 @@ def train_pairs(
     """Train the module at layer ``index`` of ``model`` to map stored block inputs to outputs
     (``store`` holds the pairs of ``text``'s rows, validation rows last)."""
     objective = PairRegression(model, arch, index, store, opts.loss)
-    return _run(objective.layer, objective, opts, text, log_path=log_path, progress=progress,
-                checkpoints=checkpoints, best_state_dir=store.folder)  # beside the pairs
+    # the best state goes to disk beside the pairs, in a folder of this training's own: trainings
+    # sharing one store (several replacements of a block, parallel processes on one --pairs-dir)
+    # would otherwise overwrite, and on restoring delete, each other's best state
+    best_dir = Path(tempfile.mkdtemp(prefix=f"best-{opts.loss}-{opts.init}-", dir=store.folder))
+    try:
+        return _run(objective.layer, objective, opts, text, log_path=log_path, progress=progress,
+                    checkpoints=checkpoints, best_state_dir=best_dir)
+    finally:
+        shutil.rmtree(best_dir, ignore_errors=True)
 
 
 @torch.no_grad()

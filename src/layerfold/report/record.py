@@ -107,7 +107,7 @@ def foldgpt_summary(plan, cure_steps: int) -> str:
 # restarted at): it differs between runs of the same inputs, so a reproducible folder
 # (--reproducible) leaves it out (keys ending in "_seconds" too)
 MEASURED = frozenset({"seconds", "peak_rss_mib", "tokens_per_second", "peak_memory_bytes", "prefill_tokens_per_s",
-                      "decode_tokens_per_s", "resumed_from"})
+                      "decode_tokens_per_s", "resumed_from", "budget_bytes", "budget_source"})
 
 
 def is_measured(key) -> bool:

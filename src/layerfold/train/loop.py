@@ -38,6 +38,7 @@ from ..errors import LayerfoldError, RuntimeFailure
 from ..models.loading import input_device
 from ..models.saving import _pid_alive
 from ..models.surgery import count_parameters
+from .allocator import return_freed_memory
 from .capture import layer_outputs, model_layers
 from .head import OutputHead, run_for_hidden
 from .losses import Loss, LossInputs, logit_terms
@@ -574,6 +575,7 @@ def fit(
     from tqdm.auto import tqdm
 
     config.validate()
+    return_freed_memory()  # freed activations go back to the system, not into the heap (train.allocator)
     train_rows = list(range(rows)) if isinstance(rows, int) else list(rows)
     if not train_rows:
         raise LayerfoldError("no training rows")
@@ -603,13 +605,16 @@ def fit(
     t0 = time.perf_counter()
     try:
         for step in range(start, config.steps):
-            t_step = time.perf_counter()
+            t_step, cpu_step = time.perf_counter(), time.process_time()
             try:
                 record = _step(objective, rows_of, step, config, params, optimizer, scheduler, autocast, procs)
             except Diverged as e:
                 raise checkpoints.diverged(e) from None
             elapsed = time.perf_counter() - t0
+            # cpu_seconds: this process's CPU time (all its threads) for the step; on shared cores it
+            # measures the work where wall time measures the load too
             record.update(tokens=(step + 1) * tokens_per_step, step_seconds=time.perf_counter() - t_step,
+                          cpu_seconds=time.process_time() - cpu_step,
                           tokens_per_second=(step + 1 - start) * tokens_per_step / elapsed if elapsed > 0 else None)
             due = step + 1 == config.steps or (config.eval_every and (step + 1) % config.eval_every == 0)
             if eval_fn is not None and due:

@@ -8,11 +8,15 @@ configs. The estimate adds up, per device:
 - the trained tensors' state: the tensor, its gradient and AdamW's two moments (LoRA
   adapters: rank x (in + out) per adapted linear layer; whole layers, the final norm and an
   untied head when they train);
-- activations kept for backward, per token of a micro-batch and per decoder layer: the inputs
-  of the norms, of q/k/v/o and of the MLP's projections, the attention output and the MLP's
-  intermediate products, 9 H + 3 KV + 4 I values (H hidden size, KV the key/value width, I the
-  MLP width); with ``--heal-checkpointing`` each layer keeps only its input (H) and one layer's
-  full set exists at a time, while backward recomputes it;
+- activations kept for backward, per token of a micro-batch and per decoder layer: the two
+  norms' inputs and outputs (the outputs are the projections' inputs), the query and the
+  attention's output (the attention keeps its inputs, its output and one log-sum-exp per
+  position and head, not the positions x positions scores), the key and the value, and the
+  MLP's gate, up, activation and product: 6 H + 2 KV + 4 I values (H hidden size, KV the
+  key/value width, I the MLP width), and each LoRA adapter's rank-r middle; counted with
+  autograd's saved-tensor hooks, tests/test_heal_memory.py; and the final norm's input (H).
+  With ``--heal-checkpointing`` each layer keeps only its input (H) and one layer's full set
+  exists at a time, while backward recomputes it;
 - the logit loss: with chunked logits (the default) a chunk of 32 MiB of fp32 logits, about
   four copies (logits, log-softmax, the teacher's, the gradient), plus the final hidden
   states; without (``--heal-logit-chunk -1``) the batch's logits in about four copies;
@@ -33,8 +37,8 @@ from torch import nn
 
 RUNTIME_BYTES = 512 * 2**20
 LOGIT_COPIES = 4
-#: the values a decoder layer keeps for backward, per token: 9 H + 3 KV + 4 I (module docstring)
-ACT_HIDDEN, ACT_KV, ACT_MLP = 9, 3, 4
+#: the values a decoder layer keeps for backward, per token: 6 H + 2 KV + 4 I (module docstring)
+ACT_HIDDEN, ACT_KV, ACT_MLP = 6, 2, 4
 
 
 @dataclass
@@ -127,9 +131,10 @@ def healing_needs(student: Shapes, teacher: Shapes | None, opts, *, seq_len: int
         states -= trained * b  # whole layers: the tensor is already among the weights
     per_layer = (ACT_HIDDEN * student.hidden + ACT_KV * student.kv + ACT_MLP * student.intermediate) * act_b
     lora_rank = opts.lora_rank if "lora" in opts.train else 0
-    per_layer += 2 * lora_rank * len(student.linear) // max(1, student.layers) * act_b
-    full_act = tokens * per_layer * student.layers
-    ckpt_act = tokens * (student.hidden * act_b * student.layers + per_layer)
+    per_layer += lora_rank * len(student.linear) // max(1, student.layers) * act_b  # each adapter's A output
+    final_norm = student.hidden * act_b  # its input (its output, the head's input, is counted with the loss)
+    full_act = tokens * (per_layer * student.layers + final_norm)
+    ckpt_act = tokens * (student.hidden * act_b * student.layers + per_layer + final_norm)
 
     def logit_bytes(chunked: bool) -> int:
         if chunked:
