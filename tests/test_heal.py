@@ -236,3 +236,17 @@ def test_heal_refuses_a_missing_student_before_loading_the_teacher(capsys, tmp_p
     err = capsys.readouterr().err
     assert code == 2 and "no such file or folder" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_the_default_micro_batch_is_one_row_of_an_eight_row_step():
+    from layerfold.errors import LayerfoldError
+    from layerfold.healing import HealOptions
+
+    assert (HealOptions().micro_batch, HealOptions().accumulation) == (1, 8)
+    # either one given: the other keeps its old default (8 rows per micro-batch, 1 per step)
+    assert (HealOptions(batch_size=4).micro_batch, HealOptions(batch_size=4).accumulation) == (4, 1)
+    assert (HealOptions(grad_accum=2).micro_batch, HealOptions(grad_accum=2).accumulation) == (8, 2)
+    recipe = HealOptions(tokens=64).recipe()
+    assert (recipe["batch_size"], recipe["grad_accum"]) == (1, 8)  # what ran, not the 0 that means default
+    with pytest.raises(LayerfoldError, match="--heal-batch-size"):
+        HealOptions(tokens=64, batch_size=-1).validate()

@@ -172,3 +172,15 @@ def test_available_memory_is_read_from_the_machine():
     assert free is None or free > 0
     assert where in ("MemAvailable", "the cgroup's memory limit", "unknown")
     assert Path("/proc/meminfo").exists() <= (free is not None)
+
+
+def test_a_big_models_streamline_repair_trains_on_the_bundled_corpus(wide_model, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(memory_plan, "CPU_WHOLE_MODEL_PARAMS", 1000)  # the wide model is "big"
+    out = tmp_path / "out"
+    assert main(["-q", "compress", wide_model, "--device", "cpu", "--method", "streamline", "--remove", "2", *SMALL,
+                 "--train-tokens", "64", "--train-seq-len", "16", "-o", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "repair text        no model" in printed and "repair             streamed" in printed
+    record = json.loads((out / "layerfold.json").read_text())
+    assert record["options"]["repair"]["data"]["source"] == "bundled" and record["memory_plan"]["streamed"]
+    assert record["layers_before"] - len([x for x in record["layer_map"] if x is not None]) >= 2

@@ -109,8 +109,16 @@ class HealOptions:
         "help": "run the teacher on every batch instead of caching its top-k logits on disk",
         "flag": "--no-teacher-cache"})
     topk: int = field(default=64, metadata={"help": "teacher logits kept per token in the cache"})
-    batch_size: int = field(default=8, metadata={"help": "sequences per micro-batch"})
-    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step", "flag": "--grad-accum"})
+    # 0 and 0 (neither given): 8-row optimizer steps in micro-batches of one row, the same rows
+    # and, up to rounding, the same steps as 8 x 1, with an eighth of the activations: the main
+    # job's healing peaks at 2.9x its fp32 weights instead of 5.7x, at no more CPU time per token
+    # on a CPU (benchmarks/perf.md). Either given: the other defaults as before (8 rows, 1 step).
+    batch_size: int = field(default=0, metadata={
+        "help": "sequences per micro-batch; 0: 1 with --grad-accum 8 when neither is given, else 8 (on a GPU "
+                "with room, --heal-batch-size 8 --grad-accum 1 is faster: the same training)"})
+    grad_accum: int = field(default=0, metadata={
+        "help": "micro-batches per optimizer step; 0: 8 when --heal-batch-size is not given either, else 1",
+        "flag": "--grad-accum"})
     lr: float | None = field(default=None, metadata={
         "help": "learning rate (default: 5e-4 for lora, benchmarks/healing.md; 1e-4 when whole layers train)"})
     warmup: float = field(default=0.05, metadata={"help": "fraction of the steps spent warming up linearly"})
@@ -135,6 +143,20 @@ class HealOptions:
     log_file: str | None = field(default=None, metadata={
         "help": "JSON-lines training log (one record per step)", "flag": "--heal-log", "path": True})
     progress: bool = field(default=True, metadata={"schema": False})
+
+    @property
+    def micro_batch(self) -> int:
+        """Rows per micro-batch, the default resolved (see ``batch_size``)."""
+        if self.batch_size:
+            return self.batch_size
+        return 8 if self.grad_accum else 1
+
+    @property
+    def accumulation(self) -> int:
+        """Micro-batches per optimizer step, the default resolved (see ``batch_size``)."""
+        if self.grad_accum:
+            return self.grad_accum
+        return 1 if self.batch_size else 8
 
     @property
     def enabled(self) -> bool:
@@ -171,6 +193,9 @@ class HealOptions:
             raise LayerfoldError(f"--heal-temperature must be positive (got {self.temperature})")
         if self.rows < 0:
             raise LayerfoldError(f"--heal-rows must not be negative (got {self.rows})")
+        if self.batch_size < 0 or self.grad_accum < 0:
+            raise LayerfoldError(f"--heal-batch-size and --grad-accum must be at least 1, or 0 for the default "
+                                 f"(got {self.batch_size} and {self.grad_accum})")
         if self.lora_rank < 1:
             raise LayerfoldError(f"--lora-rank must be at least 1 (got {self.lora_rank})")
         if self.logit_chunk < -1:
@@ -189,6 +214,7 @@ class HealOptions:
         for k in ("checkpoint_dir", "checkpoint_every", "resume", "log_file", "progress", "checkpointing"):
             d.pop(k)
         d["lr"] = self.learning_rate()
+        d["batch_size"], d["grad_accum"] = self.micro_batch, self.accumulation
         return d
 
 
@@ -302,7 +328,7 @@ def global_batch(opts: HealOptions) -> int:
     (accelerate's convention), and the token budget is the run's, shared by the processes."""
     from .train.parallel import processes
 
-    return opts.batch_size * processes().count
+    return opts.micro_batch * processes().count
 
 
 def healing_data(opts: HealOptions, source_model: LoadedModel, seq_len: int | None = None) -> torch.Tensor:
@@ -311,8 +337,8 @@ def healing_data(opts: HealOptions, source_model: LoadedModel, seq_len: int | No
         raise LayerfoldError("--heal-data calib (the calibration text) works only with `layerfold compress`")
     seq = seq_len or opts.data.seq_len
     batch = global_batch(opts)
-    steps = steps_for_tokens(opts.tokens, batch, opts.grad_accum, seq)
-    rows = steps * batch * opts.grad_accum
+    steps = steps_for_tokens(opts.tokens, batch, opts.accumulation, seq)
+    rows = steps * batch * opts.accumulation
     if opts.rows:
         rows = min(rows, opts.rows)
     return load_calibration(replace(opts.data, samples=rows, seq_len=seq), source_model, progress=opts.progress)
@@ -337,7 +363,7 @@ def prepare_teacher(opts: HealOptions, teacher: LoadedModel, ids: torch.Tensor, 
             n = len(model_layers(teacher.model, teacher.arch))
             layers = list(range(max(0, n - opts.mse_layers - removed), n))
     return build_teacher_cache(teacher, ids, topk=opts.topk, temperature=opts.temperature, layers=layers,
-                               batch_size=opts.batch_size, progress=opts.progress)
+                               batch_size=opts.micro_batch, progress=opts.progress)
 
 
 def heal(
@@ -384,9 +410,9 @@ def heal(
     trained_model, what, head_mode = _make_trainable(student, opts)
     losses = _losses(opts, layer_map)
 
-    steps = steps_for_tokens(opts.tokens, global_batch(opts), opts.grad_accum, ids.shape[1])
+    steps = steps_for_tokens(opts.tokens, global_batch(opts), opts.accumulation, ids.shape[1])
     config = TrainConfig(
-        steps=steps, batch_size=opts.batch_size, grad_accum=opts.grad_accum, lr=opts.learning_rate(),
+        steps=steps, batch_size=opts.micro_batch, grad_accum=opts.accumulation, lr=opts.learning_rate(),
         warmup_steps=int(math.floor(opts.warmup * steps)), precision=opts.precision, seed=opts.seed,
         **opts.checkpoints().settings(), log_file=opts.log_file, progress=opts.progress, desc="healing", eval_every=eval_every,
     )

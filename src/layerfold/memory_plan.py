@@ -435,10 +435,7 @@ class _Planner:
         if not o.healing.enabled:
             return
         shapes = Shapes.of(skeleton.model, skeleton.arch)
-        import torch
-
-        dtype = {1: torch.int8, 2: torch.bfloat16 if o.model.dtype == "bf16" else torch.float16, 4: torch.float32}[
-            s.dtype_bytes]
+        dtype = next(skeleton.model.parameters()).dtype
         seq = o.data.seq_len if o.healing.data.source == "calib" else o.healing.data.seq_len
         est = healing_needs(shapes, shapes if o.healing.needs_teacher else None, o.healing, seq_len=seq, dtype=dtype,
                             tied=s.tied)
@@ -522,7 +519,7 @@ class _Planner:
     def reason(self) -> str:
         if not self.streamed:
             return ""
-        if self.misfit:
+        if self.misfit and not self.large:
             return f"the whole model needs more than the {_gib(self.budget)} budget"
         return (f"on a CPU, models over {CPU_WHOLE_MODEL_PARAMS / 1e6:.0f} M parameters ({self.s.params / 1e6:,.0f} M "
                 "here) run whole only when asked: self-written text, evaluation and healing would take hours")

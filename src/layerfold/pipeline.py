@@ -522,7 +522,7 @@ class _Compression:
             start = self.heldout_fit(loaded.model)
             self.heal_curve.append({"tokens": 0, "heldout": start})
             eval_fn = self.heldout_fit
-            steps = steps_for_tokens(o.healing.tokens, global_batch(o.healing), o.healing.grad_accum, healing.ids.shape[1])
+            steps = steps_for_tokens(o.healing.tokens, global_batch(o.healing), o.healing.accumulation, healing.ids.shape[1])
             eval_every = max(1, steps // 4)
         result = heal(loaded, None, o.healing, ids=healing.ids, prepared_teacher=healing.teacher,
                       layer_map=applied.layer_map.kept, eval_fn=eval_fn, eval_every=eval_every)

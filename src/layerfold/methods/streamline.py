@@ -175,7 +175,9 @@ class StreamlineOptions:
 
 def _check_source(source: str) -> None:
     """A training file that is missing, or is evaluation data, stops the run before any work."""
-    if source in ("self",) or source.startswith("hf:"):
+    from ..data.calibration import BUNDLED
+
+    if source in ("self", BUNDLED) or source.startswith("hf:"):  # the bundled corpus ships with layerfold
         return
     from pathlib import Path as _Path
 

@@ -124,7 +124,7 @@ def healing_needs(student: Shapes, teacher: Shapes | None, opts, *, seq_len: int
     alternatives; every figure in bytes, with the terms it is made of."""
     b = torch.empty(0, dtype=dtype).element_size()
     act_b = 2 if opts.precision == "bf16" else b
-    tokens = opts.batch_size * seq_len
+    tokens = opts.micro_batch * seq_len
     trained = trained_parameters(student, opts, tied)
     states = trained * b * 4  # tensor (LoRA: new memory), gradient, two moments
     if opts.train == "layers":
