@@ -8,6 +8,7 @@ evaluation of the original:
     python benchmarks/foldgpt.py heldout                                 # held-out KL of each saved model
     python benchmarks/foldgpt.py table                                   # the Markdown table
     python benchmarks/foldgpt.py commands                                # every command, as run
+    python benchmarks/foldgpt.py plot-gates gates gates-cold             # gate values per step -> foldgpt_gates.png
 
 ``gates`` trains FoldGPT's gates once (`layerfold analyze --gates --json`); every FoldGPT
 variant plans from that file (`compress --scores`), so the gates are trained once and shared.
@@ -46,6 +47,11 @@ BI_CURED = ["--method", "foldgpt", "--select", "bi", "--group-size", "1"]
 VARIANTS: dict[str, tuple[str, list[str]]] = {
     "original": ("eval", []),
     "gates": ("analyze", ["--gates", "--remove", "8", "--gate-steps", str(GATE_STEPS)]),
+    # the same without the warm start from Block Influence (every log a starts at 3, target ramped)
+    "gates-cold": ("analyze", ["--gates", "--remove", "8", "--gate-steps", str(GATE_STEPS),
+                               "--gate-warm-start", "none"]),
+    "gates-cold-choice": ("compress", ["--method", "foldgpt", "--remove", "8", "--scores", "{gates-cold}",
+                                       "--group-size", "1", "--cure-steps", "0"]),
     # the gates' choice without any weight training (no sharing, no cure)
     "gates-choice": ("compress", [*FOLD, "--group-size", "1", "--cure-steps", "0"]),
     "bi8": ("compress", ["--method", "bi", "--remove", "8", "--no-heal"]),
@@ -76,13 +82,18 @@ class Runner:
 
     def command(self, name: str) -> list[str]:
         kind, args = VARIANTS[name]
-        args = [a.replace("{gates}", str(self.gates)) for a in args]
+        args = [a.replace("{gates}", str(self.gates)).replace("{gates-cold}", str(self.scores_path("gates-cold")))
+                for a in args]
         if kind == "eval":  # the original: always every task (the reference of both modes)
             return layerfold("eval", *Runner.eval_args(Runner.__new__(Runner)), "--json",
                              str(self.work / "original.eval.json"))
         if kind == "analyze":
-            return layerfold("analyze", *args, "--json", str(self.gates))
+            return layerfold("analyze", *args, "--json", str(self.scores_path(name)))
         return layerfold("compress", *args, "--no-eval", "-o", str(self.models / name), "--force")
+
+    def scores_path(self, name: str) -> Path:
+        """``gates``' file is the one every FoldGPT variant plans from; other gate runs have their own."""
+        return self.gates if name == "gates" else self.work / f"{name}.scores.json"
 
     quick = False  # --quick: LAMBADA only (last-word accuracy and text perplexity), no multiple-choice tasks
 
@@ -120,7 +131,7 @@ class Runner:
             raise SystemExit(f"{name} failed")
         kind = VARIANTS[name][0]
         if kind == "analyze":
-            scores = json.loads(self.gates.read_text())
+            scores = json.loads(self.scores_path(name).read_text())
             record.update(removed=scores["gates_removed"], check=scores["gates_check"], gates=scores["gates"])
         if kind == "compress":
             out = self.models / name
@@ -190,6 +201,43 @@ def curves(work: Path, models: Path, names: list[str]) -> str:
     return "\n".join(lines)
 
 
+def plot_gates(work: Path, names: list[str], out: Path) -> None:
+    """The deterministic gates clip(sigmoid(log a) * 1.2 - 0.1, 0, 1) at every step, BEFORE the
+    final top-k (red: the layers finally removed), from each gate run's step log
+    (``gates_log`` of ``layerfold analyze --gates --json``), one panel per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = []
+    for name in names:
+        path = work / ("gates.scores.json" if name == "gates" else f"{name}.scores.json")
+        if path.exists() and json.loads(path.read_text()).get("gates_log"):
+            runs.append((name, json.loads(path.read_text())))
+    fig, axes = plt.subplots(1, len(runs), figsize=(5.5 * len(runs), 4), squeeze=False)
+    for ax, (name, d) in zip(axes[0], runs):
+        log = d["gates_log"]
+        steps = [e["step"] for e in log]
+        removed = set(d["gates_removed"])
+        for l, values in enumerate(zip(*[e["gates"] for e in log])):
+            ax.plot(steps, values, color="tab:red" if l in removed else "tab:blue", lw=0.8, alpha=0.8)
+        last = log[-1]["gates"]
+        undecided = sum(0.01 < g < 0.99 for g in last)
+        o = d["gates_options"]
+        ax.axvline(o.get("polarise", 1) * o["steps"], color="grey", ls=":", lw=0.8)
+        ax.set(title=f"{name}: {o['gate_type']}, warm start {o['warm_start']}\n"
+                     f"{undecided} of {len(last)} gates in (0.01, 0.99) at step {steps[-1]}",
+               xlabel="step (dotted: polarising multiplier starts)", ylabel="deterministic gate",
+               ylim=(-0.05, 1.05))
+    axes[0][0].plot([], [], color="tab:red", label="layers removed")
+    axes[0][0].plot([], [], color="tab:blue", label="layers kept")
+    axes[0][0].legend(loc="center left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    print(f"plot written to {out}")
+
+
 def table(work: Path, names: list[str], models: Path | None = None) -> str:
     from layerfold.eval import EvalResult
 
@@ -198,7 +246,7 @@ def table(work: Path, names: list[str], models: Path | None = None) -> str:
             "LAMBADA text ppl", "stability", "held-out KL", "build s (shared)", "of which cure s"]
     lines = ["| " + " | ".join(head) + " |", "|---|---|" + "---:|" * (len(head) - 2)]
     for name in names:
-        if name == "gates":
+        if name in ("gates", "gates-cold"):
             continue
         if name == "original":
             ev, rec = ref, {"removed": [], "params_stored": ref.cost.parameters if ref.cost else None}
@@ -239,7 +287,7 @@ def table(work: Path, names: list[str], models: Path | None = None) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("action", choices=["run", "table", "commands", "heldout", "curves"])
+    ap.add_argument("action", choices=["run", "table", "commands", "heldout", "curves", "plot-gates"])
     ap.add_argument("variants", nargs="*", default=list(VARIANTS))
     ap.add_argument("--work", default="benchmarks/results/foldgpt")
     ap.add_argument("--quick", action="store_true", help="evaluate LAMBADA only (no multiple-choice tasks)")
@@ -261,6 +309,8 @@ def main() -> None:
             print(f"{v}: layerfold {shlex.join(runner.command(v)[3:])}")
     if args.action == "curves":
         print(curves(runner.work, runner.models, args.variants))
+    if args.action == "plot-gates":  # e.g. plot-gates gates gates-cold
+        plot_gates(runner.work, args.variants, Path("benchmarks/foldgpt_gates.png"))
     if args.action == "heldout":
         heldout(runner.work, runner.models, args.variants)
     if args.action in ("run", "table"):

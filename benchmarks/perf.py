@@ -203,14 +203,16 @@ def rss(args) -> None:
     save(f"rss-{args.shapes.replace(',', '-')}", {"rows": rows})
 
 HEAL_VARIANTS = {  # name: the flags beside `layerfold -q compress --heal-tokens N --no-eval`
-    "chunked logits (default)": [],
-    "full logits (--heal-logit-chunk -1)": ["--heal-logit-chunk", "-1"],
-    "chunked logits, --heal-checkpointing": ["--heal-checkpointing"],
-    "full logits, --heal-checkpointing": ["--heal-logit-chunk", "-1", "--heal-checkpointing"],
+    # 8 rows per micro-batch, 1 micro-batch per step: healing's default until micro-batches of 1
+    "chunked logits (8 x 1, the old default)": ["--heal-batch-size", "8"],
+    "full logits (--heal-logit-chunk -1)": ["--heal-batch-size", "8", "--heal-logit-chunk", "-1"],
+    "chunked logits, --heal-checkpointing": ["--heal-batch-size", "8", "--heal-checkpointing"],
+    "full logits, --heal-checkpointing": ["--heal-batch-size", "8", "--heal-logit-chunk", "-1", "--heal-checkpointing"],
     # the same 8-row optimizer steps (the same rows, train.loop._Rows) in micro-batches of 4, 2 or 1
     "micro-batches 4 x 2 (--heal-batch-size 4 --grad-accum 2)": ["--heal-batch-size", "4", "--grad-accum", "2"],
     "micro-batches 2 x 4 (--heal-batch-size 2 --grad-accum 4)": ["--heal-batch-size", "2", "--grad-accum", "4"],
-    "micro-batches 1 x 8 (--heal-batch-size 1 --grad-accum 8)": ["--heal-batch-size", "1", "--grad-accum", "8"],
+    "micro-batches 1 x 8 (--heal-batch-size 1 --grad-accum 8, the default)": ["--heal-batch-size", "1",
+                                                                                "--grad-accum", "8"],
     "micro-batches 1 x 8, --heal-checkpointing": ["--heal-batch-size", "1", "--grad-accum", "8",
                                                   "--heal-checkpointing"],
 }

@@ -204,6 +204,8 @@ def test_analyze_gates_column(tiny_model_dir, text_file, tmp_path, capsys):
     data = json.loads(js.read_text())
     assert len(data["gates"]) == 6 and len(data["gates_removed"]) == 2
     assert data["gates_check"]["gates"]["removed"] == data["gates_removed"]
+    assert [e["step"] for e in data["gates_log"]] == [1, 2, 3]  # the step log, for a plot
+    assert all(len(e["gates"]) == 6 and e["round"] == 1 for e in data["gates_log"])
 
 
 def test_foldgpt_bad_options(tiny_model_dir, text_file, tmp_path, capsys):

@@ -83,6 +83,9 @@ def analyze(opts: AnalyzeOptions, loaded: LoadedModel | None = None) -> AnalyzeR
         scores.extra["gates_scores"] = g.scores
         scores.extra["gates_check"] = g.check
         scores.extra["gates_options"] = g.options
+        # every step (loss, multipliers, the deterministic gates before the top-k): what a plot
+        # of the gates over training needs, as compress's gate_log.jsonl
+        scores.extra["gates_log"] = [{"round": i + 1, **rec} for i, rnd in enumerate(g.rounds) for rec in rnd["log"]]
     return AnalyzeResult(scores, loaded.source, time.perf_counter() - t0)
 
 
