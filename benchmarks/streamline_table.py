@@ -14,19 +14,21 @@ import json
 
 def _training(v: dict) -> tuple[str, str, str, str]:
     """(steps x batch, best step, validation first -> best (standard errors), linear fit error)."""
-    tr = v.get("training") or {}
+    tr, heal = v.get("training") or {}, v.get("heal")
+    healed = (f"{heal['steps']} x {heal['tokens'] // heal['steps'] // 256}",
+              f"train KL {heal['loss'][0]:.3g} -> {heal['loss'][-1]:.3g}") if heal else None
     if tr:
         se = tr["validation"][0].get("se")
         best = next(x for x in tr["validation"] if x["step"] == tr["best_step"])
         val = f"{tr['first_val']:.4g} -> {tr['best_val']:.4g} ({se:.2g}, {best.get('se', float('nan')):.2g})"
         lin = tr.get("linear_init")
         fit = f"{lin['error_before']:.3f} -> {lin['error_after']:.3f}" if lin else "-"
-        return f"{tr['steps']} x {tr['batch']}", str(tr["best_step"]), val, fit
-    heal = v.get("heal")
-    if heal:
-        loss = heal["loss"]
-        return f"{heal['steps']} x {heal['tokens'] // heal['steps'] // 256}", "-", \
-            f"train KL {loss[0]:.3g} -> {loss[-1]:.3g}", "-"
+        steps = f"{tr['steps']} x {tr['batch']}"
+        if healed:  # the budget split: the replacement's training, then healing
+            steps, val = f"{steps} + heal {healed[0]}", f"{val}; heal {healed[1]}"
+        return steps, str(tr["best_step"]), val, fit
+    if healed:
+        return healed[0], "-", healed[1], "-"
     return "-", "-", "-", "-"
 
 
@@ -41,7 +43,8 @@ def table(r: dict) -> str:
         text = t.get("text:lambada_openai", {}).get("perplexity")
         stab = lambda x: f"{x['stability']:.2f}" if "stability" in x else "-"  # noqa: E731
         steps, best, val, fit = _training(v)
-        train_s = v.get("seconds_parts", {}).get("train") or (v.get("heal") or {}).get("seconds")
+        parts = [v.get("seconds_parts", {}).get("train"), (v.get("heal") or {}).get("seconds")]
+        train_s = sum(x for x in parts if x is not None) if any(x is not None for x in parts) else None
         rows.append(f"| {name} | {lam['perplexity']:,.1f} | {lam['acc']:.2f} | "
                     f"{'-' if text is None else f'{text:,.1f}'} | {piqa['acc']:.2f} | {stab(piqa)} "
                     f"| {arc['acc']:.2f} | {stab(arc)} | {steps} | {best} | {val} | {fit} "
