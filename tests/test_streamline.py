@@ -16,7 +16,7 @@ from layerfold.healing import HealOptions
 from layerfold.importance import measure_similarity
 from layerfold.importance.layer_pass import capture_layer_inputs, run_layer
 from layerfold.methods.streamline import (
-    StreamlineOptions, block_window, choose_block, collect_pairs, streamline,
+    StreamlineOptions, block_window, collect_pairs, streamline,
 )
 from layerfold.models.architectures import ARCHITECTURES
 from layerfold.models.surgery import decoder_layers
