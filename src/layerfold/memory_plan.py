@@ -242,17 +242,10 @@ def plan_memory(opts, loaded=None) -> MemoryPlan:
     """The plan of ``opts`` (CompressOptions): stages, their estimates, and the options the run
     uses (``plan.options``). Raises a one-line LayerfoldError when something asked for cannot fit."""
     from .models.loading import model_skeleton, resolve_device
-    from .recipe import CompressOptions
-
-    default = CompressOptions()
-    method, selection, repair = opts.selection.parts()
-    m = opts.model
-    skeleton = loaded if loaded is not None else model_skeleton(m.model, dtype=m.dtype, device=m.device,
-                                                                  trust_remote_code=m.trust_remote_code)
-    s = Sizes.of(skeleton)
     from .train.memory import RUNTIME_BYTES
 
-    default = CompressOptions()
+    # the defaults of the options' own class (recipe imports this module: no import back)
+    default = type(opts)()
     method, selection, repair = opts.selection.parts()
     m = opts.model
     skeleton = loaded if loaded is not None else model_skeleton(m.model, dtype=m.dtype, device=m.device,
