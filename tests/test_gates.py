@@ -260,7 +260,7 @@ def test_default_hard_concrete_gates_decide_before_the_top_k(seed):
     gates), and the choice is at least as good as Block Influence's on held-out rows."""
     model, arch = _model_with_cancelling_pair()
     calib, heldout = _ids(), _ids(4, seed=5)
-    r = gate_ranking(model, arch, calib, 2, GateOptions(seed=seed), heldout=heldout, progress=False)
+    r = gate_ranking(model, arch, calib, 2, GateOptions(seed=seed, swap_rounds=0), heldout=heldout, progress=False)
     last = r.rounds[0]["log"][-1]["gates"]
     assert all(g <= 0.01 or g >= 0.99 for g in last), last
     assert [l for l, g in enumerate(last) if g <= 0.01] == sorted(r.removed)
@@ -299,3 +299,31 @@ def test_polarising_multiplier_waits_then_grows():
     assert all(e["mu"] == 0.0 for e in off.log)
     with pytest.raises(LayerfoldError, match="gate-polarise"):
         GateOptions(polarise=1.5).validate()
+
+
+def test_swap_refinement_reaches_the_brute_force_best_and_zero_rounds_changes_nothing():
+    """Gates trained for 2 steps without a warm start miss the cancelling pair; the swap
+    refinement, scored on the calibration rows only, must reach the removal set that a
+    brute-force enumeration of all 28 pairs calls best (by the same calibration KL); with
+    --gate-swap-rounds 0 the choice is the gates' top-k, as before."""
+    import itertools
+
+    from layerfold.importance.gates import masked_kl
+
+    model, arch = _model_with_cancelling_pair()
+    calib = _ids()
+    opts = GateOptions(steps=2, warm_start="none", swap_rounds=0)
+    plain = gate_ranking(model, arch, calib, 2, opts, progress=False)
+    teacher = reference_log_probs(model, calib, 2)
+    kls = {pair: masked_kl(model, arch, calib, teacher, pair) for pair in itertools.combinations(range(8), 2)}
+    best = min(kls, key=kls.get)
+    assert plain.swaps is None
+    assert tuple(sorted(plain.removed)) != best  # the toy is a real test: the gates alone miss it
+    r = gate_ranking(model, arch, calib, 2, replace(opts, swap_rounds=3), progress=False)
+    assert tuple(sorted(r.removed)) == best
+    assert r.swaps["kl_before"] == pytest.approx(kls[tuple(sorted(plain.removed))], rel=1e-6)
+    assert r.swaps["kl_after"] == pytest.approx(kls[best], rel=1e-6)
+    assert r.gates == [0.0 if l in best else 1.0 for l in range(8)]
+    assert all(a["kl_after"] < a["kl_before"] for a in r.swaps["accepted"])
+    with pytest.raises(LayerfoldError, match="gate-swap-rounds"):
+        GateOptions(swap_rounds=-1).validate()

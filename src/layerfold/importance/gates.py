@@ -108,6 +108,12 @@ class GateOptions:
         "help": "soft: weight of the term pushing each gate to 0 or 1"})
     rounds: int = field(default=1, metadata={
         "help": "remove the layers in this many rounds, retraining the gates in between"})
+    swap_rounds: int = field(default=2, metadata={
+        "help": "after the top-k, at most this many rounds of swap refinement: each round scores, by the "
+                "calibration KL of the masked model to the original (the gates' own rows, never the held-out "
+                "ones), every swap of one of the 4 removed layers nearest the boundary with one of the 4 kept "
+                "layers nearest it (and, in the first round, the warm start's own choice), and takes the best "
+                "that lowers the KL; stops when none does; 0 turns it off"})
     seed: int = field(default=0, metadata={"help": "seed of the row order and the gates' noise"})
 
     def validate(self) -> None:
@@ -119,6 +125,8 @@ class GateOptions:
             raise LayerfoldError(f"--gate-rounds must be at least 1 (got {self.rounds})")
         if self.lr <= 0 or self.lambda_lr < 0 or self.budget_weight < 0 or self.polar_weight < 0 or self.noise < 0:
             raise LayerfoldError("gate learning rate must be positive and loss weights and noise non-negative")
+        if self.swap_rounds < 0:
+            raise LayerfoldError(f"--gate-swap-rounds must be 0 (off) or more (got {self.swap_rounds})")
         if self.batch_size < 1:
             raise LayerfoldError(f"gate batch size must be at least 1 (got {self.batch_size})")
         if self.warm_start not in WARM_STARTS:
@@ -565,6 +573,7 @@ class GateResult:
     options: dict = field(default_factory=dict)
     scores: list[float] = field(default_factory=list)  # higher = keep (log a, or logits)
     check: dict | None = None  # held-out calibration KL of this choice and of Block Influence's
+    swaps: dict | None = None  # the swap refinement (``swap_refine``): KL before/after, accepted swaps
 
     def importance(self) -> list[float]:
         """One number per original layer, higher = more important (for choosing which member
@@ -578,6 +587,7 @@ class GateResult:
             "removed": self.removed,
             "scores": clean(self.scores),
             "check": self.check,
+            "swaps": self.swaps,
             "rounds": self.rounds,
             "options": self.options,
         }
@@ -649,12 +659,84 @@ def gate_ranking(
             remove_layers(work, arch, drop_local)
             alive = [l for i, l in enumerate(alive) if i not in set(drop_local)]
     result = GateResult(final, removed, log_rounds, asdict(opts), scores)
+    if opts.swap_rounds > 0:
+        warm = lowest_gated(prior, n_remove) if prior is not None else None
+        result.swaps = swap_refine(model, arch, input_ids, teacher, removed, scores, opts.swap_rounds,
+                                   warm=warm, batch_size=opts.batch_size, progress=progress)
+        if result.swaps["removed"] != sorted(removed):
+            result.removed = removed = result.swaps["removed"]
+            result.gates = [0.0 if l in set(removed) else (1.0 if opts.gate_type != "soft" else g)
+                            for l, g in enumerate(final)]
     if heldout is not None:
         if block_influence_removed is None:
             block_influence_removed = block_influence_choice(model, arch, input_ids, n_remove, progress=progress)
         result.check = check_choice(model, arch, heldout, {"gates": sorted(removed),
                                                             "block_influence": sorted(block_influence_removed)})
     return result
+
+
+SWAP_WINDOW = 4  # removed and kept layers nearest the boundary that the swap refinement tries
+
+
+@torch.no_grad()
+def masked_kl(model, arch, input_ids: torch.Tensor, teacher: torch.Tensor, removed: Sequence[int],
+              batch_size: int = 2) -> float:
+    """Mean per-token KL(original || model with ``removed`` switched off) on ``input_ids``
+    (``teacher``: the original's log-probabilities there), in batches, without gradients."""
+    from ..models.loading import input_device
+
+    n = len(decoder_layers(model, arch))
+    device = input_device(model)
+    total, count = 0.0, 0
+    with gated(model, arch, switched_off(n, removed)):
+        for i in range(0, input_ids.shape[0], batch_size):
+            logits = model(input_ids=input_ids[i:i + batch_size].to(device), use_cache=False).logits
+            terms = kl_terms(logits, teacher[i:i + batch_size].to(logits.device))
+            total += terms.double().sum().item()
+            count += terms.numel()
+    return total / count
+
+
+def swap_refine(model, arch, input_ids: torch.Tensor, teacher: torch.Tensor, removed: Sequence[int],
+                scores: Sequence[float], rounds: int, *, warm: Sequence[int] | None = None,
+                window: int = SWAP_WINDOW, batch_size: int = 2, progress: bool = True) -> dict:
+    """Greedy swap search near the gates' boundary, scored by calibration KL (``masked_kl`` on
+    the gates' own rows). With one gate sample and a few rows a step, independent gates cannot
+    see a saving that only appears when two layers are off together; trying the removal sets
+    one swap away (the ``window`` removed layers of highest score against the ``window`` kept
+    layers of lowest score) catches it. Each round takes the candidate of lowest KL if it is
+    lower than the current one (in the first round the warm start's own choice ``warm`` is a
+    candidate too), and stops when none is. Returns the record kept in the scores JSON."""
+    model_was_training = model.training
+    model.eval()
+    n = len(scores)
+    current = sorted(removed)
+    kl = first = masked_kl(model, arch, input_ids, teacher, current, batch_size)
+    accepted = []
+    try:
+        for r in range(rounds):
+            gone = set(current)
+            out = sorted(current, key=lambda l: (-scores[l], l))[:window]  # removed, nearest the boundary
+            back = sorted((l for l in range(n) if l not in gone), key=lambda l: (scores[l], l))[:window]
+            candidates = [(f"swap {o} for {b}", sorted((gone - {o}) | {b})) for o in out for b in back]
+            if r == 0 and warm is not None and sorted(warm) != current:
+                candidates.append(("warm start's choice", sorted(warm)))
+            best = None
+            for label, cand in candidates:
+                c = masked_kl(model, arch, input_ids, teacher, cand, batch_size)
+                if c < kl and (best is None or c < best[0]):
+                    best = (c, label, cand)
+            if best is None:
+                break
+            entry = {"round": r + 1, "move": best[1], "removed": best[2], "kl_before": kl, "kl_after": best[0]}
+            if progress:
+                print(f"gate swap {r + 1}: {best[1]}: calibration KL {kl:.4f} -> {best[0]:.4f}, removed {best[2]}")
+            accepted.append(entry)
+            kl, current = best[0], best[2]
+    finally:
+        model.train(model_was_training)
+    return {"rounds": rounds, "window": window, "kl_before": first, "kl_after": kl, "removed": current,
+            "accepted": accepted}
 
 
 def block_influence_scores(model, arch, input_ids: torch.Tensor, *, progress: bool = True) -> list[float]:
