@@ -7,7 +7,8 @@ with its stored parameter count:
 
     OMP_NUM_THREADS=1 nice -n 10 python benchmarks/foldgpt_share_diag.py [VARIANT ...] --json out.json
 
-Variants: ``remove8`` (no sharing), ``bi19`` (BI removing 19: the equal-size baseline),
+Variants: ``remove8`` (no sharing), ``bi19`` (BI removing 19: the equal-size baseline of plain
+sharing; ``bi18``: of sharing with rank-16 deltas),
 ``important`` / ``mean`` (share init), ``important-norms`` (the weak member also takes the
 important member's norms: the important layer run twice exactly), ``drop-weak`` (remove the
 weak member of each pair instead of sharing: 19 removed, FoldGPT's pairs), ``important-dR`` /
@@ -58,11 +59,11 @@ def main() -> None:
         if name in out:
             continue
         t = time.perf_counter()
-        if name == "bi19":
+        if name in ("bi18", "bi19"):
             from layerfold.models.surgery import copy_model  # BI's 19 lowest, from the recorded scores
             m = copy_model(base.model)
             bi = scores["block_influence"]
-            drop = sorted(sorted(range(len(bi)), key=lambda l: bi[l])[:19])
+            drop = sorted(sorted(range(len(bi)), key=lambda l: bi[l])[:int(name[2:])])
             remove_layers(m, base.arch, drop)
             info = {"removed": drop}
         elif name == "remove8":
