@@ -206,7 +206,7 @@ def main() -> None:
     ap.add_argument("--ppl-docs", type=int, default=100, help="LAMBADA documents for text perplexity")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--work", default=str(Path(__file__).parent / "results" / "frontier"))
-    args = ap.parse_args()
+    args = ap.parse_intermixed_args()  # plans may come after the options
     torch.set_num_threads(args.threads)
     if args.command == "table":
         print(table(Path(args.work), args.remove))
