@@ -190,7 +190,7 @@ def table(work: Path, remove: int) -> str:
     if orig:
         lines.append(f"| original | - | 0 | 1 | {rows[0]['heldout']['reference_ppl']:.1f} | {orig['piqa/acc']:.3f} "
                      f"| {orig['arc_easy/acc']:.3f} | {orig['lambada_openai/acc']:.3f} "
-                     f"| {orig['lambada_openai/ppl']:.1f} | {orig['ppl/lambada_openai']:.1f} (1.00) | - "
+                     f"| {orig['lambada_openai/perplexity']:.1f} | {orig['ppl/lambada_openai']:.1f} (1.00) | - "
                      f"| {rows[0]['params_before']:,} | - | - |")
     for r in rows:
         h, t = r["heldout"], r.get("tasks") or {}
@@ -199,7 +199,7 @@ def table(work: Path, remove: int) -> str:
         stab = f"{cell('piqa/stability', '{:.2f}')}/{cell('arc_easy/stability', '{:.2f}')}"
         lines.append(f"| {r['plan']} | {','.join(map(str, r['removed']))} | {h['kl']:.3f} | {h['top1']:.3f} "
                      f"| {h['ppl']:.1f} | {cell('piqa/acc')} | {cell('arc_easy/acc')} | {cell('lambada_openai/acc')} "
-                     f"| {cell('lambada_openai/ppl', '{:.1f}')} | {cell('ppl/lambada_openai', '{:.1f}')} ({ratio:.2f}) "
+                     f"| {cell('lambada_openai/perplexity', '{:.1f}')} | {cell('ppl/lambada_openai', '{:.1f}')} ({ratio:.2f}) "
                      f"| {stab} | {r['params']:,} | {r['seconds']['select']:.0f} | {r['seconds']['repair']:.0f} |")
     return "\n".join(lines)
 
