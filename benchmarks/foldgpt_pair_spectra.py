@@ -35,4 +35,4 @@ for g in adjacent_groups(22, 2):
     na = layers[a].input_layernorm.weight.float(); nb = layers[b].input_layernorm.weight.float()
     row["norm_cos"] = torch.nn.functional.cosine_similarity(na, nb, dim=0).item()
     out.append(row); print(json.dumps(row), flush=True)
-json.dump(out, open("benchmarks/results/foldgpt-1203/pair_spectra.json", "w"), indent=1)
+json.dump(out, open("benchmarks/results/foldgpt-share-1203/pair_spectra.json", "w"), indent=1)
