@@ -158,7 +158,7 @@ def main() -> None:
         pairs_dir = Path(args.pairs_dir) if args.pairs_dir else work / "pairs"
         key = {"block": results["block"], "rows": list(text.ids.shape), "source": args.train_source,
                "ids_sum": int(text.ids.sum())}
-        done = pairs_dir / "done.json"
+        done = pairs_dir / "grid-key.json"  # not done.json: PairStore keeps its own progress there
         if not any(n.partition(":")[0] in PAIR_LOSSES and "+heal" not in n for n in names):  # a split has its own
             store = None
         elif done.exists() and json.loads(done.read_text()) == key:
