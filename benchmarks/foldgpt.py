@@ -66,6 +66,11 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     # Block Influence at FoldGPT's stored size, with and without the same cure
     "bi19-cure": ("compress", [*BI_CURED, "--remove", "19", *CURE]),
     "bi19": ("compress", ["--method", "bi", "--remove", "19", "--no-heal"]),
+    # per-layer SVD deltas (issue 16 item 4): rank 16 on every member adds 223,872 x 16 stored
+    # parameters (about one layer), so the equal-size baseline removes one layer fewer: BI-18
+    # (70,793,280 stored) <= FoldGPT-d16 (70,847,808); benchmarks/foldgpt_share_diag.py chose mean
+    "foldgpt-mean-d16": ("compress", [*FOLD, "--share-init", "mean", "--delta-rank", "16", *CURE]),
+    "bi18-cure": ("compress", [*BI_CURED, "--remove", "18", *CURE]),
 }
 
 
@@ -220,14 +225,19 @@ def plot_gates(work: Path, names: list[str], out: Path) -> None:
         log = d["gates_log"]
         steps = [e["step"] for e in log]
         removed = set(d["gates_removed"])
-        for l, values in enumerate(zip(*[e["gates"] for e in log])):
-            ax.plot(steps, values, color="tab:red" if l in removed else "tab:blue", lw=0.8, alpha=0.8)
         last = log[-1]["gates"]
+        # dashed: a layer the swap refinement (after training) moved across the boundary
+        moved = {l for l, g in enumerate(last) if (l in removed) != (g < 0.5)}
+        for l, values in enumerate(zip(*[e["gates"] for e in log])):
+            ax.plot(steps, values, color="tab:red" if l in removed else "tab:blue", lw=1.4 if l in moved else 0.8,
+                    ls="--" if l in moved else "-", alpha=0.8)
         undecided = sum(0.01 < g < 0.99 for g in last)
         o = d["gates_options"]
         ax.axvline(o.get("polarise", 1) * o["steps"], color="grey", ls=":", lw=0.8)
+        swaps = [a["move"] for a in (d.get("gates_swaps") or {}).get("accepted", [])]
         ax.set(title=f"{name}: {o['gate_type']}, warm start {o['warm_start']}\n"
-                     f"{undecided} of {len(last)} gates in (0.01, 0.99) at step {steps[-1]}",
+                     f"{undecided} of {len(last)} gates in (0.01, 0.99) at step {steps[-1]}"
+                     + (f"\nthen swaps (dashed): {'; '.join(swaps)}" if swaps else ""),
                xlabel="step (dotted: polarising multiplier starts)", ylabel="deterministic gate",
                ylim=(-0.05, 1.05))
     axes[0][0].plot([], [], color="tab:red", label="layers removed")
@@ -291,6 +301,7 @@ def main() -> None:
     ap.add_argument("variants", nargs="*", default=list(VARIANTS))
     ap.add_argument("--work", default="benchmarks/results/foldgpt")
     ap.add_argument("--quick", action="store_true", help="evaluate LAMBADA only (no multiple-choice tasks)")
+    ap.add_argument("--plot", default="benchmarks/foldgpt_gates.png", help="plot-gates: the figure's path")
     ap.add_argument("--models", default=os.environ.get("LAYERFOLD_BENCH_MODELS", "/tmp/foldgpt-models"))
     args = ap.parse_args()
     unknown = [v for v in args.variants if v not in VARIANTS]
@@ -310,7 +321,7 @@ def main() -> None:
     if args.action == "curves":
         print(curves(runner.work, runner.models, args.variants))
     if args.action == "plot-gates":  # e.g. plot-gates gates gates-cold
-        plot_gates(runner.work, args.variants, Path("benchmarks/foldgpt_gates.png"))
+        plot_gates(runner.work, args.variants, Path(args.plot))
     if args.action == "heldout":
         heldout(runner.work, runner.models, args.variants)
     if args.action in ("run", "table"):

@@ -303,27 +303,51 @@ def test_polarising_multiplier_waits_then_grows():
 
 def test_swap_refinement_reaches_the_brute_force_best_and_zero_rounds_changes_nothing():
     """Gates trained for 2 steps without a warm start miss the cancelling pair; the swap
-    refinement, scored on the calibration rows only, must reach the removal set that a
-    brute-force enumeration of all 28 pairs calls best (by the same calibration KL); with
-    --gate-swap-rounds 0 the choice is the gates' top-k, as before."""
+    refinement, scored on the first ``swap_rows`` calibration rows only, must reach the removal
+    set that a brute-force enumeration of all 28 pairs calls best (by the calibration KL of
+    the full, hook-gated model on those rows, ``masked_kl``: not the layer-by-layer scorer the
+    refinement uses); with --gate-swap-rounds 0 the choice is the gates' top-k, as before."""
     import itertools
 
     from layerfold.importance.gates import masked_kl
 
     model, arch = _model_with_cancelling_pair()
     calib = _ids()
-    opts = GateOptions(steps=2, warm_start="none", swap_rounds=0)
+    opts = GateOptions(steps=2, warm_start="none", swap_rounds=0, swap_rows=4)
     plain = gate_ranking(model, arch, calib, 2, opts, progress=False)
     teacher = reference_log_probs(model, calib, 2)
-    kls = {pair: masked_kl(model, arch, calib, teacher, pair) for pair in itertools.combinations(range(8), 2)}
+    sub, sub_teacher = calib[:4], teacher[:4]
+    kls = {pair: masked_kl(model, arch, sub, sub_teacher, pair) for pair in itertools.combinations(range(8), 2)}
     best = min(kls, key=kls.get)
     assert plain.swaps is None
     assert tuple(sorted(plain.removed)) != best  # the toy is a real test: the gates alone miss it
     r = gate_ranking(model, arch, calib, 2, replace(opts, swap_rounds=3), progress=False)
     assert tuple(sorted(r.removed)) == best
-    assert r.swaps["kl_before"] == pytest.approx(kls[tuple(sorted(plain.removed))], rel=1e-6)
-    assert r.swaps["kl_after"] == pytest.approx(kls[best], rel=1e-6)
+    assert r.swaps["rows"] == 4 and r.swaps["tokens"] == sub.numel()
+    assert r.swaps["kl_before"] == pytest.approx(kls[tuple(sorted(plain.removed))], rel=1e-5)
+    assert r.swaps["kl_after"] == pytest.approx(kls[best], rel=1e-5)
+    for t in r.swaps["tried"]:  # every candidate's KL, scored from a reused prefix, as the full model's
+        assert t["kl"] == pytest.approx(kls[tuple(t["removed"])], rel=1e-5), t
     assert r.gates == [0.0 if l in best else 1.0 for l in range(8)]
     assert all(a["kl_after"] < a["kl_before"] for a in r.swaps["accepted"])
     with pytest.raises(LayerfoldError, match="gate-swap-rounds"):
         GateOptions(swap_rounds=-1).validate()
+    with pytest.raises(LayerfoldError, match="gate-swap-rows"):
+        GateOptions(swap_rows=0).validate()
+
+
+def test_swap_scorer_reuses_the_prefix_and_matches_the_gated_model():
+    """The scorer starts each candidate from the state entering the first layer whose
+    membership changed; for sets that differ early, late and not at all, its KL equals the
+    hook-gated full model's on the same rows (a wrong start index would run a layer twice or
+    skip one and change the KL)."""
+    from layerfold.importance.gates import _SwapScorer, masked_kl
+
+    model, arch = _model_with_cancelling_pair()
+    calib = _ids(6)
+    teacher = reference_log_probs(model, calib, 2)
+    scorer = _SwapScorer(model.eval(), arch, calib, teacher, batch_size=4)  # batches of 4 and 2 rows
+    with torch.no_grad():
+        assert scorer.start([2, 5]) == pytest.approx(masked_kl(model, arch, calib, teacher, [2, 5]), rel=1e-5)
+        for cand in ([0, 5], [2, 7], [1, 6], [2, 5], [3, 4], [6, 7]):
+            assert scorer.kl(cand) == pytest.approx(masked_kl(model, arch, calib, teacher, cand), rel=1e-5), cand

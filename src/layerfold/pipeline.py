@@ -82,6 +82,7 @@ def analyze(opts: AnalyzeOptions, loaded: LoadedModel | None = None) -> AnalyzeR
         scores.extra["gates_removed"] = sorted(g.removed)
         scores.extra["gates_scores"] = g.scores
         scores.extra["gates_check"] = g.check
+        scores.extra["gates_swaps"] = g.swaps  # the swap refinement after the top-k (None when off)
         scores.extra["gates_options"] = g.options
         # every step (loss, multipliers, the deterministic gates before the top-k): what a plot
         # of the gates over training needs, as compress's gate_log.jsonl
