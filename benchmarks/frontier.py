@@ -199,7 +199,7 @@ def table(work: Path, remove: int) -> str:
         stab = f"{cell('piqa/stability', '{:.2f}')}/{cell('arc_easy/stability', '{:.2f}')}"
         lines.append(f"| {r['plan']} | {','.join(map(str, r['removed']))} | {h['kl']:.3f} | {h['top1']:.3f} "
                      f"| {h['ppl']:.1f} | {cell('piqa/acc')} | {cell('arc_easy/acc')} | {cell('lambada_openai/acc')} "
-                     f"| {cell('lambada_openai/perplexity', '{:.1f}')} | {cell('ppl/lambada_openai', '{:.1f}')} ({ratio:.2f}) "
+                     f"| {cell('lambada_openai/perplexity', '{:.1f}')} | {cell('ppl/lambada_openai', '{:.1f}')}{f' ({ratio:.2f})' if t else ''} "
                      f"| {stab} | {r['params']:,} | {r['seconds']['select']:.0f} | {r['seconds']['repair']:.0f} |")
     return "\n".join(lines)
 
