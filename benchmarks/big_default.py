@@ -29,6 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from perf import machine, make_random_llama  # noqa: E402
 
+from layerfold.memory_plan import rss_bytes  # noqa: E402
+
 OUT = Path("benchmarks/results/perf")
 
 
@@ -37,17 +39,6 @@ def make(args) -> None:
     t = time.perf_counter()
     n = make_random_llama("5gb", folder)
     print(json.dumps({"folder": str(folder), "weight_bytes": n, "seconds": time.perf_counter() - t}))
-
-
-def _vmrss(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
 
 
 def run(args) -> None:
@@ -65,7 +56,7 @@ def run(args) -> None:
 
     def sample():
         while proc.poll() is None:
-            samples.append((time.perf_counter() - t, _vmrss(proc.pid), lines[-1] if lines else ""))
+            samples.append((time.perf_counter() - t, rss_bytes(proc.pid), lines[-1] if lines else ""))
             time.sleep(0.5)
 
     sampler = threading.Thread(target=sample, daemon=True)

@@ -66,6 +66,11 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     # Block Influence at FoldGPT's stored size, with and without the same cure
     "bi19-cure": ("compress", [*BI_CURED, "--remove", "19", *CURE]),
     "bi19": ("compress", ["--method", "bi", "--remove", "19", "--no-heal"]),
+    # per-layer SVD deltas (issue 16 item 4): rank 16 on every member adds 223,872 x 16 stored
+    # parameters (about one layer), so the equal-size baseline removes one layer fewer: BI-18
+    # (70,793,280 stored) <= FoldGPT-d16 (70,847,808); benchmarks/foldgpt_share_diag.py chose mean
+    "foldgpt-mean-d16": ("compress", [*FOLD, "--share-init", "mean", "--delta-rank", "16", *CURE]),
+    "bi18-cure": ("compress", [*BI_CURED, "--remove", "18", *CURE]),
 }
 
 

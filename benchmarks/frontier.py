@@ -65,6 +65,11 @@ class Bench:
         self.args = args
         self.work = Path(args.work)
         self.work.mkdir(parents=True, exist_ok=True)
+        if args.tasks:  # a missing data folder is an error now, not after the first plan's minutes
+            from layerfold.eval.tasks import resolve_task_path
+
+            for name in TASKS:
+                resolve_task_path(name)
         t = time.perf_counter()
         self.loaded = load_model(None)
         self.load_seconds = time.perf_counter() - t
@@ -115,8 +120,9 @@ class Bench:
         return evaluate(model, self.loaded.tokenizer, tasks=TASKS, ppl=["lambada_openai"], limit=self.args.limit,
                         ppl_limit=self.args.ppl_docs, batch_size=8, reference=reference, speed=False)
 
-    def build(self, spec: str) -> tuple[dict, torch.nn.Module]:
-        """The plan applied to a copy of the original, and its held-out fit."""
+    def build(self, spec: str, fit: bool = True) -> tuple[dict, torch.nn.Module]:
+        """The plan applied to a copy of the original, and its held-out fit (unless ``fit`` is False:
+        a rebuild for the tasks of a plan whose fit is already recorded)."""
         opts = parse_plan(spec, self.args.remove)
         selection = opts.selection.select
         evidence, select_seconds = self.evidence(selection, opts)
@@ -126,6 +132,8 @@ class Bench:
         applied = apply_plan(plan, work, self.calib, opts, evidence=evidence, work_dir=self.work)
         repair_seconds = time.perf_counter() - t
         t = time.perf_counter()
+        if not fit:
+            return {"removed": plan.removed}, work.model
         fit = compare_to_reference(work.model, self.heldout, self.reference)
         record = {"plan": spec, "selection": selection, "repair": plan.repair, "removed": plan.removed,
                   "params": count_parameters(work.model), "params_before": plan.params_before,
@@ -146,8 +154,8 @@ class Bench:
             path.write_text(json.dumps(record, indent=1))
         if self.args.tasks and "tasks" not in record:
             if model is None:  # rebuilt: a plan costs forward passes, and the same ones again
-                fresh, model = self.build(spec)
-                record["heldout_rebuilt"] = fresh["heldout"]
+                fresh, model = self.build(spec, fit=False)
+                assert fresh["removed"] == record["removed"], (spec, fresh["removed"], record["removed"])
             t = time.perf_counter()
             result = self.tasks(model, self.original())
             record["tasks"] = result.summary()
@@ -182,7 +190,7 @@ def table(work: Path, remove: int) -> str:
     if orig:
         lines.append(f"| original | - | 0 | 1 | {rows[0]['heldout']['reference_ppl']:.1f} | {orig['piqa/acc']:.3f} "
                      f"| {orig['arc_easy/acc']:.3f} | {orig['lambada_openai/acc']:.3f} "
-                     f"| {orig['lambada_openai/ppl']:.1f} | {orig['ppl/lambada_openai']:.1f} (1.00) | - "
+                     f"| {orig['lambada_openai/perplexity']:.1f} | {orig['ppl/lambada_openai']:.1f} (1.00) | - "
                      f"| {rows[0]['params_before']:,} | - | - |")
     for r in rows:
         h, t = r["heldout"], r.get("tasks") or {}
@@ -191,7 +199,7 @@ def table(work: Path, remove: int) -> str:
         stab = f"{cell('piqa/stability', '{:.2f}')}/{cell('arc_easy/stability', '{:.2f}')}"
         lines.append(f"| {r['plan']} | {','.join(map(str, r['removed']))} | {h['kl']:.3f} | {h['top1']:.3f} "
                      f"| {h['ppl']:.1f} | {cell('piqa/acc')} | {cell('arc_easy/acc')} | {cell('lambada_openai/acc')} "
-                     f"| {cell('lambada_openai/ppl', '{:.1f}')} | {cell('ppl/lambada_openai', '{:.1f}')} ({ratio:.2f}) "
+                     f"| {cell('lambada_openai/perplexity', '{:.1f}')} | {cell('ppl/lambada_openai', '{:.1f}')} ({ratio:.2f}) "
                      f"| {stab} | {r['params']:,} | {r['seconds']['select']:.0f} | {r['seconds']['repair']:.0f} |")
     return "\n".join(lines)
 
@@ -206,7 +214,7 @@ def main() -> None:
     ap.add_argument("--ppl-docs", type=int, default=100, help="LAMBADA documents for text perplexity")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--work", default=str(Path(__file__).parent / "results" / "frontier"))
-    args = ap.parse_args()
+    args = ap.parse_intermixed_args()  # plans may come after the options
     torch.set_num_threads(args.threads)
     if args.command == "table":
         print(table(Path(args.work), args.remove))

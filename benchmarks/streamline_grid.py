@@ -21,7 +21,9 @@ Variants: ``original``; ``bi`` (Block Influence prune-only, 8 layers); ``bi+heal
 healed by the library's default healing, LoRA + KL to the original, on the training rows: the
 same ``--train-tokens``); ``none`` (prune-only of the same block: its first layer kept untrained);
 ``LOSS:INIT`` for LOSS in mse, mse-normed, cosine, lm, kl and INIT in first, last, linear,
-linear-last.
+linear-last; ``LOSS:INIT+healP`` the budget split: the replacement trained on the first (100 - P)%
+of the training rows (its own pairs), then healed like ``bi+heal`` on the other P% (default 50):
+the same total training tokens as ``bi+heal``.
 """
 
 from __future__ import annotations
@@ -76,8 +78,9 @@ def figures(ev) -> dict:
 
 
 def heal_bi(model, loaded, text, tokens: int, work: Path):
-    """Block Influence's pruned ``model`` healed as ``layerfold compress`` heals by default (LoRA
-    rank 16, KL to the original's logits), on the replacement's training rows: the same budget."""
+    """A pruned ``model`` (Block Influence's, or a trained replacement's) healed as ``layerfold
+    compress`` heals by default (LoRA rank 16, KL to the original's logits), on ``text``'s
+    training rows: the same budget."""
     from dataclasses import replace
 
     from layerfold.healing import HealOptions, heal
@@ -155,8 +158,8 @@ def main() -> None:
         pairs_dir = Path(args.pairs_dir) if args.pairs_dir else work / "pairs"
         key = {"block": results["block"], "rows": list(text.ids.shape), "source": args.train_source,
                "ids_sum": int(text.ids.sum())}
-        done = pairs_dir / "done.json"
-        if not any(n.partition(":")[0] in PAIR_LOSSES for n in names):
+        done = pairs_dir / "grid-key.json"  # not done.json: PairStore keeps its own progress there
+        if not any(n.partition(":")[0] in PAIR_LOSSES and "+heal" not in n for n in names):  # a split has its own
             store = None
         elif done.exists() and json.loads(done.read_text()) == key:
             store = PairStore.open(pairs_dir)
@@ -180,14 +183,32 @@ def main() -> None:
                 if name == "bi+heal":
                     model, entry["heal"] = heal_bi(model, loaded, text, args.train_tokens, work)
             elif name != "original":
-                loss, _, init = name.partition(":")
+                # LOSS:INIT+healP: the budget split, the replacement trains on the first (100 - P)% of
+                # the training rows, then the library's default healing spends the other P% (default 50)
+                name_, _, heal_pct = name.partition("+heal")
+                split = "+heal" in name
+                loss, _, init = name_.partition(":")
                 opts = StreamlineOptions(replacement="layer" if loss != "none" else "none",
                                          loss=loss if loss != "none" else StreamlineOptions().loss,
                                          init=init or "first",
                                          train_tokens=args.train_tokens, eval_every=args.eval_every)
-                r = replace_and_train(model, arch, text, start, window, opts, work_dir=work, progress=False,
-                                      store=store if loss in PAIR_LOSSES else None)
+                own_text, own_store = text, store if loss in PAIR_LOSSES else None
+                if split:
+                    from layerfold.methods.streamline import TrainingText
+
+                    heal_rows = round(text.train * int(heal_pct or 50) / 100)
+                    first = text.train - heal_rows
+                    # the replacement's rows, then the same validation rows; its pairs are its own
+                    own_text = TrainingText(torch.cat([text.ids[:first], text.ids[text.train:]]), text.val,
+                                            text.source)
+                    own_store = None
+                r = replace_and_train(model, arch, own_text, start, window, opts, work_dir=work, progress=False,
+                                      store=own_store)
                 entry.update(training=r.training, seconds_parts=r.seconds, removed=r.removed)
+                if split:
+                    heal_text = TrainingText(text.ids[first:], text.val, text.source)  # rows first.., then val
+                    model, entry["heal"] = heal_bi(model, loaded, heal_text, heal_rows * text.ids.shape[1], work)
+                    entry["split"] = {"replacement_rows": first, "heal_rows": heal_rows}
             entry["make_seconds"] = time.perf_counter() - t0
             entry["make_peak_mib"] = peak_mib()
             entry["layers"], entry["params"] = len(decoder_layers(model, arch)), count_parameters(model)

@@ -3,7 +3,8 @@
     python benchmarks/streamline_table.py benchmarks/results/streamline/grid-64k.json \\
         benchmarks/results/streamline/grid-64k-heal.json --plot benchmarks/streamline_curves.png
 
-Several files (e.g. a parallel invocation's) are merged, variants in the order given.
+Several files (e.g. a parallel invocation's) are merged, variants in the order given; files of
+different ``--train-tokens`` keep their rows apart, each name followed by its training tokens.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ def table(r: dict) -> str:
 
 
 def plot(r: dict, path: str) -> None:
-    """Validation loss against optimiser step, one panel per loss, one line per initialisation
+    """Validation loss against training tokens seen, one panel per loss, one line per variant
     (absolute values: a closed-form init starts lower, which a ratio to step 0 would hide)."""
     import matplotlib
 
@@ -67,10 +68,11 @@ def plot(r: dict, path: str) -> None:
         for name, tr in trained.items():
             if name.split(":")[0] != loss:
                 continue
-            steps = [x["step"] for x in tr["validation"]]
-            ax.plot(steps, [x["loss"] for x in tr["validation"]], marker="o", label=name)
+            # training tokens seen, not steps: budgets of different batch sizes share one axis
+            seen = [x["step"] * tr["batch"] * tr["seq_len"] for x in tr["validation"]]
+            ax.plot(seen, [x["loss"] for x in tr["validation"]], marker="o", markersize=3, label=name)
         ax.set_title(f"{loss}: validation loss")
-        ax.set_xlabel("optimiser step")
+        ax.set_xlabel("training tokens seen")
         if loss == "mse":
             ax.set_yscale("log")
         ax.legend(fontsize=8)
@@ -83,9 +85,17 @@ def main() -> None:
     ap.add_argument("results", nargs="+")
     ap.add_argument("--plot")
     args = ap.parse_args()
-    r = json.loads(open(args.results[0]).read())
-    for extra in args.results[1:]:
-        r["variants"].update(json.loads(open(extra).read())["variants"])
+    files = [json.loads(open(path).read()) for path in args.results]
+    budgets = {f["settings"]["train_tokens"] for f in files}
+    r = files[0]
+    if len(budgets) > 1:  # files of different budgets: each name says its budget (rows of equal names differ)
+        r = {**r, "variants": {}}
+        for f in files:
+            r["variants"].update({f"{n} @{f['text']['train_rows'] * f['text']['seq_len']:,}": v
+                                  for n, v in f["variants"].items()})
+    else:
+        for f in files[1:]:
+            r["variants"].update(f["variants"])
     print(table(r))
     if args.plot:
         plot(r, args.plot)

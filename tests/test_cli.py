@@ -38,6 +38,19 @@ def test_help_explains_every_option(capsys):
     assert "default: bi" in out and "default: 256" in out and "--no-heal" in out
 
 
+
+def test_help_lists_every_method(capsys):
+    """The methods section of compress --help names each registered method (it was a hand-kept
+    list that missed sleb, replaceme, laco and auto)."""
+    from layerfold.methods.registry import METHODS
+
+    with pytest.raises(SystemExit):
+        main(["compress", "--help"])
+    out = capsys.readouterr().out
+    section = out[out.index("methods:"): out.index("options:")]
+    listed = [line.split()[0] for line in section.splitlines()[1:] if line.startswith("  ") and not line.startswith("   ")]
+    assert listed == list(METHODS)
+
 def test_missing_model_path(capsys, tmp_path):
     code, _, err = _run(capsys, "compress", str(tmp_path / "nope"), "-o", str(tmp_path / "o"))
     _one_line_error(code, err, "no such file or folder")

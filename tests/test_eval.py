@@ -114,6 +114,19 @@ def test_stability_constructed_example():
     assert stability(ref_scores, ref_correct, [not c for c in ref_correct]) == pytest.approx(0.0)
 
 
+def test_effective_examples_and_agreement_constructed():
+    from layerfold.eval import agreement, effective_examples
+
+    ref_scores = [[0.0, 1.0], [0.0, 0.0], [0.0, 2.0]]  # population std: 0.5, 0, 1
+    e = [math.exp(0.5), math.exp(0.0), math.exp(1.0)]
+    w = [x / sum(e) for x in e]
+    assert effective_examples(ref_scores) == pytest.approx(1 / sum(x * x for x in w))
+    assert effective_examples([[0.0, 1.0]] * 4) == pytest.approx(4.0)  # equal confidence: every example counts
+    # one example far more confident than the others: the weights rest on it alone (the saturation seen on PIQA)
+    assert effective_examples([[0.0, 40.0], [0.0, 1.0], [0.0, 2.0]]) == pytest.approx(1.0, abs=1e-6)
+    assert agreement([True, False, True, True], [True, True, False, True]) == pytest.approx(0.5)
+
+
 @pytest.fixture
 def task_files(tmp_path):
     mc = tmp_path / "tasks" / "mc.jsonl"

@@ -156,6 +156,35 @@ def test_in_place_losses_use_the_training_text_and_its_validation_rows(tmp_path,
     assert r.fit.best_val < r.fit.first_val and len(decoder_layers(model, LLAMA)) == 4
 
 
+@pytest.mark.parametrize("loss", ["lm", "kl"])
+def test_in_place_losses_against_values_by_hand(tmp_path, loss):
+    """lm is the pruned model's next-token loss, kl is KL(original || pruned) per token, both on
+    the validation rows before any step (computed here from the models' own logits); training
+    changes the replacement and nothing else."""
+    import copy
+
+    original = build_tiny("llama", layers=6)
+    model, pruned = copy.deepcopy(original), copy.deepcopy(original)
+    remove_layers(pruned, LLAMA, [2, 3])  # the block 1..3 with its first layer kept untrained
+    ids = _ids(14)
+    opts = StreamlineOptions(loss=loss, init="first", batch=4, min_steps=3, batch_size=2, lr=2e-3, min_lr=5e-4)
+    r = replace_and_train(model, LLAMA, TrainingText(ids, 2), 1, 3, opts, work_dir=tmp_path, progress=False)
+    per_row = []
+    with torch.no_grad():
+        for row in (12, 13):
+            x = ids[row : row + 1]
+            q = F.log_softmax(pruned(input_ids=x).logits[0].double(), -1)
+            if loss == "lm":
+                per_row.append(F.nll_loss(q[:-1], x[0, 1:]).item())
+            else:
+                p = F.log_softmax(original(input_ids=x).logits[0].double(), -1)
+                per_row.append((p.exp() * (p - q)).sum(-1).mean().item())
+    assert r.training["validation"][0]["loss"] == pytest.approx(sum(per_row) / 2, rel=1e-4)
+    before = {n: p for n, p in pruned.named_parameters()}
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all(n.startswith("model.layers.1.") for n in changed)
+
+
 # -- losses ------------------------------------------------------------------------------
 
 

@@ -45,16 +45,21 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-_METHODS_TEXT = (
-    "methods:\n"
-    "  streamline        LLM-Streamline: replace the most redundant block by one trained layer or FFN\n"
-    "  streamline-block  the consecutive block whose input and output are most similar (LLM-Streamline's criterion)\n"
-    "  bi                the layers with the lowest Block Influence (ShortGPT)\n"
-    "  angular           the block with the smallest angular distance on last tokens (Gromov et al.)\n"
-    "  last-n            the last layers (Reassessing Layer Pruning); needs no calibration\n"
-    "  foldgpt           FoldGPT: learned gates choose the layers, adjacent retained layers share\n"
-    "                    their linear weights, then a cure (logit KL + tail-layer distillation)"
-)
+def _methods_text() -> str:
+    """The --method list from the registry itself, so a new method cannot be left out of --help."""
+    import textwrap
+
+    from .methods.registry import METHODS
+
+    lines = ["methods:"]
+    for m in METHODS.values():
+        wrapped = textwrap.wrap(m.help, 72, break_on_hyphens=False) or [""]
+        lines.append(f"  {m.name:<17} {wrapped[0]}")
+        lines += [" " * 20 + w for w in wrapped[1:]]
+    return "\n".join(lines)
+
+
+_METHODS_TEXT = _methods_text()
 
 COMMANDS = {
     "compress": (CompressOptions, "remove layers and save a model that stock transformers loads",

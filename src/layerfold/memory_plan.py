@@ -77,9 +77,10 @@ def _read_int(path: str) -> int | None:
     return int(text) if text.isdigit() else None
 
 
-def _own_rss() -> int:
+def rss_bytes(pid: int | str = "self") -> int:
+    """A process's resident set in bytes (Linux /proc); 0 where it cannot be read."""
     try:
-        with open("/proc/self/status") as f:
+        with open(f"/proc/{pid}/status") as f:
             for line in f:
                 if line.startswith("VmRSS:"):
                     return int(line.split()[1]) * 1024
@@ -106,7 +107,7 @@ def available_memory() -> tuple[int | None, str]:
     if not found:
         return None, "unknown"
     free, where = min(found)
-    return free + _own_rss(), where
+    return free + rss_bytes(), where
 
 
 # -- what the model is --------------------------------------------------------------------

@@ -13,7 +13,7 @@ from .evaluate import evaluate, evaluate_task
 from .perplexity import PerplexityResult, perplexity, read_documents
 from .result import EvalResult, TaskResult
 from .scoring import encode_pair, score_examples, score_examples_naive
-from .stability import confidence_weights, stability
+from .stability import agreement, confidence_weights, effective_examples, stability
 from .tasks import TASK_FORMATS, Task, TaskFormat, data_dir, load_task, resolve_task_path
 
 __all__ = [
@@ -37,4 +37,6 @@ __all__ = [
     "score_examples",
     "score_examples_naive",
     "stability",
+    "agreement",
+    "effective_examples",
 ]

@@ -13,7 +13,7 @@ import numpy as np
 from ..errors import LayerfoldError
 from .cost import Cost
 from .perplexity import PerplexityResult
-from .stability import stability
+from .stability import agreement, effective_examples, stability
 from .tasks import LANGUAGE_MODELING, MULTIPLE_CHOICE
 
 FORMAT = "layerfold-eval/1"
@@ -88,6 +88,8 @@ class EvalResult:
                 )
             task.metrics["stability"] = stability(ref.scores(), ref.correct(), task.correct())
             task.metrics["stability_norm"] = stability(ref.scores(True), ref.correct(True), task.correct(True))
+            task.metrics["stability_examples"] = effective_examples(ref.scores())
+            task.metrics["agreement"] = agreement(ref.correct(), task.correct())
         self.reference = reference.model
 
     def summary(self) -> dict[str, float]:

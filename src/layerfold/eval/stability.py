@@ -9,6 +9,11 @@ scores, w = softmax(s) over the examples, and
 The scores are the ones the metric ranks choices by: summed log-likelihoods for ``acc``,
 log-likelihood per character for ``acc_norm``. The standard deviation is the population one
 (divisor = number of choices).
+
+With summed log-likelihoods the standard deviations span tens of nats, so the softmax can put
+nearly all the weight on one or two examples and the figure saturates (PIQA reads 1.000 while
+accuracy falls by 6 points). ``effective_examples`` (1 / sum w_i^2) says how many examples the
+figure rests on, and ``agreement`` is the same comparison unweighted; both are reported beside it.
 """
 
 from __future__ import annotations
@@ -32,3 +37,16 @@ def stability(reference_scores: Sequence[Sequence[float]], reference_correct: Se
     w = confidence_weights(reference_scores)
     agree = np.asarray(reference_correct, dtype=bool) == np.asarray(compressed_correct, dtype=bool)
     return float((w * agree).sum())
+
+
+def effective_examples(reference_scores: Sequence[Sequence[float]]) -> float:
+    """Kish's effective sample size of the stability weights: n when uniform, 1 when one example has them all."""
+    w = confidence_weights(reference_scores)
+    return float(1.0 / (w * w).sum())
+
+
+def agreement(reference_correct: Sequence[bool], compressed_correct: Sequence[bool]) -> float:
+    """Share of examples where the compressed model is right exactly when the original is (unweighted)."""
+    if len(reference_correct) != len(compressed_correct):
+        raise ValueError("agreement needs the same examples in both results")
+    return float(np.mean(np.asarray(reference_correct, dtype=bool) == np.asarray(compressed_correct, dtype=bool)))

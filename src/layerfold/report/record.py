@@ -19,11 +19,13 @@ def heal_sentence(summary: dict) -> str:
 
 def evaluation_table(before, after, limit: int | None) -> str:
     """Accuracy before and after, and stability against the original, as a Markdown table."""
-    rows = ["| task | original acc | compressed acc | stability |", "|---|---:|---:|---:|"]
+    rows = ["| task | original acc | compressed acc | stability (on ~n examples) | agreement |", "|---|---:|---:|---:|---:|"]
     for name, task in after.tasks.items():
         o, c = before.tasks[name].metrics, task.metrics
         if "acc" in o and "stability" in c:
-            rows.append(f"| {name} | {o['acc']:.3f} | {c['acc']:.3f} | {c['stability']:.3f} |")
+            n_eff = f" (~{c['stability_examples']:.1f})" if "stability_examples" in c else ""
+            agree = f"{c['agreement']:.3f}" if "agreement" in c else "-"
+            rows.append(f"| {name} | {o['acc']:.3f} | {c['acc']:.3f} | {c['stability']:.3f}{n_eff} | {agree} |")
     text = []
     h = after.heldout
     if h:

@@ -65,7 +65,7 @@ def _metric_rows(results) -> list[tuple[str, str]]:
     """(key in EvalResult.summary(), label) for every figure any of the results has."""
     rows: list[tuple[str, str]] = []
     seen: set[str] = set()
-    order = ["acc", "acc_norm", "stability", "stability_norm", "perplexity"]
+    order = ["acc", "acc_norm", "stability", "stability_norm", "stability_examples", "agreement", "perplexity"]
     for r in results:
         for name, t in r.tasks.items():
             for m in sorted(t.metrics, key=lambda k: order.index(k) if k in order else 99):
@@ -167,7 +167,8 @@ def notes(rows, results, reference_name: str) -> list[str]:
     text = [f"(x%) = share of the reference ({reference_name})."]
     if any(k.endswith("/stability") for k in keys):
         text.append("stability: agreement of right and wrong answers with the reference, weighted by its "
-                    "confidence (1 = no answer changed).")
+                    "confidence (1 = no answer changed); stability_examples: how many examples those weights "
+                    "effectively rest on (1 / sum of squared weights); agreement: the same comparison unweighted.")
     if "heldout/kl" in keys:
         r = next((r.heldout for r in results if r.heldout), None) or {}
         text.append(f"held-out: {r.get('rows', '?')} rows of {r.get('tokens', 0) // max(1, r.get('rows', 1))} "

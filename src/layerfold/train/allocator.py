@@ -25,6 +25,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import gc
 import logging
 import os
 import sys
@@ -61,10 +62,15 @@ def _libc():
 
 def return_freed_memory() -> dict[int, bool]:
     """Give the heap's free pages back to the system and fix glibc's mmap and trim thresholds at
-    128 KiB for the rest of the process (see the module docstring); returns {mallopt parameter:
+    128 KiB for the rest of the process (see the module docstring), after a full garbage
+    collection; returns {mallopt parameter:
     whether it was set}. Called at the start of every training (``train.fit``); the thresholds
     are set once, the trim is done on every call (it takes milliseconds)."""
     global _DONE
+    # garbage in reference cycles from the stages before (the importance pass, the teacher cache)
+    # holds freed tensors until the collector's next full pass, which may not come during
+    # training: 186 MiB of the heap in the main job (benchmarks/perf.md); collect it first
+    gc.collect()
     libc = _libc()
     if libc is not None:
         libc.malloc_trim(0)

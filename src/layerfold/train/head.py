@@ -31,7 +31,7 @@ from .capture import unwrap
 
 #: fp32 logits per chunk with ``chunk=0`` (auto): a chunk's logits, their log-softmax and
 #: gradient are a few times this
-AUTO_CHUNK_BYTES = 32 * 2**20
+AUTO_CHUNK_BYTES = 16 * 2**20
 
 
 class OutputHead:

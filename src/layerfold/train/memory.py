@@ -17,7 +17,7 @@ configs. The estimate adds up, per device:
   autograd's saved-tensor hooks, tests/test_heal_memory.py; and the final norm's input (H).
   With ``--heal-checkpointing`` each layer keeps only its input (H) and one layer's full set
   exists at a time, while backward recomputes it;
-- the logit loss: with chunked logits (the default) a chunk of 32 MiB of fp32 logits, about
+- the logit loss: with chunked logits (the default) a chunk of 16 MiB of fp32 logits, about
   four copies (logits, log-softmax, the teacher's, the gradient), plus the final hidden
   states; without (``--heal-logit-chunk -1``) the batch's logits in about four copies;
 - the runtime itself (Python, torch and its allocator: about 0.5 GiB on a CPU, as
