@@ -206,6 +206,9 @@ def test_analyze_gates_column(tiny_model_dir, text_file, tmp_path, capsys):
     assert data["gates_check"]["gates"]["removed"] == data["gates_removed"]
     assert [e["step"] for e in data["gates_log"]] == [1, 2, 3]  # the step log, for a plot
     assert all(len(e["gates"]) == 6 and e["round"] == 1 for e in data["gates_log"])
+    swaps = data["gates_swaps"]  # the swap refinement, on the 4 calibration rows there are (8 asked)
+    assert swaps["rows"] == 4 and swaps["removed"] == data["gates_removed"]
+    assert swaps["kl_after"] <= swaps["kl_before"] and swaps["tried"]
 
 
 def test_foldgpt_bad_options(tiny_model_dir, text_file, tmp_path, capsys):

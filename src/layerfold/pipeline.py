@@ -283,7 +283,7 @@ class _Compression:
             nan = lambda xs: [float("nan") if x is None else x for x in xs]  # noqa: E731
             gates = GateResult(nan(scores.extra["gates"]), list(scores.extra.get("gates_removed", [])),
                                scores=nan(scores.extra.get("gates_scores") or []),
-                               check=scores.extra.get("gates_check"))
+                               check=scores.extra.get("gates_check"), swaps=scores.extra.get("gates_swaps"))
         return Evidence(scores, gates)
 
     def score(self, loaded: LoadedModel, ids) -> Evidence:
