@@ -62,7 +62,7 @@ def test_a_batch_another_run_is_writing_is_waited_for(tiny_model_dir, tmp_path, 
     ((picks, seed),) = calibration._batch_draws(5, [2])
     written = calibration._generate(spec, loaded, picks, seed)
 
-    lock = calibration._batch_lock(path)
+    lock = calibration.cache_lock(path)
     lock.acquire()  # the "other run" is writing batch 0
     calls, result = [], {}
 

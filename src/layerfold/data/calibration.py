@@ -138,7 +138,7 @@ def self_generated(spec: CalibrationSpec, loaded, *, progress: bool = True) -> t
                     if k in missing:
                         # another run writing the same batch (two jobs started on a fresh cache)
                         # is waited for, not repeated: the batch is the same text either way
-                        with _batch_lock(paths[k]):
+                        with cache_lock(paths[k]):
                             if not paths[k].exists():
                                 batches[k] = _generate(spec, loaded, picks, seed)
                                 _save_batch(paths[k], batches[k])
@@ -156,8 +156,9 @@ def _batch_path(prefix: str, index: int, rows: int) -> Path:
     return cache_dir() / "calibration" / f"self-{key}.safetensors"
 
 
-def _batch_lock(path: Path):
-    """A lock file beside ``path``, or no lock where the cache folder cannot be written."""
+def cache_lock(path: Path):
+    """A lock on the cache entry ``path`` (a file beside it), so that runs sharing a cache write
+    each entry once; no lock where the cache folder cannot be written."""
     from contextlib import nullcontext
 
     from filelock import FileLock
