@@ -163,3 +163,32 @@ def test_gemma2_logit_cap_is_applied_in_chunks():
     student.config.final_logit_softcapping = None
     c = _loss_and_grads(student, _data(), [NextTokenLoss()], None, chunk=CHUNK)
     assert abs(c[0]["ce"] - b[0]["ce"]) > 1e-3
+
+
+@pytest.mark.parametrize("tau", [1.0, 2.0])
+def test_direct_gradients_equal_autograd_on_a_large_vocabulary(tau):
+    """position_sum_and_grad against autograd through position_sum, on logits of the size the
+    auto chunk takes (85 x 49,152), with a top-k cache, full teacher logits, and targets."""
+    from layerfold.train.losses import TeacherOutputs
+
+    g = torch.Generator().manual_seed(1)
+    n, v, k, t = 85, 49152, 64, 17
+    logits = torch.randn(n, v, generator=g) * 4
+    teacher = torch.randn(n, v, generator=g) * 4
+    top = (teacher / tau).topk(k, dim=-1)
+    cache = TeacherOutputs(topk_values=top.values.mul(tau).half().float().reshape(5, t, k),
+                           topk_indices=top.indices.reshape(5, t, k),
+                           logsumexp=torch.logsumexp(teacher / tau, -1).reshape(5, t), temperature=tau)
+    ids = torch.randint(0, v, (5, t), generator=g)
+    cases = [(LogitKL(temperature=tau), cache), (LogitKL(temperature=tau), TeacherOutputs(logits=teacher.reshape(5, t, v))),
+             (NextTokenLoss(), None)]
+    for loss, teacher_out in cases:
+        x = SimpleNamespace(teacher=teacher_out, input_ids=ids)
+        z = logits.clone().requires_grad_()
+        expected = loss.position_sum(z, x, 0, n)
+        (expected_grad,) = torch.autograd.grad(expected, z)
+        value, grad = loss.position_sum_and_grad(logits, x, 0, n)
+        assert value.item() == pytest.approx(expected.item(), rel=1e-6), loss
+        assert torch.allclose(grad, expected_grad, rtol=1e-5, atol=1e-7), (loss, (grad - expected_grad).abs().max())
+        if teacher_out is cache:
+            assert value.item() == expected.item()  # the same log_softmax: the same value to the bit

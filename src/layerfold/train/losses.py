@@ -235,7 +235,7 @@ class LogitKL(Loss):
         tau = self.temperature
         dev = logits.device
         z = logits.float()
-        s = z / tau if tau != 1 else z  # s is written to below only when it is a copy
+        s = z / tau if tau != 1 else z  # x / 1 == x exactly: the same values as position_sum's
         if t.logits is not None or t.final_hidden is not None:
             log_p = self._teacher_logp(x, start, end, dev)
             log_q = torch.log_softmax(s, dim=-1)
@@ -244,15 +244,17 @@ class LogitKL(Loss):
             grad = log_q.exp_().sub_(log_p.exp_()).mul_(tau)
             return value, grad
         log_p_k, idx = self._topk(x, start, end, dev)
-        lse = torch.logsumexp(s, dim=-1, keepdim=True)
-        log_q_k = s.gather(-1, idx) - lse
+        # log_softmax as position_sum takes it (the same values to the bit), then its buffer
+        # becomes the gradient's
+        log_q = torch.log_softmax(s, dim=-1)
+        del s
+        leaf = log_q.gather(-1, idx).requires_grad_()
         # the [n, K] part by autograd, then through log_softmax + gather by hand:
         # d log q_k / d s_j = [j == idx_k] - q_j
-        leaf = log_q_k.requires_grad_()
         with torch.enable_grad():
             value = self._topk_sum(log_p_k, leaf)
             (g,) = torch.autograd.grad(value, leaf)
-        grad = (s.sub_(lse) if s is not z else s - lse).exp_()  # q, in one buffer
+        grad = log_q.exp_()  # q
         grad.mul_(-g.sum(-1, keepdim=True)).scatter_add_(-1, idx, g)
         if tau != 1:
             grad.div_(tau)
