@@ -8,6 +8,7 @@ evaluation of the original:
     python benchmarks/foldgpt.py heldout                                 # held-out KL of each saved model
     python benchmarks/foldgpt.py table                                   # the Markdown table
     python benchmarks/foldgpt.py commands                                # every command, as run
+    python benchmarks/foldgpt.py full-eval foldgpt-mean-d16              # every task for a --quick row
     python benchmarks/foldgpt.py plot-gates gates gates-cold             # gate values per step -> foldgpt_gates.png
 
 ``gates`` trains FoldGPT's gates once (`layerfold analyze --gates --json`); every FoldGPT
@@ -162,6 +163,34 @@ class Runner:
         print(proc.stdout[-3000:], flush=True)
 
 
+def full_eval(runner: Runner, names: list[str]) -> None:
+    """Every task (the default evaluation) for rows built and evaluated with ``--quick``: the
+    saved folder again through ``layerfold eval``, to ``NAME.full.eval.json`` (which ``table``
+    prefers); the command and its wall time go into ``NAME.json``. The folder is not rebuilt."""
+    full = Runner(runner.work, runner.models)  # quick = False: every task
+    for name in names:
+        rec_path, out = runner.work / f"{name}.json", runner.work / f"{name}.full.eval.json"
+        folder = runner.models / name
+        if out.exists() or not rec_path.exists():
+            print(f"== {name}: " + ("done before" if out.exists() else f"not built ({rec_path} missing)"), flush=True)
+            continue
+        if not (folder / "layerfold.json").exists():
+            raise SystemExit(f"{name}: no saved model in {folder} (give --models)")
+        ecmd = layerfold("eval", str(folder), *full.eval_args(), "--reference",
+                         str(runner.work / "original.eval.json"), "--json", str(out))
+        print(f"== {name}: {shlex.join(ecmd[2:])}", flush=True)
+        t = time.perf_counter()
+        proc = subprocess.run(ecmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            print(proc.stdout, proc.stderr, sep="\n", flush=True)
+            raise SystemExit(f"{name}: evaluation failed")
+        rec = json.loads(rec_path.read_text())
+        rec.update(full_eval_command="layerfold " + shlex.join(ecmd[3:]), full_eval_seconds=time.perf_counter() - t,
+                   full_eval_date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
+        rec_path.write_text(json.dumps(rec, indent=1, default=str))
+        print(proc.stdout[-3000:], flush=True)
+
+
 def heldout(work: Path, models: Path, names: list[str]) -> None:
     """KL to the original, top-1 agreement and perplexity on the 8 held-out rows of
     self-written text (``layerfold.eval.heldout``, the metric of the gate check), for every
@@ -253,7 +282,8 @@ def table(work: Path, names: list[str], models: Path | None = None) -> str:
 
     ref = EvalResult.load(work / "original.eval.json")
     head = ["variant", "layers removed", "stored params", "file MiB", *TASKS, "mean acc", "LAMBADA acc",
-            "LAMBADA text ppl", "stability", "held-out KL", "build s (shared)", "of which cure s"]
+            "LAMBADA text ppl", "stability", "held-out KL", "build s (shared)", "of which cure s",
+            "build peak RSS MiB"]
     lines = ["| " + " | ".join(head) + " |", "|---|---|" + "---:|" * (len(head) - 2)]
     for name in names:
         if name in ("gates", "gates-cold"):
@@ -264,12 +294,14 @@ def table(work: Path, names: list[str], models: Path | None = None) -> str:
             p = work / f"{name}.json"
             if p.exists():
                 rec = json.loads(p.read_text())
-                ev = EvalResult.load(work / f"{name}.eval.json")
+                full = work / f"{name}.full.eval.json"  # every task, evaluated after a --quick row
+                ev = EvalResult.load(full if full.exists() else work / f"{name}.eval.json")
             elif models is not None and (models / name / "layerfold.json").exists():  # built, not evaluated yet
                 made = json.loads((models / name / "layerfold.json").read_text())
                 rec = {"removed": made["recipe"]["removed_layers"], "params_stored": made["params_after"],
                        "bytes": sum(f.stat().st_size for f in (models / name).glob("*.safetensors")),
-                       "seconds_by_stage": made["seconds"], "seconds": sum(made["seconds"].values())}
+                       "seconds_by_stage": made["seconds"], "seconds": sum(made["seconds"].values()),
+                       "peak_rss_mib": made.get("peak_rss_mib")}
                 ev = None
             else:
                 continue
@@ -290,14 +322,15 @@ def table(work: Path, names: list[str], models: Path | None = None) -> str:
                  f"{100 * ev.tasks[LAMBADA].metrics['acc']:.0f}" if ev else "-",
                  f"{ev.perplexity[LAMBADA].perplexity:.1f}" if ev else "-",
                  f"{sum(stab) / len(stab):.3f}" if None not in stab else "-",
-                 f"{fit['kl']:.3f}" if fit else "-", f"{rec['seconds']:.0f}" if name != "original" else "-", f"{cure:.0f}" if cure else "-"]
+                 f"{fit['kl']:.3f}" if fit else "-", f"{rec['seconds']:.0f}" if name != "original" else "-", f"{cure:.0f}" if cure else "-",
+                 f"{rec['peak_rss_mib']:,.0f}" if rec.get("peak_rss_mib") else "-"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("action", choices=["run", "table", "commands", "heldout", "curves", "plot-gates"])
+    ap.add_argument("action", choices=["run", "full-eval", "table", "commands", "heldout", "curves", "plot-gates"])
     ap.add_argument("variants", nargs="*", default=list(VARIANTS))
     ap.add_argument("--work", default="benchmarks/results/foldgpt")
     ap.add_argument("--quick", action="store_true", help="evaluate LAMBADA only (no multiple-choice tasks)")
@@ -322,6 +355,8 @@ def main() -> None:
         print(curves(runner.work, runner.models, args.variants))
     if args.action == "plot-gates":  # e.g. plot-gates gates gates-cold
         plot_gates(runner.work, args.variants, Path(args.plot))
+    if args.action == "full-eval":
+        full_eval(runner, args.variants)
     if args.action == "heldout":
         heldout(runner.work, runner.models, args.variants)
     if args.action in ("run", "table"):
