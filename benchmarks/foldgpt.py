@@ -124,18 +124,27 @@ class Runner:
             running.unlink(missing_ok=True)
 
     def _run(self, name: str, path: Path) -> None:
-        cmd = self.command(name)
-        print(f"== {name}: {shlex.join(cmd[2:])}", flush=True)
-        record = {"variant": name, "quick": self.quick, "command": "layerfold " + shlex.join(cmd[3:]), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
-        t = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        record.update(seconds=time.perf_counter() - t, exit_code=proc.returncode, stdout=proc.stdout,
-                      stderr=proc.stderr[-4000:])
-        if proc.returncode != 0:
-            print(proc.stdout, proc.stderr, sep="\n", flush=True)
-            (self.work / f"{name}.failed.json").write_text(json.dumps(record, indent=1))
-            raise SystemExit(f"{name} failed")
         kind = VARIANTS[name][0]
+        built = self.work / f"{name}.built.json"  # a compress that finished; its evaluation may not have
+        if kind == "compress" and built.exists() and (self.models / name / "layerfold.json").exists():
+            print(f"== {name}: built before ({built}), evaluating", flush=True)
+            record = json.loads(built.read_text())
+        else:
+            cmd = self.command(name)
+            print(f"== {name}: {shlex.join(cmd[2:])}", flush=True)
+            record = {"variant": name, "quick": self.quick, "command": "layerfold " + shlex.join(cmd[3:]),
+                      "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+            t = time.perf_counter()
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            record.update(seconds=time.perf_counter() - t, exit_code=proc.returncode, stdout=proc.stdout,
+                          stderr=proc.stderr[-4000:])
+            if proc.returncode != 0:
+                print(proc.stdout, proc.stderr, sep="\n", flush=True)
+                (self.work / f"{name}.failed.json").write_text(json.dumps(record, indent=1))
+                raise SystemExit(f"{name} failed")
+            if kind == "compress":
+                built.write_text(json.dumps(record, indent=1, default=str))
+        record["quick"] = self.quick
         if kind == "analyze":
             scores = json.loads(self.scores_path(name).read_text())
             record.update(removed=scores["gates_removed"], check=scores["gates_check"], gates=scores["gates"])
@@ -342,6 +351,17 @@ def main() -> None:
         raise SystemExit(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
     runner = Runner(Path(args.work), Path(args.models))
     runner.quick = args.quick
+    evaluates = args.action == "full-eval" or (args.action == "run" and any(
+        VARIANTS[v][0] in ("eval", "compress") for v in args.variants))
+    if evaluates:  # a task file that cannot be found fails now, not after a 30-minute build
+        from layerfold.eval.tasks import resolve_task_path
+        from layerfold.errors import LayerfoldError
+
+        try:
+            for task in (LAMBADA,) if args.quick else (*TASKS, LAMBADA):
+                resolve_task_path(task)
+        except LayerfoldError as e:
+            raise SystemExit(f"{e} (export LAYERFOLD_DATA=/work/shared/data)")
     if args.action == "run":
         (runner.work / "machine.json").write_text(json.dumps({
             "platform": platform.platform(), "python": sys.version.split()[0], "cpus": os.cpu_count(),
