@@ -72,6 +72,11 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     # (70,793,280 stored) <= FoldGPT-d16 (70,847,808); benchmarks/foldgpt_share_diag.py chose mean
     "foldgpt-mean-d16": ("compress", [*FOLD, "--share-init", "mean", "--delta-rank", "16", *CURE]),
     "bi18-cure": ("compress", [*BI_CURED, "--remove", "18", *CURE]),
+    # the same two with the LoRA cure (rank 16 on each shared tensor once, merged once; the deltas,
+    # norms and biases train too; lr 5e-4, the LoRA default): the stored size does not change
+    "foldgpt-mean-d16-lora": ("compress", [*FOLD, "--share-init", "mean", "--delta-rank", "16", *CURE,
+                                           "--cure-lora-rank", "16"]),
+    "bi18-lora": ("compress", [*BI_CURED, "--remove", "18", *CURE, "--cure-lora-rank", "16"]),
 }
 
 
