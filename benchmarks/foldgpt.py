@@ -296,7 +296,7 @@ def table(work: Path, names: list[str], models: Path | None = None) -> str:
 
     ref = EvalResult.load(work / "original.eval.json")
     head = ["variant", "layers removed", "stored params", "file MiB", *TASKS, "mean acc", "LAMBADA acc",
-            "LAMBADA text ppl", "stability", "held-out KL", "build s (shared)", "of which cure s",
+            "LAMBADA text ppl", "stability", "agreement", "held-out KL", "build s (shared)", "of which cure s",
             "build peak RSS MiB"]
     lines = ["| " + " | ".join(head) + " |", "|---|---|" + "---:|" * (len(head) - 2)]
     for name in names:
@@ -322,10 +322,12 @@ def table(work: Path, names: list[str], models: Path | None = None) -> str:
         fit_path = work / f"{name}.heldout.json"
         fit = json.loads(fit_path.read_text()) if fit_path.exists() else ({"kl": 0.0} if name == "original" else None)
         if ev is not None and any(t not in ev.tasks for t in TASKS):  # a --quick row: LAMBADA only
-            accs, stab = [], [None]
+            accs, stab, agree = [], [None], [None]
         else:
             accs = [ev.tasks[t].metrics["acc"] for t in TASKS] if ev else []
             stab = [ev.tasks[t].metrics.get("stability") for t in TASKS] if ev else [None]
+            # unweighted: stability's confidence weights rest on 1 of PIQA's 100 examples and 2 of ARC-Easy's
+            agree = [ev.tasks[t].metrics.get("agreement") for t in TASKS] if ev else [None]
         cure = (rec.get("seconds_by_stage") or {}).get("cure")
         removed = rec.get("removed") or []
         cells = [name, ",".join(map(str, removed)) or "-",
@@ -336,6 +338,7 @@ def table(work: Path, names: list[str], models: Path | None = None) -> str:
                  f"{100 * ev.tasks[LAMBADA].metrics['acc']:.0f}" if ev else "-",
                  f"{ev.perplexity[LAMBADA].perplexity:.1f}" if ev else "-",
                  f"{sum(stab) / len(stab):.3f}" if None not in stab else "-",
+                 f"{sum(agree) / len(agree):.3f}" if None not in agree else "-",
                  f"{fit['kl']:.3f}" if fit else "-", f"{rec['seconds']:.0f}" if name != "original" else "-", f"{cure:.0f}" if cure else "-",
                  f"{rec['peak_rss_mib']:,.0f}" if rec.get("peak_rss_mib") else "-"]
         lines.append("| " + " | ".join(cells) + " |")
