@@ -196,15 +196,18 @@ def cmd_collect(args) -> int:
     out = Path(args.folder)
     dest = Path(args.results)
     dest.mkdir(parents=True, exist_ok=True)
-    for name, target in [("layerfold.json", "layerfold.json"), ("eval.json", "eval.json")]:
+    for name, target in [("layerfold.json", "layerfold.json"), ("eval_after.json", "eval.json")]:
         if (out / name).exists():
             shutil.copy(out / name, dest / f"{args.name}.{target}")
     return 0
 
 
-def _rows(results: Path):
-    for path in sorted(results.glob("*.layerfold.json")):
-        name = path.name[: -len(".layerfold.json")]
+def _rows(results: Path, also=()):
+    """(name, layerfold.json, run record) per row: --results' rows, then each --also NAME=PATH
+    (a layerfold.json of a run made elsewhere, e.g. an earlier session's)."""
+    paths = [(p.name[: -len(".layerfold.json")], p) for p in sorted(results.glob("*.layerfold.json"))]
+    paths += [(a.partition("=")[0], Path(a.partition("=")[2])) for a in also]
+    for name, path in paths:
         d = json.loads(path.read_text())
         run = results / f"{name}.run.json"
         yield name, d, (json.loads(run.read_text()) if run.exists() else {})
@@ -213,17 +216,27 @@ def _rows(results: Path):
 def cmd_table(args) -> int:
     results = Path(args.results)
     print("| recipe | PIQA | ARC-e | LAMBADA acc | mean acc (% of orig) | LAMBADA text ppl (x orig) | held-out KL | top-1 "
-          "| stability PIQA/ARC | params | select s | repair s | heal s | CPU s (run) | wall s (run) | peak RSS |")
-    print("|" + "---|" * 16)
+          "| stability PIQA/ARC | agreement PIQA/ARC | params | select s | repair s | heal s | CPU s (run) | wall s (run) | peak RSS |")
+    print("|" + "---|" * 17)
+    from layerfold.eval.result import EvalResult
+
     orig = None
-    for name, d, run in _rows(results):
+    orig_path = results / "original.limit100.eval.json"
+    orig_eval = EvalResult.load(orig_path) if orig_path.exists() else None
+    evals = {}
+    for spec in args.also:
+        name, _, path = spec.partition("=")
+        ev_path = Path(path.replace(".layerfold.json", ".eval.json"))
+        if ev_path.exists():
+            evals[name] = EvalResult.load(ev_path)
+    for name, d, run in _rows(results, args.also):
         ev = d.get("evaluation") or {}
         b, a = ev.get("before") or {}, ev.get("after") or {}
         if orig is None and b:
             orig = b
             m = (b["piqa/acc"] + b["arc_easy/acc"] + b["lambada_openai/acc"]) / 3
             print(f"| original | {b['piqa/acc']*100:.0f} | {b['arc_easy/acc']*100:.0f} | {b['lambada_openai/acc']*100:.0f} "
-                  f"| {m*100:.1f} (100%) | {b['ppl/lambada_openai']:.2f} (1.00) | 0 | 100% | - | {b['cost/parameters']:,} "
+                  f"| {m*100:.1f} (100%) | {b['ppl/lambada_openai']:.2f} (1.00) | 0 | 100% | - | - | {b['cost/parameters']:,} "
                   "| - | - | - | - | - | - |")
         if not a:
             continue
@@ -232,13 +245,19 @@ def cmd_table(args) -> int:
         secs = d.get("seconds") or {}
         sel = secs.get("importance", 0) + secs.get("search", 0)
         rep = secs.get("linear_repair", 0) + secs.get("replacement", 0)
-        gb = run.get("peak_rss_bytes", 0) / 2**30
+        for task in ("piqa", "arc_easy"):  # results written before `agreement` existed: from the examples
+            if f"{task}/agreement" not in a and name in evals and orig_eval is not None:
+                from layerfold.eval.stability import agreement
+                a[f"{task}/agreement"] = agreement(orig_eval.tasks[task].correct(), evals[name].tasks[task].correct())
+        rec = (lambda k, f: f.format(run[k]) if k in run else "-")
+        gb = f"{run['peak_rss_bytes'] / 2**30:.2f} GiB" if "peak_rss_bytes" in run else "-"
         print(f"| {name} | {a['piqa/acc']*100:.0f} | {a['arc_easy/acc']*100:.0f} | {a['lambada_openai/acc']*100:.0f} "
               f"| {m*100:.1f} ({m/m0*100:.1f}%) | {a['ppl/lambada_openai']:.2f} ({a['ppl/lambada_openai']/orig['ppl/lambada_openai']:.2f}) "
               f"| {a['heldout/kl']:.3f} | {a['heldout/top1']*100:.1f}% "
               f"| {a.get('piqa/stability', float('nan')):.3f}/{a.get('arc_easy/stability', float('nan')):.3f} "
+              f"| {a.get('piqa/agreement', float('nan')):.2f}/{a.get('arc_easy/agreement', float('nan')):.2f} "
               f"| {a['cost/parameters']:,} | {sel:.0f} | {rep:.0f} | {secs.get('heal', 0):.0f} "
-              f"| {run.get('cpu_seconds', 0):.0f} | {run.get('wall_seconds', 0):.0f} | {gb:.2f} GiB |")
+              f"| {rec('cpu_seconds', '{:.0f}')} | {rec('wall_seconds', '{:.0f}')} | {gb} |")
     return 0
 
 
@@ -250,7 +269,7 @@ def cmd_plot(args) -> int:
 
     results = Path(args.results)
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    for name, d, _ in _rows(results):
+    for name, d, _ in _rows(results, args.also):
         curve = d.get("heal_curve") or []
         held = [(p["tokens"], p["heldout"]["kl"]) for p in curve if p.get("heldout")]
         loss = [(p["tokens"], p["loss"]) for p in curve if p.get("loss") is not None]
@@ -282,8 +301,10 @@ def main(argv=None) -> int:
     c = sub.add_parser("collect")
     c.add_argument("name")
     c.add_argument("folder")
-    sub.add_parser("table")
+    t = sub.add_parser("table")
     pl = sub.add_parser("plot")
+    for q in (t, pl):
+        q.add_argument("--also", action="append", default=[], metavar="NAME=LAYERFOLD_JSON")
     pl.add_argument("--out", default=str(HERE / "frontier_healed_curves.png"))
     argv = list(sys.argv[1:] if argv is None else argv)
     # everything after "--" goes to `layerfold compress` untouched
