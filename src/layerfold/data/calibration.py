@@ -157,17 +157,20 @@ def _batch_path(prefix: str, index: int, rows: int) -> Path:
 
 
 def cache_lock(path: Path):
-    """A lock on the cache entry ``path`` (a file beside it), so that runs sharing a cache write
-    each entry once; no lock where the cache folder cannot be written."""
+    """A lock on the cache entry ``path``, so that runs sharing a cache write each entry once.
+    The lock files live in the cache's own ``.locks`` folder (as huggingface_hub keeps its),
+    not beside the entries; no lock where that folder cannot be written."""
     from contextlib import nullcontext
 
     from filelock import FileLock
 
+    folder = cache_dir() / ".locks"
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        folder.mkdir(parents=True, exist_ok=True)
     except OSError:
         return nullcontext()
-    return FileLock(str(path.with_suffix(".lock")))
+    name = hashlib.sha256(str(Path(path).resolve()).encode()).hexdigest()[:20]
+    return FileLock(str(folder / f"{name}.lock"))
 
 
 def _batch_draws(seed: int, sizes: list[int]):
