@@ -86,8 +86,14 @@ def text_copy(model, tokenizer, rows: int = 16, length: int = 64, first: int = 3
     from layerfold.eval.tasks import resolve_task_path
 
     with open(resolve_task_path(LAMBADA), encoding="utf-8") as f:
-        lines = f.readlines()[first:first + rows]
-    halves = [tokenizer.encode(json.loads(x)["context"], add_special_tokens=False)[:length] for x in lines]
+        lines = f.readlines()[first:]
+    halves = []
+    for x in lines:  # the first ``rows`` passages of at least ``length`` tokens
+        t = tokenizer.encode(json.loads(x)["context"], add_special_tokens=False)
+        if len(t) >= length:
+            halves.append(t[:length])
+        if len(halves) == rows:
+            break
     ids = torch.tensor([h + h for h in halves])
     with torch.no_grad():
         logits = model(input_ids=ids, use_cache=False).logits
@@ -151,6 +157,7 @@ def run(work: Path, sets: dict[str, list[int]], limit: int, diag: bool, heldout:
         rec = {"name": name, "removed": removed, "limit": limit, "metrics": res.metrics if res else {}, "seconds": seconds,
                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "load": os.getloadavg(),
                "examples": rows}
+        path.write_text(json.dumps(rec))  # the slow part is kept even if an extra measure below fails
         if diag:  # the first ``diag`` examples
             for r, d in zip(rows, _diagnose(model, original.tokenizer, requests[:diag])):
                 r.update(d)
