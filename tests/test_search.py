@@ -114,22 +114,13 @@ def test_laco_accepts_merges_by_the_cosine_test():
     found = laco(model, ARCH, ids, 3, SearchOptions(rows=4, laco_merge=2, laco_threshold=0.5), progress=False)
     assert len(found["removed"]) == 3
     gone: set[int] = set()
-
-    def last_states(m):
-        out = []
-        h = m.model.layers[-1].register_forward_hook(lambda mod, i, o: out.append(o[0] if isinstance(o, tuple) else o))
-        with torch.no_grad():
-            m(input_ids=ids, use_cache=False)
-        h.remove()
-        return out[0]
-
-    reference = last_states(model)
+    reference = _last_states(model, ids)
     for i, step in enumerate(found["steps"]):
         gone |= set(step["merged"])
         m = copy.deepcopy(model)
         merge_repair(m, ARCH, sorted(gone), found["steps"][: i + 1])
         remove_layers(m, ARCH, sorted(gone))
-        cos = F.cosine_similarity(last_states(m), reference, dim=-1).mean().item()
+        cos = F.cosine_similarity(_last_states(m, ids), reference, dim=-1).mean().item()
         assert cos == pytest.approx(step["cosine"], abs=1e-5) and cos > step["threshold"]
     assert sorted(gone) == found["removed"]
 
