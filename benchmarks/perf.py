@@ -401,7 +401,9 @@ def parallel(args) -> None:
     does not matter here), LoRA and KL to the cached teacher, once in 1 process with
     ``--batch-size`` rows per micro-batch and once under `accelerate launch` with 2 processes of
     half that: the same global batch, so the same training up to float rounding. Each run has
-    its own teacher cache (both build it). Weight difference of the two outputs and times."""
+    its own teacher cache (both build it). Weight difference of the two outputs and times.
+    ``--launchers ddp,fsdp``: which 2-process runs (``fsdp``: `accelerate launch --use_fsdp`, the
+    decoder layers sharded over the processes, train.sharding)."""
     from safetensors.torch import load_file
 
     from layerfold.models.loading import load_model
@@ -430,12 +432,20 @@ def parallel(args) -> None:
                 "--heal-seq-len", str(args.seq_len), "--heal-tokens", str(args.heal_tokens),
                 "--heal-batch-size", str(batch), "--dtype", "fp32", "--device", "cpu", "--force", "-o", str(out)]
 
-    runs = {"1 process": heal_args(work / "out-1", args.batch_size),
-            "2 processes": [*LAUNCH, "--num_processes", "2", "--main_process_port", str(29500 + os.getpid() % 500),
-                            *heal_args(work / "out-2", args.batch_size // 2)]}
+    port = str(29500 + os.getpid() % 500)
+    launchers = [x.strip() for x in args.launchers.split(",") if x.strip()]
+    outs = {"1 process": work / "out-1", "2 processes": work / "out-2", "2 processes, FSDP": work / "out-2-fsdp"}
+    runs = {"1 process": heal_args(outs["1 process"], args.batch_size)}
+    if "ddp" in launchers:
+        runs["2 processes"] = [*LAUNCH, "--num_processes", "2", "--main_process_port", port,
+                               *heal_args(outs["2 processes"], args.batch_size // 2)]
+    if "fsdp" in launchers:  # the same launcher with ACCELERATE_USE_FSDP
+        runs["2 processes, FSDP"] = [*[("--use_fsdp" if a == "--multi_gpu" else a) for a in LAUNCH], "--num_processes",
+                                     "2", "--main_process_port", port,
+                                     *heal_args(outs["2 processes, FSDP"], args.batch_size // 2)]
     rows = {}
     for name, cmd in runs.items():
-        cache = work / f"cache-{name.split()[0]}"
+        cache = work / f"cache-{name.split()[0]}{'-fsdp' if 'FSDP' in name else ''}"
         shutil.rmtree(cache, ignore_errors=True)
         env = dict(os.environ, OMP_NUM_THREADS=str(args.threads or 1), LAYERFOLD_CACHE=str(cache),
                    ACCELERATE_CONFIG_FILE=os.devnull)
@@ -447,7 +457,7 @@ def parallel(args) -> None:
         if done.returncode != 0:
             raise SystemExit(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
         peak, cpu = done.stdout.strip().splitlines()[-2:]
-        out = work / ("out-1" if name == "1 process" else "out-2")
+        out = outs[name]
         record = json.loads((out / "layerfold.json").read_text())
         steps = [json.loads(line) for line in Path(str(out) + ".log.jsonl").read_text().splitlines()
                  if '"event": "step"' in line]
@@ -464,12 +474,20 @@ def parallel(args) -> None:
             out.update(load_file(f))
         return out
 
-    w1, w2, w0 = weights(work / "out-1"), weights(work / "out-2"), weights(student)
-    assert w1.keys() == w2.keys()
-    diff = max((w1[k] - w2[k]).abs().max().item() for k in w1)
+    w1, w0 = weights(outs["1 process"]), weights(student)
+    diffs = {}
+    for name in runs:
+        if name != "1 process":
+            w2 = weights(outs[name])
+            assert w1.keys() == w2.keys()
+            diffs[name] = max((w1[k] - w2[k]).abs().max().item() for k in w1)
     moved = max((w1[k] - w0[k]).abs().max().item() for k in w1 if k in w0)
-    save("parallel", {"heal_tokens": args.heal_tokens, "seq_len": args.seq_len, "global_batch": args.batch_size,
-                      "max_abs_weight_difference": diff, "max_abs_healing_change": moved, "runs": rows})
+    record = {"heal_tokens": args.heal_tokens, "seq_len": args.seq_len, "global_batch": args.batch_size,
+              "max_abs_healing_change": moved, "runs": rows}
+    if launchers == ["ddp"]:  # the file as it was first written
+        save("parallel", {**record, "max_abs_weight_difference": diffs["2 processes"]})
+    else:
+        save("parallel-" + "-".join(launchers), {**record, "max_abs_weight_difference": diffs})
 
 
 def main() -> None:
@@ -487,6 +505,7 @@ def main() -> None:
     ap.add_argument("--shapes", default="5gb", help=f"rss: model shapes, of {sorted(SHAPES)}")
     ap.add_argument("--work", default="/tmp/layerfold-perf", help="rss: folder for the random models")
     ap.add_argument("--heal-tokens", type=int, default=4096, help="heal, parallel: healing budget of each run")
+    ap.add_argument("--launchers", default="ddp", help="parallel: the 2-process runs, of ddp,fsdp")
     ap.add_argument("--variants", default="all", help="heal: all, or comma-separated parts of variant names")
     ap.add_argument("--env", default="", help="heal: KEY=VALUE,... added to the runs' environment")
     ap.add_argument("--label", default="", help="heal: result file name part (default: from --variants)")

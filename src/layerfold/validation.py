@@ -571,6 +571,11 @@ def _check_heal(o, loaded=None) -> None:
     o.healing.validate()
     if o.model.model is None and loaded is None:
         raise LayerfoldError("give the compressed model folder to heal")
+    from .train.parallel import fsdp_requested, launched_processes
+
+    if o.model.placement is not None and fsdp_requested() and launched_processes() > 1:
+        raise LayerfoldError("a device map (--device-map) and FSDP (accelerate launch --use_fsdp) are two ways to spread "
+                             "a model: choose one")
     if o.output.dry_run:  # the memory estimate reads the configs only: plan before the weights are downloaded
         return
     facts = _facts(o.model, loaded)

@@ -38,11 +38,12 @@ from ..errors import LayerfoldError, RuntimeFailure
 from ..models.loading import input_device
 from ..models.saving import _pid_alive
 from ..models.surgery import count_parameters
-from .allocator import return_freed_memory
+from .allocator import return_freed_memory, trim
 from .capture import layer_outputs, model_layers
 from .head import OutputHead, run_for_hidden
 from .losses import Loss, LossInputs, logit_terms
 from .parallel import Processes, processes
+from . import sharding
 from .teacher import OnTheFlyTeacher, TeacherCache
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -478,11 +479,14 @@ class _Checkpoints:
                 f"{self.path}: the checkpoint belongs to a different run (other settings, data or model); "
                 "start without resuming or use another checkpoint folder"
             )
-        with torch.no_grad():
-            by_name = dict(params)
-            for n, t in state["trainable"].items():
-                by_name[n].copy_(t)
-        optimizer.load_state_dict(state["optimizer"])
+        if any(sharding.is_sharded(p) for _, p in params):  # FSDP: this process's shards of the whole tensors
+            sharding.load_sharded(optimizer, params, state["trainable"], state["optimizer"])
+        else:
+            with torch.no_grad():
+                by_name = dict(params)
+                for n, t in state["trainable"].items():
+                    by_name[n].copy_(t)
+            optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"])
         history.records = json.loads(state["history"])
@@ -496,14 +500,18 @@ class _Checkpoints:
         every, last = self.config.checkpoint_every, step == self.config.steps
         if self.path is None or not every or not (step % every == 0 or last):
             return
+        sharded = any(sharding.is_sharded(p) for _, p in params)
+        if sharded:  # FSDP: every process takes part in gathering the whole tensors, the main one writes them
+            trainable = {n: sharding.full_tensor(p.detach()) for n, p in params}
+            optimizer_state = sharding.full_optimizer_state(optimizer)
         if not self.writes:  # the weights are the same in every process: the main one writes them
             self.last_step = step
             return
         state = {
             "step": step,
             "fingerprint": self.fingerprint,
-            "trainable": {n: p.detach().clone() for n, p in params},
-            "optimizer": optimizer.state_dict(),
+            "trainable": trainable if sharded else {n: p.detach().clone() for n, p in params},
+            "optimizer": optimizer_state if sharded else optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "rng": torch.get_rng_state(),
             "history": json.dumps(history.records),
@@ -531,19 +539,25 @@ def _step(objective, rows: Callable[[int], list[int]], step: int, config: TrainC
         for name, value in parts.items():
             terms[name] = terms.get(name, 0.0) + value.item() / config.grad_accum
         del total, parts
+        trim()  # the micro-batch's freed activations leave memory (train.allocator)
     if procs is not None and procs.parallel:
-        procs.average([p.grad for _, p in params if p.grad is not None])
+        # FSDP has averaged the sharded layers' gradients already (in their backward)
+        procs.average([p.grad for _, p in params if p.grad is not None and not sharding.is_sharded(p.grad)])
         names = sorted(terms)
         total_value, *values = procs.mean([total_value, *(terms[k] for k in names)])
         terms = dict(zip(names, values))
     grad_norm = None
     if config.max_grad_norm:
-        grad_norm = float(torch.nn.utils.clip_grad_norm_([p for _, p in params], config.max_grad_norm))
+        if any(sharding.is_sharded(p) for _, p in params):
+            grad_norm = sharding.grad_norm_and_clip([p for _, p in params], config.max_grad_norm)
+        else:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_([p for _, p in params], config.max_grad_norm))
         if not math.isfinite(grad_norm):  # the step would write NaN into the weights
             raise Diverged(step + 1, f"gradient norm {grad_norm}")
     lr = optimizer.param_groups[0]["lr"]
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)  # no gradients held through validation and checkpoints
+    trim()
     scheduler.step()
     return {"event": "step", "step": step + 1, "loss": total_value, **{f"loss_{k}": v for k, v in terms.items()},
             "lr": lr, "grad_norm": grad_norm}
@@ -561,6 +575,7 @@ def fit(
     eval_fn: Callable[[nn.Module], dict] | None = None,
     on_step: Callable[[int, dict], None] | None = None,
     log_header: dict | None = None,
+    layers: Sequence[nn.Module] = (),
 ) -> TrainResult:
     """Train the parameters of ``model`` chosen by ``trainable`` (see :func:`select_trainable`)
     to minimise ``objective`` over ``rows`` (a count, or the row indices to train on).
@@ -570,7 +585,8 @@ def fit(
     kept (in memory, or in ``best_state_dir``) and restored at the end. ``eval_fn(model) ->
     dict`` runs on the same steps and its numbers join the step's record. ``on_step(step,
     record)`` runs after each optimizer step. With ``log_header`` the log starts with it (a
-    ``config`` record) and ends with a ``done`` record.
+    ``config`` record) and ends with a ``done`` record. ``layers``: the model's decoder layers,
+    sharded over the processes for the training under FSDP (:mod:`.sharding`), whole again after.
     """
     from tqdm.auto import tqdm
 
@@ -581,12 +597,16 @@ def fit(
         raise LayerfoldError("no training rows")
     params = select_trainable(model, trainable)
     procs = processes()
+    digest = model_digest(model) if config.checkpoint_dir else ""  # of the whole weights, before sharding
+    sharded = sharding.shard(layers, procs.reshard_after_forward) if procs.sharded and layers else None
+    if sharded is not None:  # the same names, now DTensors
+        params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     optimizer = _optimizer(params, config)
     scheduler = _scheduler(optimizer, config)
     history = _History(config, log_header, _BestState(params, best_state_dir) if validate is not None else None,
                        writes=procs.main)
     fingerprint = (_fingerprint(config, objective, train_rows, [n for n, _ in params], validate is not None,
-                                model_digest(model), procs.count) if config.checkpoint_dir else "")
+                                digest, procs.count) if config.checkpoint_dir else "")
     checkpoints = _Checkpoints(config, fingerprint, writes=procs.main)
     torch.manual_seed(config.seed)
     start = resumed = checkpoints.restore(model, params, optimizer, scheduler, history)
@@ -635,6 +655,8 @@ def fit(
         if history.best_val is not None:
             history.best.restore()
         model.eval()
+    if sharded is not None:  # whole again (a collective: not after a failure, when the others may be gone)
+        sharding.unshard(sharded, keep=procs.main)
     seconds = time.perf_counter() - t0
     history.close(config.steps, seconds)
     return TrainResult(
@@ -663,7 +685,7 @@ def train(
     config.validate()
     objective = Distillation(student, data, losses, teacher=teacher, arch=arch, logit_chunk=logit_chunk)
     return fit(student, objective, config, rows=objective.rows, trainable=trainable, eval_fn=eval_fn,
-               on_step=on_step)
+               on_step=on_step, layers=objective.layers)
 
 
 def _call(objective, rows: list[int], autocast) -> tuple[torch.Tensor, dict]:

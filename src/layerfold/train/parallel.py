@@ -17,8 +17,13 @@ the command; accelerate's ``PartialState`` reads the launcher's environment (``W
 
 With equal-length rows and losses averaged over positions (healing's), the result equals a
 one-process run with ``batch_size x processes`` rows per micro-batch, up to float rounding of
-the sums (tests/test_parallel.py). FSDP (each process holding a shard of the weights) is
-accelerate's ``--use_fsdp``; it is refused here with the commands that work (see README).
+the sums (tests/test_parallel.py).
+
+``accelerate launch --use_fsdp`` (its ``ACCELERATE_USE_FSDP``) asks for FSDP: the same, except
+that each process holds only a shard of every decoder layer while it trains (:mod:`.sharding`);
+of accelerate's FSDP settings ``--fsdp_reshard_after_forward false`` (or ``SHARD_GRAD_OP``,
+``NO_RESHARD``) is honoured, the wrapping (each decoder layer) and the engine (FSDP2) are
+layerfold's.
 """
 
 from __future__ import annotations
@@ -47,6 +52,8 @@ class Processes:
     count: int = 1
     index: int = 0
     device: torch.device | None = None  # the device the launcher gives this process (a GPU per process)
+    sharded: bool = False  # FSDP: the decoder layers are sharded over the processes while they train
+    reshard_after_forward: bool = True  # FSDP: a layer frees its gathered weights after its forward
 
     @property
     def main(self) -> bool:
@@ -112,11 +119,10 @@ def processes() -> Processes:
     if launched_processes() <= 1:
         _CURRENT = Processes()
         return _CURRENT
-    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true", "yes"):
-        raise LayerfoldError(
-            "FSDP healing is not supported by layerfold: launch data-parallel healing "
-            "(accelerate launch --multi_gpu --num_processes N -m layerfold heal ...) when the model fits one "
-            "device, or one process with --device-map auto (layers spread over the GPUs, the CPU and disk) when it does not")
+    if fsdp_requested() and _env_flag("FSDP_OFFLOAD_PARAMS", False):
+        raise LayerfoldError("FSDP with parameter offload (--fsdp_offload_params true) is not supported by layerfold's "
+                             "FSDP healing: turn it off, or heal in one process with --device-map auto (layers in CPU RAM "
+                             "and on disk)")
     from accelerate import PartialState
 
     # cpu=True without GPUs: accelerate joins CPU processes over gloo (MULTI_CPU)
@@ -124,5 +130,21 @@ def processes() -> Processes:
     if state.num_processes <= 1:
         _CURRENT = Processes()
         return _CURRENT
-    _CURRENT = Processes(state.num_processes, state.process_index, torch.device(state.device))
+    _CURRENT = Processes(state.num_processes, state.process_index, torch.device(state.device), fsdp_requested(),
+                         _env_flag("FSDP_RESHARD_AFTER_FORWARD", True))
     return _CURRENT
+
+
+def fsdp_requested() -> bool:
+    """Whether the launcher asks for FSDP (``accelerate launch --use_fsdp``, or a config file
+    with ``distributed_type: FSDP``)."""
+    return _env_flag("ACCELERATE_USE_FSDP", False)
+
+
+def _env_flag(name: str, default: bool) -> bool:
+    value = os.environ.get(name, "").strip().lower()
+    if value in ("1", "true", "yes", "full_shard", "hybrid_shard"):
+        return True
+    if value in ("0", "false", "no", "shard_grad_op", "no_reshard", "hybrid_shard_zero2"):
+        return False
+    return default
