@@ -1,6 +1,6 @@
 """The quality frontier on the embedded SmolLM2-135M: every selection x repair, unhealed.
 
-For each plan SELECTION+REPAIR[:FIELD=VALUE...] (fields of LinearRepairOptions for linear),
+For each plan SELECTION+REPAIR[:FIELD=VALUE...] (fields of LinearRepairOptions or SearchOptions),
 remove ``--remove`` layers as ``layerfold compress --select SELECTION --repair REPAIR`` would
 (the same registry: make_plan / apply_plan), then measure, with no training:
 
@@ -39,6 +39,7 @@ from layerfold.eval.heldout import compare_to_reference, heldout_ids, reference_
 from layerfold.importance import measure_similarity
 from layerfold.methods.registry import SELECTIONS, Evidence, SelectionOptions, apply_plan, make_plan
 from layerfold.methods.replaceme import LinearRepairOptions
+from layerfold.methods.search import SearchOptions
 from layerfold.models.loading import load_model
 from layerfold.models.surgery import count_parameters
 from layerfold.recipe import CompressOptions
@@ -47,17 +48,28 @@ TASKS = ["piqa", "arc_easy", "lambada_openai"]
 
 
 def parse_plan(spec: str, remove: int) -> CompressOptions:
+    """SELECTION+REPAIR[:FIELD=VALUE...], the fields of LinearRepairOptions or SearchOptions."""
     head, *pairs = spec.split(":")
     selection, _, repair = head.partition("+")
-    kinds = {f.name: f.type for f in fields(LinearRepairOptions)}
-    changes = {}
+    groups = {"linear": LinearRepairOptions, "search": SearchOptions}
+    changes: dict[str, dict] = {g: {} for g in groups}
     for pair in pairs:
         key, _, value = pair.partition("=")
-        if key not in kinds:
-            raise SystemExit(f"unknown LinearRepairOptions field {key!r}")
-        changes[key] = value if kinds[key] in ("str", str) else (int(value) if kinds[key] in ("int", int) else float(value))
+        group = next((g for g, cls in groups.items() if key in {f.name for f in fields(cls)}), None)
+        if group is None:
+            raise SystemExit(f"unknown LinearRepairOptions or SearchOptions field {key!r}")
+        kind = {f.name: f.type for f in fields(groups[group])}[key]
+        changes[group][key] = value if kind in ("str", str) else (int(value) if kind in ("int", int) else float(value))
     return CompressOptions(selection=SelectionOptions(select=selection, repair=repair or "none", remove=remove),
-                           linear=replace(LinearRepairOptions(), **changes), progress=False)
+                           linear=replace(LinearRepairOptions(), **changes["linear"]),
+                           search=replace(SearchOptions(), **changes["search"]), progress=False)
+
+
+def search_key(opts: CompressOptions) -> str:
+    """The search options that differ from the defaults, for the search's cache file name."""
+    default = SearchOptions()
+    return "".join(f":{f.name}={getattr(opts.search, f.name)}" for f in fields(SearchOptions)
+                   if getattr(opts.search, f.name) != getattr(default, f.name))
 
 
 class Bench:
@@ -93,7 +105,7 @@ class Bench:
             self.scores()
             return Evidence(scores=self._scores), self.score_seconds
         if sel.needs == "search":  # cached per selection: every repair reuses its choice
-            path = self.work / f"search-{selection}-remove{self.args.remove}.json"
+            path = self.work / f"search-{selection}{search_key(opts)}-remove{self.args.remove}.json"
             if not path.exists():
                 t = time.perf_counter()
                 found = sel.search(self.loaded.model, self.loaded.arch, self.calib, self.args.remove, opts.search,

@@ -296,25 +296,33 @@ def laco(model: nn.Module, arch: Architecture, ids: torch.Tensor, n: int, opts: 
     def layer(j: int) -> nn.Module:
         return current.get(j, stack.layers[j])
 
-    def similarity(kept: list[int], override: dict[int, nn.Module]) -> float:
+    def similarity(kept: list[int], override: dict[int, nn.Module], p: int, entering: list[list]) -> float:
+        """Mean per-token cosine of the candidate's last-layer output to the original's. The
+        candidate differs from M* only from position p up, so it starts from M*'s state there."""
         cos = count = 0.0
         for b in range(len(stack.rows)):
-            out = stack.run(kept, b, override=override)
+            out = stack.run(kept, b, h=entering[b][p], start=p, override=override)
             cos += float(F.cosine_similarity(out.float(), original[b].float(), dim=-1).double().sum())
             count += out.shape[0] * out.shape[1]
         return cos / count
 
     try:
         while len(removed) < n:
-            accepted = False
+            accepted, best = False, -math.inf
             kept = [l for l in range(L) if l not in removed]
+            # the states entering each layer of M*; an accepted merge changes M* only at and above
+            # its base, and the scan then moves down, so they stay valid for the rest of the scan
+            entering = [[] for _ in stack.rows]
+            for b in range(len(stack.rows)):
+                stack.run(kept, b, override=current, record=entering[b])
             p = len(kept) - opts.laco_merge  # position of the base in the kept layers, from the top
             while p >= 1 and len(removed) < n:  # layer 0 is never a base; the top layer may be a follower
                 take = min(opts.laco_merge - 1, n - len(removed))
                 base, followers = kept[p], kept[p + 1: p + 1 + take]
                 merged = merged_layer(layer(base), [layer(j) for j in followers])
                 override = {j: m for j, m in current.items() if j not in followers} | {base: merged}
-                sim = similarity([l for l in kept if l not in followers], override)
+                sim = similarity([l for l in kept if l not in followers], override, p, entering)
+                best = max(best, sim)
                 if sim > threshold:
                     removed |= set(followers)
                     current = override
@@ -326,7 +334,12 @@ def laco(model: nn.Module, arch: Architecture, ids: torch.Tensor, n: int, opts: 
                 else:
                     p -= 1
             if not accepted:
+                # M* did not change, so a scan at a lower threshold sees the same cosines: lower it
+                # by 0.05 steps at once until this scan's best would pass (the same result as
+                # rescanning after every step, without the empty scans)
                 threshold -= 0.05
+                while threshold >= best and threshold >= -1:
+                    threshold -= 0.05
                 if threshold < -1:
                     raise LayerfoldError(f"LaCo found no merge to remove {n} layers")
     finally:
