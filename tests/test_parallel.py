@@ -190,3 +190,36 @@ def test_fsdp_refuses_what_it_cannot_do_in_one_line(tiny_model_dir, tmp_path, ex
     assert r.stderr.strip().splitlines() == [r.stderr.strip()]  # one line
     assert "FSDP" in r.stderr and words in r.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_unshard_gives_back_the_plain_module(tiny_model_dir):
+    """In one process (a group of 1): sharding a decoder layer and taking FSDP off again leaves
+    the module as it was (its class, no hook, plain parameters of the same names and values),
+    and it computes what it computed before."""
+    import torch.distributed as dist
+
+    from layerfold.train import sharding
+    from layerfold.train.capture import model_layers
+
+    model = load_model(tiny_model_dir("llama"), dtype="fp32", device="cpu").model
+    layers = model_layers(model)
+    ids = torch.arange(2, 18).view(1, -1)
+    before_out = model(input_ids=ids).logits
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    cls = type(layers[0])
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        done = sharding.shard(layers)
+        assert type(layers[0]) is not cls and all(sharding.is_sharded(p) for p in layers[0].parameters())
+        sharded_out = model(input_ids=ids).logits
+        sharding.unshard(done)
+    finally:
+        dist.destroy_process_group()
+    assert type(layers[0]) is cls
+    assert not any(layers[0]._forward_pre_hooks) and not any(layers[0]._forward_hooks)
+    after = dict(model.named_parameters())
+    assert after.keys() == before.keys()
+    for n, p in after.items():
+        assert type(p) is torch.nn.Parameter and torch.equal(p.detach(), before[n]), n
+    assert torch.allclose(sharded_out, before_out, atol=1e-6)
+    assert torch.equal(model(input_ids=ids).logits, before_out)

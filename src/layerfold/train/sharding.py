@@ -40,6 +40,9 @@ _HOOK_TABLES = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forwar
 
 
 def is_sharded(t) -> bool:
+    """Whether ``t`` is a DTensor (an FSDP-sharded parameter, its gradient or AdamW moment)."""
+    if not torch.distributed.is_available():
+        return False
     from torch.distributed.tensor import DTensor
 
     return isinstance(t, DTensor)
