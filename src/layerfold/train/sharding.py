@@ -115,6 +115,8 @@ def unshard(sharded: Sharded, keep: bool = True) -> None:
                     whole = torch.empty_like(whole, device="meta")
                 # a plain attribute write: nn.Module.__setattr__ would go through FSDP's class
                 m._parameters[name] = nn.Parameter(whole, requires_grad=p.requires_grad)
+    # fully_shard's registry of the modules it manages: without this a second training of the
+    # same layers (another stage, another call) would be refused as sharding them twice
     from torch.distributed._composable_state import _module_state_mapping
 
     for b in sharded.before:
