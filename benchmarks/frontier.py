@@ -162,12 +162,31 @@ class Bench:
             record["seconds"]["tasks"] = time.perf_counter() - t
             record["task_limit"] = self.args.limit
             record["ppl_docs"] = self.args.ppl_docs
+            record["peak_rss_mib"] = peak_rss_mib()  # the process's peak so far: run one plan per process
             path.write_text(json.dumps(record, indent=1))
             s = record["tasks"]
             print(f"{spec}: PIQA {s.get('piqa/acc', float('nan')):.3f} ARC-e {s.get('arc_easy/acc', float('nan')):.3f} "
                   f"LAMBADA acc {s.get('lambada_openai/acc', float('nan')):.3f} "
                   f"text ppl {s.get('ppl/lambada_openai', float('nan')):.1f}", flush=True)
         return record
+
+
+def peak_rss_mib() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kilobytes on Linux
+
+
+def recorded_peak(work: Path, record: dict) -> str:
+    """The plan's peak RSS: its record's, else that of ``/usr/bin/time -v -o WORK/PLAN.time.txt``."""
+    if "peak_rss_mib" in record:
+        return f"{record['peak_rss_mib']:,.0f}"
+    path = work / f"{record['plan']}.time.txt"
+    if path.exists():
+        for line in path.read_text().splitlines():
+            if "Maximum resident set size" in line:
+                return f"{int(line.split(':')[-1]) / 1024:,.0f}"
+    return "-"
 
 
 def machine() -> dict:
@@ -185,13 +204,13 @@ def table(work: Path, remove: int) -> str:
     original = next(iter(sorted(work.glob("original-limit*.json"))), None)
     orig = json.loads(original.read_text())["summary"] if original else {}
     head = ("| plan | removed | held-out KL | top-1 | held-out ppl | PIQA | ARC-e | LAMBADA acc | LAMBADA ppl "
-            "| text ppl (x orig) | stability PIQA/ARC | params | select s | repair s |")
+            "| text ppl (x orig) | stability PIQA/ARC | params | select s | repair s | tasks s | peak RSS MiB |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     if orig:
         lines.append(f"| original | - | 0 | 1 | {rows[0]['heldout']['reference_ppl']:.1f} | {orig['piqa/acc']:.3f} "
                      f"| {orig['arc_easy/acc']:.3f} | {orig['lambada_openai/acc']:.3f} "
                      f"| {orig['lambada_openai/perplexity']:.1f} | {orig['ppl/lambada_openai']:.1f} (1.00) | - "
-                     f"| {rows[0]['params_before']:,} | - | - |")
+                     f"| {rows[0]['params_before']:,} | - | - | - | - |")
     for r in rows:
         h, t = r["heldout"], r.get("tasks") or {}
         ratio = t.get("ppl/lambada_openai", float("nan")) / orig.get("ppl/lambada_openai", float("nan")) if orig else float("nan")
@@ -200,7 +219,10 @@ def table(work: Path, remove: int) -> str:
         lines.append(f"| {r['plan']} | {','.join(map(str, r['removed']))} | {h['kl']:.3f} | {h['top1']:.3f} "
                      f"| {h['ppl']:.1f} | {cell('piqa/acc')} | {cell('arc_easy/acc')} | {cell('lambada_openai/acc')} "
                      f"| {cell('lambada_openai/perplexity', '{:.1f}')} | {cell('ppl/lambada_openai', '{:.1f}')}{f' ({ratio:.2f})' if t else ''} "
-                     f"| {stab} | {r['params']:,} | {r['seconds']['select']:.0f} | {r['seconds']['repair']:.0f} |")
+                     f"| {stab} | {r['params']:,} | {r['seconds']['select']:.0f} | {r['seconds']['repair']:.0f} "
+                     f"| {r['seconds']['tasks']:.0f} | {recorded_peak(work, r)} |" if "tasks" in r["seconds"] else
+                     f"| {stab} | {r['params']:,} | {r['seconds']['select']:.0f} | {r['seconds']['repair']:.0f} "
+                     f"| - | {recorded_peak(work, r)} |")
     return "\n".join(lines)
 
 

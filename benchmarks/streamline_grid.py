@@ -163,6 +163,9 @@ def main() -> None:
             store = None
         elif done.exists() and json.loads(done.read_text()) == key:
             store = PairStore.open(pairs_dir)
+            # the key's sum could coincide; the stored token ids cannot (2 MB to read)
+            if not torch.equal(store.read(range(store.samples))[2], text.ids):
+                sys.exit(f"{pairs_dir}: the stored pairs are of other text; remove the folder or use another")
         else:
             t = time.perf_counter()
             reset_peak()

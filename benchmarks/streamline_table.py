@@ -39,6 +39,8 @@ def table(r: dict) -> str:
             "| train s | peak RSS MiB |")
     rows = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---:|---:|"]
     for name, v in r["variants"].items():
+        if "tasks" not in v:  # a --no-eval row: only its curve (the plot)
+            continue
         t = v["tasks"]
         lam, piqa, arc = t["lambada_openai"], t["piqa"], t["arc_easy"]
         text = t.get("text:lambada_openai", {}).get("perplexity")
@@ -55,15 +57,30 @@ def table(r: dict) -> str:
 
 def plot(r: dict, path: str) -> None:
     """Validation loss against training tokens seen, one panel per loss, one line per variant
-    (absolute values: a closed-form init starts lower, which a ratio to step 0 would hide)."""
+    (absolute values: a closed-form init starts lower, which a ratio to step 0 would hide); a
+    last panel for the healed rows' training KL."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     trained = {n: v["training"] for n, v in r["variants"].items() if v.get("training")}
+    healed = {n: v for n, v in r["variants"].items() if v.get("heal")}
     losses = sorted({n.split(":")[0] for n in trained})
-    fig, axes = plt.subplots(1, len(losses), figsize=(4.5 * len(losses), 3.4), squeeze=False)
+    panels = len(losses) + bool(healed)
+    fig, axes = plt.subplots(1, panels, figsize=(4.5 * panels, 3.4), squeeze=False)
+    if healed:
+        # healing's training KL per step against the run's total training tokens: a budget split's
+        # healing starts after the tokens its replacement trained on, so equal budgets end together
+        ax = axes[0][-1]
+        for name, v in healed.items():
+            heal, tr = v["heal"], v.get("training") or {}
+            offset, per_step = tr.get("tokens_seen", 0), heal["tokens"] / heal["steps"]
+            ax.plot([offset + (i + 1) * per_step for i in range(len(heal["loss"]))], heal["loss"], marker="o",
+                    markersize=2, label=name)
+        ax.set_title("healing (LoRA + KL): training KL")
+        ax.set_xlabel("training tokens seen (replacement + healing)")
+        ax.legend(fontsize=8)
     for ax, loss in zip(axes[0], losses):
         for name, tr in trained.items():
             if name.split(":")[0] != loss:

@@ -42,24 +42,15 @@ ARCH_CONFIGS = {
 
 
 def tiny_tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{c: i + 3 for i, c in enumerate(alphabet)}}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="</s>"
-    )
+    """Byte-level BPE without merges or a chat template: one token per byte."""
+    return tiny_bpe_tokenizer(words=(), chat_template=None)
 
 
 CHAT_TEMPLATE = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
 _WORDS = ["the", "cat", "sat", "on", "mat", "then", "there"]
 
 
-def tiny_bpe_tokenizer(words=tuple(_WORDS)):
+def tiny_bpe_tokenizer(words=tuple(_WORDS), chat_template=CHAT_TEMPLATE):
     """Byte-level BPE with real merges (GPT-2 style) and a chat template; ``words=("t",)``
     makes one merge and fits the 260 rows of VOCAB."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
@@ -80,7 +71,7 @@ def tiny_bpe_tokenizer(words=tuple(_WORDS)):
     tok.decoder = decoders.ByteLevel()
     t = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
                                 pad_token="</s>")
-    t.chat_template = CHAT_TEMPLATE
+    t.chat_template = chat_template
     return t
 
 

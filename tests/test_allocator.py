@@ -75,6 +75,52 @@ def test_what_the_heap_kept_before_training_is_given_back():
     assert late["after_free"] > 150 and late["after_call"] < 30
 
 
+# after the thresholds are fixed, blocks above them are still cut from the heap's free chunks
+# (what the stages before training left), and stay resident when freed until a trim
+REUSE = r"""
+import json, os, torch
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+big = torch.ones(4 * 2**20); del big
+many = [torch.ones(2**18) for _ in range(200)]
+keep = torch.ones(2**14)
+del many
+from layerfold.train.allocator import return_freed_memory, trim
+return_freed_memory()
+start = rss()
+again = [torch.ones(2**18) for _ in range(200)]
+held = rss() - start
+del again
+after_free = rss() - start
+trim()
+print(json.dumps({"held": held, "after_free": after_free, "after_trim": rss() - start}))
+"""
+
+
+@glibc
+def test_blocks_cut_from_the_heap_during_training_leave_on_trim():
+    out = _run(REUSE, env=_clean_env())
+    assert out["held"] > 150
+    assert out["after_free"] > 150  # freed inside the heap: resident although above the threshold
+    assert out["after_trim"] < 30
+
+
+def test_every_micro_batch_and_step_trims(monkeypatch):
+    from layerfold.train import TrainConfig, fit, loop
+
+    calls = []
+    monkeypatch.setattr(loop, "trim", lambda: calls.append("trim"))
+    w = torch.nn.Linear(2, 1)
+
+    def objective(rows, autocast):
+        calls.append("forward")
+        return w(torch.ones(len(rows), 2)).pow(2).mean()
+
+    fit(w, objective, TrainConfig(steps=2, batch_size=1, grad_accum=3), rows=6, trainable=None)
+    assert calls == (["forward", "trim"] * 3 + ["trim"]) * 2
+
+
 @glibc
 def test_a_threshold_the_user_set_is_left_alone():
     code = ("import json; from layerfold.train.allocator import return_freed_memory as r; "

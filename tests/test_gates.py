@@ -351,3 +351,65 @@ def test_swap_scorer_reuses_the_prefix_and_matches_the_gated_model():
         assert scorer.start([2, 5]) == pytest.approx(masked_kl(model, arch, calib, teacher, [2, 5]), rel=1e-5)
         for cand in ([0, 5], [2, 7], [1, 6], [2, 5], [3, 4], [6, 7]):
             assert scorer.kl(cand) == pytest.approx(masked_kl(model, arch, calib, teacher, cand), rel=1e-5), cand
+
+
+def _hooked_block_influence(model, arch, ids):
+    """1 - mean cosine(input, output) of every decoder layer over all tokens, from forward
+    hooks on the full model (not the library's layer pass)."""
+    from layerfold.models.surgery import decoder_layers
+
+    cos = {}
+
+    def hook(l):
+        def fn(module, args, out):
+            x = args[0] if args else None
+            y = out[0] if isinstance(out, tuple) else out
+            cos[l] = torch.nn.functional.cosine_similarity(x.double(), y.double(), dim=-1).mean().item()
+        return fn
+
+    handles = [layer.register_forward_hook(hook(l)) for l, layer in enumerate(decoder_layers(model, arch))]
+    try:
+        with torch.no_grad():
+            model(input_ids=ids, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return [1.0 - cos[l] for l in range(len(cos))]
+
+
+def test_swap_window_ordered_by_block_influence_tries_the_expected_candidates():
+    """--gate-swap-order block-influence: the first round's candidates are exactly the swaps of
+    the ``window`` removed layers of highest Block Influence (computed here from hooks on the
+    full model) with the ``window`` kept layers of lowest; the gates' order gives another set on
+    this toy (so the test tells the two apart), and every candidate's KL is the gated model's."""
+    from layerfold.importance.gates import masked_kl
+
+    model, arch = _model_with_cancelling_pair()
+    model.eval()
+    calib = _ids()
+    base = GateOptions(steps=2, warm_start="none", swap_rounds=0, swap_rows=4, swap_window=2)
+    plain = gate_ranking(model, arch, calib, 3, base, progress=False)
+    removed = sorted(plain.removed)
+    bi = _hooked_block_influence(model, arch, calib)
+
+    def window(order):
+        kept = [l for l in range(8) if l not in removed]
+        out = sorted(removed, key=lambda l: -order[l])[:2]
+        back = sorted(kept, key=lambda l: order[l])[:2]
+        return {tuple(sorted((set(removed) - {o}) | {b})) for o in out for b in back}
+
+    expected = window(bi)
+    assert expected != window(plain.scores)  # the toy distinguishes the two orders
+    r = gate_ranking(model, arch, calib, 3, replace(base, swap_rounds=1, swap_order="block-influence"),
+                     progress=False)
+    assert r.swaps["order"] == "block-influence" and r.swaps["window"] == 2
+    tried = {tuple(t["removed"]) for t in r.swaps["tried"] if t["round"] == 1}
+    assert tried == expected
+    teacher = reference_log_probs(model, calib, 2)
+    for t in r.swaps["tried"]:
+        assert t["kl"] == pytest.approx(masked_kl(model, arch, calib[:4], teacher[:4], t["removed"]), rel=1e-5)
+    assert len(r.swaps["tried"]) == len(expected)
+    with pytest.raises(LayerfoldError, match="gate-swap-window"):
+        GateOptions(swap_window=0).validate()
+    with pytest.raises(LayerfoldError, match="gate-swap-order"):
+        GateOptions(swap_order="random").validate()

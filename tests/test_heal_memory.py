@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -27,8 +29,6 @@ def test_trained_parameters_equal_what_healing_really_trains(tiny_model_dir, tra
 
 
 def replace_kl(opts):
-    from dataclasses import replace
-
     return replace(opts, kl=0.0, ce=1.0)
 
 
@@ -45,7 +45,11 @@ def test_the_sums_by_hand(tiny_model_dir):
     assert need["trained_state_bytes"] == 6 * lora * 4 * 4
     per_layer = (6 * 64 + 2 * 32 + 4 * 128 + 4 * 7) * 4  # 6 H + 2 KV + 4 I + r per adapted linear
     assert need["activation_bytes"] == 32 * (6 * per_layer + 64 * 4)  # + the final norm's input
-    logits = 4 * 32 * 260 * 4 + 32 * 64 * 4  # the whole batch's logits fit one chunk
+    # the whole batch's logits fit one chunk; a frozen head: logits + one buffer (train/head.py)
+    logits = 2 * 32 * 260 * 4 + 32 * 64 * 4
+    assert need["logit_bytes"] == logits
+    trained_head = healing_needs(s, None, replace(opts, lm_head="train"), seq_len=16, dtype=torch.float32, tied=False)
+    assert trained_head["logit_bytes"] == 4 * 32 * 260 * 4 + 32 * 64 * 4  # recomputed in backward: four copies
     plain = need["plans"][0]["device_bytes"]
     assert plain == RUNTIME_BYTES + s.weight_bytes + 6 * lora * 16 + 32 * (6 * per_layer + 64 * 4) + logits
     ckpt = need["plans"][1]["device_bytes"]

@@ -28,11 +28,15 @@ def _data(rows=6, seq=SEQ, seed=0):
     return torch.randint(3, VOCAB, (rows, seq), generator=g)
 
 
-def _student(teacher):
+def _student(teacher, head_trains=True):
+    """A trainable student; with ``head_trains=False`` its output head (and a tied embedding) frozen,
+    as in LoRA healing: then the chunks take their gradients in forward (train/head.py)."""
     student = copy.deepcopy(teacher).train()
     remove_layers(student, architecture_for(student.config), [2])
     for p in student.parameters():
         p.requires_grad_(True)
+    if not head_trains:
+        student.get_output_embeddings().weight.requires_grad_(False)
     return student
 
 
@@ -59,16 +63,23 @@ def _assert_same(a, b, tol=1e-6):
         assert torch.allclose(grads_a[n], grads_b[n], rtol=1e-5, atol=tol), n
 
 
+@pytest.mark.parametrize("head_trains", [True, False], ids=["head trained (checkpointed chunks)",
+                                                           "head frozen (gradients in forward)"])
 @pytest.mark.parametrize("model_type", sorted(ARCH_CONFIGS))
-def test_chunked_losses_equal_the_full_logit_path(model_type, tmp_path):
+def test_chunked_losses_equal_the_full_logit_path(model_type, head_trains, tmp_path):
     teacher = build_tiny(model_type, layers=4)
     data = _data()
     cache = build_teacher_cache(_loaded(teacher), data, topk=16, temperature=2.0, layers=[-1], batch_size=4,
                                 folder=tmp_path / "cache", progress=False)
-    student = _student(teacher)
+    cache1 = build_teacher_cache(_loaded(teacher), data, topk=16, temperature=1.0, layers=[-1], batch_size=4,
+                                 folder=tmp_path / "cache1", progress=False)
+    student = _student(teacher, head_trains)
+    if model_type == "gemma2":
+        student.config.final_logit_softcapping = 0.5  # a cap that matters: its gradient is taken by hand too
     cases = {
         "ce": ([NextTokenLoss()], None),
         "kl, top-k cache": ([LogitKL(temperature=2.0)], cache),
+        "kl, top-k cache, temperature 1": ([LogitKL()], cache1),
         "kl, live teacher": ([LogitKL(temperature=2.0)], teacher),
         "ce + kl + mse, top-k cache": ([NextTokenLoss(weight=0.5), LogitKL(temperature=2.0), HiddenMSE({-1: -1})], cache),
     }
@@ -123,6 +134,15 @@ def test_the_head_never_sees_more_than_a_chunk(tmp_path):
     positions = ROWS * SEQ
     assert max(sizes) == CHUNK and sum(sizes) == 2 * positions, sizes
     sizes.clear()
+    frozen = _student(teacher, head_trains=False)
+    handle = frozen.get_output_embeddings().register_forward_hook(
+        lambda m, a, out: sizes.append(out.shape[:-1].numel()))
+    try:
+        _loss_and_grads(frozen, data, [NextTokenLoss(), LogitKL()], teacher, chunk=CHUNK)
+    finally:
+        handle.remove()
+    assert max(sizes) == CHUNK and sum(sizes) == positions, sizes  # a frozen head: each chunk once
+    sizes.clear()
     handle = student.get_output_embeddings().register_forward_hook(
         lambda m, a, out: sizes.append(out.shape[:-1].numel()))
     try:
@@ -143,3 +163,32 @@ def test_gemma2_logit_cap_is_applied_in_chunks():
     student.config.final_logit_softcapping = None
     c = _loss_and_grads(student, _data(), [NextTokenLoss()], None, chunk=CHUNK)
     assert abs(c[0]["ce"] - b[0]["ce"]) > 1e-3
+
+
+@pytest.mark.parametrize("tau", [1.0, 2.0])
+def test_direct_gradients_equal_autograd_on_a_large_vocabulary(tau):
+    """position_sum_and_grad against autograd through position_sum, on logits of the size the
+    auto chunk takes (85 x 49,152), with a top-k cache, full teacher logits, and targets."""
+    from layerfold.train.losses import TeacherOutputs
+
+    g = torch.Generator().manual_seed(1)
+    n, v, k, t = 85, 49152, 64, 17
+    logits = torch.randn(n, v, generator=g) * 4
+    teacher = torch.randn(n, v, generator=g) * 4
+    top = (teacher / tau).topk(k, dim=-1)
+    cache = TeacherOutputs(topk_values=top.values.mul(tau).half().float().reshape(5, t, k),
+                           topk_indices=top.indices.reshape(5, t, k),
+                           logsumexp=torch.logsumexp(teacher / tau, -1).reshape(5, t), temperature=tau)
+    ids = torch.randint(0, v, (5, t), generator=g)
+    cases = [(LogitKL(temperature=tau), cache), (LogitKL(temperature=tau), TeacherOutputs(logits=teacher.reshape(5, t, v))),
+             (NextTokenLoss(), None)]
+    for loss, teacher_out in cases:
+        x = SimpleNamespace(teacher=teacher_out, input_ids=ids)
+        z = logits.clone().requires_grad_()
+        expected = loss.position_sum(z, x, 0, n)
+        (expected_grad,) = torch.autograd.grad(expected, z)
+        value, grad = loss.position_sum_and_grad(logits, x, 0, n)
+        assert value.item() == pytest.approx(expected.item(), rel=1e-6), loss
+        assert torch.allclose(grad, expected_grad, rtol=1e-5, atol=1e-7), (loss, (grad - expected_grad).abs().max())
+        if teacher_out is cache:
+            assert value.item() == expected.item()  # the same log_softmax: the same value to the bit

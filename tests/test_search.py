@@ -124,14 +124,105 @@ def test_laco_accepts_merges_by_the_cosine_test():
         return out[0]
 
     reference = last_states(model)
-    for step in found["steps"]:
+    for i, step in enumerate(found["steps"]):
         gone |= set(step["merged"])
         m = copy.deepcopy(model)
-        merge_repair(m, ARCH, sorted(gone))
+        merge_repair(m, ARCH, sorted(gone), found["steps"][: i + 1])
         remove_layers(m, ARCH, sorted(gone))
         cos = F.cosine_similarity(last_states(m), reference, dim=-1).mean().item()
         assert cos == pytest.approx(step["cosine"], abs=1e-5) and cos > step["threshold"]
     assert sorted(gone) == found["removed"]
+
+
+def _last_states(m, ids):
+    out = []
+    h = m.model.layers[-1].register_forward_hook(lambda mod, i, o: out.append(o[0] if isinstance(o, tuple) else o))
+    with torch.no_grad():
+        m(input_ids=ids, use_cache=False)
+    h.remove()
+    return out[0]
+
+
+@torch.no_grad()
+def _laco_by_hand(model, ids, n, merge, interval, threshold):
+    """LaCo's Algorithm 1 on a stock model, written out: merge, in the CURRENT model, the next
+    merge-1 layers into position p (each linear weight W_p + sum (W_f - W_p), W_p un-updated
+    within the step), keep the result if the mean per-token cosine of the last layer's output to
+    the original's is above the threshold and move ``interval`` down, else one down; stop at n
+    removed; a scan with no acceptance lowers the threshold by 0.05. Returns the steps
+    (original layer numbers) and the final model."""
+    reference = _last_states(model, ids)
+    current = copy.deepcopy(model)
+    names = list(range(len(model.model.layers)))  # original number of each current layer
+    steps, removed = [], 0
+    while removed < n:
+        accepted = False
+        p = len(names) - merge
+        while p >= 1 and removed < n:
+            take = min(merge - 1, n - removed)
+            trial = copy.deepcopy(current)
+            layers = trial.model.layers
+            base = layers[p]
+            for mod_name, lin in base.named_modules():
+                if isinstance(lin, torch.nn.Linear):
+                    w0 = lin.weight.detach().clone()
+                    lin.weight += sum(dict(layers[p + k].named_modules())[mod_name].weight - w0
+                                      for k in range(1, take + 1))
+            for k in range(take, 0, -1):
+                del layers[p + k]
+            trial.config.num_hidden_layers = len(layers)
+            for i, layer in enumerate(layers):
+                layer.self_attn.layer_idx = i
+            cos = F.cosine_similarity(_last_states(trial, ids), reference, dim=-1).mean().item()
+            if cos > threshold:
+                steps.append({"base": names[p], "merged": names[p + 1: p + 1 + take], "cosine": cos})
+                names = names[: p + 1] + names[p + 1 + take:]
+                current, removed, accepted = trial, removed + take, True
+                p = min(p, len(names) - 1) - interval
+            else:
+                p -= 1
+        if not accepted:
+            threshold -= 0.05
+    return steps, current
+
+
+@pytest.mark.parametrize("threshold", [-1.0, 0.6], ids=["every-merge", "some-rejected"])
+def test_laco_merges_the_already_merged_layers_as_algorithm_1(threshold):
+    """With 3 layers a merge and an interval of 2 the second step's followers include the
+    first step's base: the paper merges its MERGED weights again (M* in Algorithm 1), where
+    merging every run from the original weights gives a different layer. The search's steps
+    and cosines, and the model the merge repair builds from them, equal a by-hand run of the
+    algorithm on the stock model."""
+    model = build_tiny("llama", layers=10)
+    ids = _ids()
+    found = laco(model, ARCH, ids, 4, SearchOptions(rows=4, laco_merge=3, laco_interval=2, laco_threshold=threshold),
+                 progress=False)
+    steps, by_hand = _laco_by_hand(model, ids, 4, merge=3, interval=2, threshold=threshold)
+    assert [(s["base"], s["merged"]) for s in found["steps"]] == [(s["base"], s["merged"]) for s in steps]
+    for got, want in zip(found["steps"], steps):
+        assert got["cosine"] == pytest.approx(want["cosine"], abs=1e-5)
+    if threshold == -1.0:  # every candidate accepted: the re-merge happens at step 2
+        assert [(s["base"], s["merged"]) for s in steps] == [(7, [8, 9]), (5, [6, 7])]
+    built = copy.deepcopy(model)
+    merge_repair(built, ARCH, found["removed"], found["steps"])
+    remove_layers(built, ARCH, found["removed"])
+    for a, b in zip(built.state_dict().items(), by_hand.state_dict().items()):
+        assert a[0] == b[0]
+        torch.testing.assert_close(a[1], b[1], rtol=1e-5, atol=1e-6)
+    # the flattened merge of each run from the original weights is NOT this model
+    flat = copy.deepcopy(model)
+    merge_repair(flat, ARCH, found["removed"])
+    remove_layers(flat, ARCH, found["removed"])
+    differs = [k for k, v in flat.state_dict().items() if not torch.allclose(v, by_hand.state_dict()[k])]
+    assert differs if threshold == -1.0 else True
+
+
+def test_merge_steps_must_remove_the_selected_layers():
+    from layerfold.errors import LayerfoldError
+
+    model = build_tiny("llama", layers=6)
+    with pytest.raises(LayerfoldError, match="merge steps remove"):
+        merge_repair(model, ARCH, [3, 4], [{"base": 2, "merged": [3]}])
 
 
 @pytest.mark.parametrize("flags", [["--method", "sleb"], ["--select", "iterative-bi", "--repair", "linear"],

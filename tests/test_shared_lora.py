@@ -86,6 +86,37 @@ def test_lora_cure_keeps_sharing_and_leaves_plain_layers():
     assert CureOptions().learning_rate() == 5e-5 and CureOptions(lora_rank=8).learning_rate() == 5e-4
 
 
+def test_lora_cure_over_per_layer_deltas_merges_into_the_shared_tensor_and_trains_the_deltas():
+    """LoRA wraps a LowRankDeltaLinear (W + B A): the merge must land in the one shared W, the
+    deltas stay per member and train, and the model after the merge computes W' + B' A' + bias."""
+    from layerfold.methods.foldgpt import CureOptions, run_cure
+    from layerfold.nn.shared import LowRankDeltaLinear
+
+    teacher = build_tiny("llama", 6)
+    student = copy_model(teacher)
+    remove_layers(student, ARCH, [2, 3])
+    share_groups(student, ARCH, [[0, 1], [2, 3]], init="mean", delta_rank=2)
+    stored = count_parameters(student)
+    before = {n: p.detach().clone() for n, p in student.named_parameters()}
+    ids = torch.randint(3, 259, (8, 16), generator=torch.Generator().manual_seed(0))
+    c = run_cure(student, teacher, ARCH, ids, CureOptions(steps=6, lr=3e-3, batch_size=4, tail_layers=2,
+                                                          warmup_steps=0, lora_rank=4), progress=False)
+    assert not has_lora(student) and count_parameters(student) == stored
+    layers = student.model.layers
+    up0, up1 = layers[0].mlp.up_proj, layers[1].mlp.up_proj
+    assert isinstance(up0, LowRankDeltaLinear) and up0.weight is up1.weight  # sharing survived the merge
+    after = dict(student.named_parameters())
+    for name in ("model.layers.0.mlp.up_proj.weight", "model.layers.0.mlp.up_proj.delta_b",
+                 "model.layers.1.mlp.up_proj.delta_b"):
+        assert not torch.equal(after[name], before[name]), name
+    x = torch.randn(3, up0.in_features, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():  # each member: the merged shared weight plus its own delta, computed by hand
+        for m in (up0, up1):
+            w = after["model.layers.0.mlp.up_proj.weight"] + m.delta_b @ m.delta_a
+            torch.testing.assert_close(m(x), x @ w.T, rtol=0, atol=1e-5)
+    assert c["trainable_parameters"] > 0
+
+
 def _foldgpt_folder(tiny_model_dir, text_file, out):
     code = main(["-q", "compress", tiny_model_dir("llama"), "--method", "foldgpt", "--remove", "2", "--calib",
                  text_file, "--calib-samples", "6", "--seq-len", "16", "--gate-steps", "2", "--cure-steps", "0",

@@ -128,8 +128,9 @@ class HealOptions:
         "help": "recompute layer activations in the backward pass: less memory, about a third more time, "
                 "the same result"})
     logit_chunk: int = field(default=0, metadata={
-        "help": "positions per chunk of output-head logits in the kl and ce losses (recomputed in backward, so "
-                "the batch's full-vocabulary logits never exist at once; the same loss up to rounding); "
+        "help": "positions per chunk of output-head logits in the kl and ce losses (each chunk's gradient is "
+                "taken in its forward pass, or recomputed in backward when the head trains, so the batch's "
+                "full-vocabulary logits never exist at once; the same loss up to rounding); "
                 "0: auto (16 MiB of fp32 logits per chunk); -1: the whole batch's logits at once"})
     seed: int = field(default=0, metadata={"help": "seed of batch order and LoRA init"})
     checkpoint_dir: str | None = field(default=None, metadata={

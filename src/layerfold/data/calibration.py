@@ -136,8 +136,12 @@ def self_generated(spec: CalibrationSpec, loaded, *, progress: bool = True) -> t
             with fully_loaded(loaded.model, loaded.arch):
                 for k, (picks, seed) in enumerate(_batch_draws(spec.seed, sizes)):
                     if k in missing:
-                        batches[k] = _generate(spec, loaded, picks, seed)
-                        _save_batch(paths[k], batches[k])
+                        # another run writing the same batch (two jobs started on a fresh cache)
+                        # is waited for, not repeated: the batch is the same text either way
+                        with cache_lock(paths[k]):
+                            if not paths[k].exists():
+                                batches[k] = _generate(spec, loaded, picks, seed)
+                                _save_batch(paths[k], batches[k])
                         bar.update(sizes[k])
         finally:
             bar.close()
@@ -150,6 +154,23 @@ def self_generated(spec: CalibrationSpec, loaded, *, progress: bool = True) -> t
 def _batch_path(prefix: str, index: int, rows: int) -> Path:
     key = hashlib.sha256(json.dumps([prefix, index, rows]).encode()).hexdigest()[:20]
     return cache_dir() / "calibration" / f"self-{key}.safetensors"
+
+
+def cache_lock(path: Path):
+    """A lock on the cache entry ``path``, so that runs sharing a cache write each entry once.
+    The lock files live in the cache's own ``.locks`` folder (as huggingface_hub keeps its),
+    not beside the entries; no lock where that folder cannot be written."""
+    from contextlib import nullcontext
+
+    from filelock import FileLock
+
+    folder = cache_dir() / ".locks"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return nullcontext()
+    name = hashlib.sha256(str(Path(path).resolve()).encode()).hexdigest()[:20]
+    return FileLock(str(folder / f"{name}.lock"))
 
 
 def _batch_draws(seed: int, sizes: list[int]):

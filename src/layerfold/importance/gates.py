@@ -64,6 +64,7 @@ from ..models.surgery import decoder_layers
 
 GATE_TYPES = ("hard-concrete", "topk", "soft")
 WARM_STARTS = ("none", "block-influence")
+SWAP_ORDERS = ("gates", "block-influence")
 STRETCH = (-0.1, 1.1)  # hard-concrete: the sigmoid is stretched to this interval, then clipped to [0, 1]
 BETA = 2.0 / 3.0  # hard-concrete temperature
 LOG_ALPHA_RANGE = (-10.0, 10.0)  # wide enough that P(z > 0) reaches ~0 and ~1: the target is reachable
@@ -114,9 +115,17 @@ class GateOptions:
     swap_rounds: int = field(default=2, metadata={
         "help": "after the top-k, at most this many rounds of swap refinement: each round scores, by the "
                 "calibration KL of the masked model to the original (the gates' own rows, never the held-out "
-                "ones), every swap of one of the 4 removed layers nearest the boundary with one of the 4 kept "
-                "layers nearest it (and, in the first round, the warm start's own choice), and takes the best "
-                "that lowers the KL; stops when none does; 0 turns it off"})
+                "ones), every swap of one of the --gate-swap-window removed layers nearest the boundary with "
+                "one of the --gate-swap-window kept layers nearest it (--gate-swap-order; and, in the first "
+                "round, the warm start's own choice), and takes the best that lowers the KL; stops when none "
+                "does; 0 turns it off"})
+    swap_window: int = field(default=4, metadata={
+        "help": "the swap refinement tries every swap of one of this many removed layers nearest the boundary "
+                "with one of this many kept layers nearest it (window x window candidates a round)"})
+    swap_order: str = field(default="gates", metadata={
+        "help": "what 'nearest the boundary' means for the swap window: gates (the trained log a: once the "
+                "gates are 0/1 the kept layers' log a no longer rank them) or block-influence (one pass: the "
+                "kept layers of lowest Block Influence, the removed ones of highest)", "choices": SWAP_ORDERS})
     swap_rows: int = field(default=8, metadata={
         "help": "the swap refinement scores each candidate on the first this many of the gates' calibration "
                 "rows (their cached teacher log-probabilities, and the layer states before the first layer a "
@@ -136,6 +145,10 @@ class GateOptions:
             raise LayerfoldError(f"--gate-swap-rounds must be 0 (off) or more (got {self.swap_rounds})")
         if self.swap_rows < 1:
             raise LayerfoldError(f"--gate-swap-rows must be at least 1 (got {self.swap_rows})")
+        if self.swap_window < 1:
+            raise LayerfoldError(f"--gate-swap-window must be at least 1 (got {self.swap_window})")
+        if self.swap_order not in SWAP_ORDERS:
+            raise LayerfoldError(f"--gate-swap-order must be one of {', '.join(SWAP_ORDERS)} (got {self.swap_order!r})")
         if self.batch_size < 1:
             raise LayerfoldError(f"gate batch size must be at least 1 (got {self.batch_size})")
         if self.warm_start not in WARM_STARTS:
@@ -636,7 +649,7 @@ def gate_ranking(
         raise LayerfoldError(f"cannot remove {n_remove} of {n} layers (choose 1 to {n - 1})")
     rounds = min(opts.rounds, n_remove)
     teacher = reference_log_probs(model, input_ids, opts.batch_size)
-    prior = None
+    prior = bi = None
     if opts.warm_start == "block-influence" and opts.gate_type == "hard-concrete":  # one pass; the same scores give the check its BI choice
         bi = block_influence_scores(model, arch, input_ids, progress=progress)
         prior = bi
@@ -670,9 +683,13 @@ def gate_ranking(
     result = GateResult(final, removed, log_rounds, asdict(opts), scores)
     if opts.swap_rounds > 0:
         warm = lowest_gated(prior, n_remove) if prior is not None else None
-        result.swaps = swap_refine(model, arch, input_ids, teacher, removed, scores, opts.swap_rounds,
-                                   warm=warm, rows=opts.swap_rows, batch_size=opts.batch_size,
-                                   progress=progress)
+        order = scores
+        if opts.swap_order == "block-influence":  # the warm start's pass when there was one, else one pass now
+            order = bi if bi is not None else block_influence_scores(model, arch, input_ids, progress=progress)
+        result.swaps = swap_refine(model, arch, input_ids, teacher, removed, order, opts.swap_rounds,
+                                   warm=warm, window=opts.swap_window, rows=opts.swap_rows,
+                                   batch_size=opts.batch_size, progress=progress)
+        result.swaps["order"] = opts.swap_order
         if result.swaps["removed"] != sorted(removed):
             result.removed = removed = result.swaps["removed"]
             result.gates = [0.0 if l in set(removed) else (1.0 if opts.gate_type != "soft" else g)
@@ -683,9 +700,6 @@ def gate_ranking(
         result.check = check_choice(model, arch, heldout, {"gates": sorted(removed),
                                                             "block_influence": sorted(block_influence_removed)})
     return result
-
-
-SWAP_WINDOW = 4  # removed and kept layers nearest the boundary that the swap refinement tries
 
 
 @torch.no_grad()
@@ -755,7 +769,8 @@ class _SwapScorer:
 @torch.no_grad()
 def swap_refine(model, arch, input_ids: torch.Tensor, teacher: torch.Tensor, removed: Sequence[int],
                 scores: Sequence[float], rounds: int, *, warm: Sequence[int] | None = None,
-                window: int = SWAP_WINDOW, rows: int = 8, batch_size: int = 2, progress: bool = True) -> dict:
+                window: int = 4, rows: int = 8, batch_size: int = 2, progress: bool = True,
+                memo: dict | None = None) -> dict:
     """Greedy swap search near the gates' boundary, scored by calibration KL on the first
     ``rows`` of the gates' own rows (``teacher``: the original's log-probabilities there, already
     computed for the gates). With one gate sample and a few rows a step, independent gates
@@ -763,7 +778,10 @@ def swap_refine(model, arch, input_ids: torch.Tensor, teacher: torch.Tensor, rem
     sets one swap away (the ``window`` removed layers of highest score against the ``window``
     kept layers of lowest score) catches it. Each round takes the candidate of lowest KL if it
     is lower than the current one (in the first round the warm start's own choice ``warm`` is a
-    candidate too), and stops when none is. Returns the record kept in the scores JSON."""
+    candidate too), and stops when none is. ``scores`` orders the window (low = removable:
+    the gates' log a, or Block Influence). ``memo`` (removal set -> KL on these rows) lets
+    calls on the same rows share candidates; a set seen before is not run again. Returns the
+    record kept in the scores JSON."""
     from tqdm.auto import tqdm
 
     model_was_training = model.training
@@ -771,8 +789,10 @@ def swap_refine(model, arch, input_ids: torch.Tensor, teacher: torch.Tensor, rem
     n = len(scores)
     ids, ref = input_ids[:rows], teacher[:rows]
     scorer = _SwapScorer(model, arch, ids, ref, batch_size)
+    memo = {} if memo is None else memo
     current = sorted(removed)
     kl = first = scorer.start(current)
+    memo[tuple(current)] = kl
     accepted, tried = [], []
     try:
         for r in range(rounds):
@@ -785,7 +805,9 @@ def swap_refine(model, arch, input_ids: torch.Tensor, teacher: torch.Tensor, rem
             best = None
             bar = tqdm(candidates, desc=f"gate swap round {r + 1}/{rounds}", unit="candidate", disable=not progress)
             for label, cand in bar:
-                c = scorer.kl(cand)
+                key = tuple(cand)
+                c = memo[key] if key in memo else scorer.kl(cand)
+                memo[key] = c
                 tried.append({"round": r + 1, "move": label, "removed": cand, "kl": c})
                 if c < kl and (best is None or c < best[0]):
                     best = (c, label, cand)

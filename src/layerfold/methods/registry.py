@@ -136,7 +136,8 @@ REPAIRS: dict[str, Repair] = {r.name: r for r in [
                      "into the kept layer before it (no new parameters; options: the linear group)", 0, False,
            needs_text=True, check=_check_linear),
     Repair("merge", "LaCo: each run of removed layers merged into the kept layer before it (the run's "
-                    "differences to that layer's original weights added to it)", 0, False),
+                    "differences to that layer's weights added to it; after the laco selection, its "
+                    "accepted merges in order)", 0, False),
     Repair("replacement", "LLM-Streamline: one trained replacement (options: the repair group) stands in for "
                           "the block", 1, True, needs_text=True),
 ]}
@@ -347,7 +348,9 @@ def apply_plan(plan: Plan, loaded, ids: torch.Tensor | None, opts: CompressOptio
     elif plan.repair == "merge":
         from .search import merge_repair
 
-        merged = merge_repair(model, arch, plan.selected)
+        search = plan.details.get("search") or {}  # LaCo's steps, replayed in order (a base merged again)
+        steps = search.get("steps") if search.get("selection") == "laco" else None
+        merged = merge_repair(model, arch, plan.selected, steps)
         remove_layers(model, arch, plan.selected)
         applied = Applied(plan.layer_map, merge=merged)
     else:

@@ -10,14 +10,17 @@ calibration rows (the arguments each layer gets, masks and rotary tables, record
   only the layers after it.
 - **Iterative Block Influence**: ShortGPT's BI, 1 - mean cos(input, output) of a layer, scored
   again on the pruned model after each removal; the lowest goes.
-- **LaCo** (arXiv 2402.11187): from the top of the model down, merge the next ``merge - 1``
-  layers into layer l, theta_l + sum_k (theta_{l+k} - theta_l) on the attention and MLP
-  matrices (norms not merged), always from the ORIGINAL weights (the official notebook
-  subtracts the already updated weights, which collapses to the last layer's); accept when the
-  cosine between the merged and the original model's last-layer outputs stays above the
-  threshold, then move ``interval`` layers down, else one. For an exact budget the scan stops
-  at n removed layers; a scan that accepts nothing lowers the threshold by 0.05 (recorded).
-  The ``merge`` repair applies the same merge to any selection's runs.
+- **LaCo** (arXiv 2402.11187, Algorithm 1): from the top of the model down, merge the next
+  ``merge - 1`` layers of the CURRENT (already merged) model into its layer l,
+  theta_l + sum_k (theta_{l+k} - theta_l) on the attention and MLP matrices (norms not merged),
+  every difference within a step taken to the un-updated theta_l (the official notebook
+  subtracts the weights it is updating, which collapses to the last layer's). A layer merged
+  in an earlier step enters a later one with its merged weights, as the paper's M* does. Accept
+  when the cosine between the merged model's and the ORIGINAL model's last-layer outputs stays
+  above the threshold, then move ``interval`` layers down, else one. For an exact budget the
+  scan stops at n removed layers; a scan that accepts nothing lowers the threshold by 0.05
+  (recorded). The ``merge`` repair replays LaCo's accepted steps in order, and for any other
+  selection merges each run into the kept layer before it (one step per run).
 """
 
 from __future__ import annotations
@@ -235,16 +238,30 @@ def runs_with_bases(removed: list[int]) -> list[tuple[int, list[int]]]:
     return [(a - 1, list(range(a, b + 1))) for a, b in removed_runs(removed) if a > 0]
 
 
+def merge_steps(removed: list[int], steps: list[dict] | None = None) -> list[dict]:
+    """The merges that remove ``removed``, in order: LaCo's accepted ``steps`` (each
+    ``{"base", "merged"}`` in original layer numbers, a later step seeing the earlier ones'
+    results), else one step per run of removed layers into the kept layer before it."""
+    if steps is None:
+        return [{"base": b, "merged": absorbed} for b, absorbed in runs_with_bases(removed)]
+    gone = [j for s in steps for j in s["merged"]]
+    if sorted(gone) != sorted(removed) or len(set(gone)) != len(gone):
+        raise LayerfoldError(f"the merge steps remove {sorted(gone)}, not the selected {sorted(removed)}")
+    return [{"base": s["base"], "merged": list(s["merged"])} for s in steps]
+
+
 @torch.no_grad()
-def merge_repair(model: nn.Module, arch: Architecture, removed: list[int]) -> dict:
-    """The ``merge`` repair: every run of removed layers merged into the kept layer before it (in
-    place; the caller removes ``removed`` afterwards). Runs starting at layer 0 stay unmerged."""
+def merge_repair(model: nn.Module, arch: Architecture, removed: list[int], steps: list[dict] | None = None) -> dict:
+    """The ``merge`` repair: the merges of :func:`merge_steps` applied in order, in place (the
+    caller removes ``removed`` afterwards); a base merged earlier is merged again with its new
+    weights. Runs starting at layer 0 stay unmerged."""
     from ..models.lazy import layer_weights
 
     weights = layer_weights(model, arch)
     layers = decoder_layers(model, arch)
     done = []
-    for base, absorbed in runs_with_bases(removed):
+    for step in merge_steps(removed, steps):
+        base, absorbed = step["base"], step["merged"]
         others = [copy.deepcopy(weights.acquire(j)) for j in absorbed]
         for j in absorbed:
             weights.release(j)
@@ -274,10 +291,12 @@ def laco(model: nn.Module, arch: Architecture, ids: torch.Tensor, n: int, opts: 
     steps = []
     bar = tqdm(total=n, desc="LaCo: merging layers", unit="layer", disable=not progress)
 
-    def similarity(gone: set[int]) -> float:
-        kept = [l for l in range(L) if l not in gone]
-        override = {base: merged_layer(stack.layers[base], [stack.layers[j] for j in absorbed])
-                    for base, absorbed in runs_with_bases(sorted(gone))}
+    current: dict[int, nn.Module] = {}  # the merged layers of the model so far (M*), by base
+
+    def layer(j: int) -> nn.Module:
+        return current.get(j, stack.layers[j])
+
+    def similarity(kept: list[int], override: dict[int, nn.Module]) -> float:
         cos = count = 0.0
         for b in range(len(stack.rows)):
             out = stack.run(kept, b, override=override)
@@ -290,14 +309,16 @@ def laco(model: nn.Module, arch: Architecture, ids: torch.Tensor, n: int, opts: 
             accepted = False
             kept = [l for l in range(L) if l not in removed]
             p = len(kept) - opts.laco_merge  # position of the base in the kept layers, from the top
-            while p >= 1 and len(removed) < n:  # layer 0 is never a base's follower; the top stays last
+            while p >= 1 and len(removed) < n:  # layer 0 is never a base; the top layer may be a follower
                 take = min(opts.laco_merge - 1, n - len(removed))
-                candidate = removed | set(kept[p + 1: p + 1 + take])
-                sim = similarity(candidate)
+                base, followers = kept[p], kept[p + 1: p + 1 + take]
+                merged = merged_layer(layer(base), [layer(j) for j in followers])
+                override = {j: m for j, m in current.items() if j not in followers} | {base: merged}
+                sim = similarity([l for l in kept if l not in followers], override)
                 if sim > threshold:
-                    removed = candidate
-                    steps.append({"base": kept[p], "merged": kept[p + 1: p + 1 + take], "cosine": sim,
-                                  "threshold": threshold})
+                    removed |= set(followers)
+                    current = override
+                    steps.append({"base": base, "merged": followers, "cosine": sim, "threshold": threshold})
                     bar.update(take)
                     accepted = True
                     kept = [l for l in range(L) if l not in removed]

@@ -18,6 +18,16 @@ before training (loading, importance scores, the teacher cache) left in the heap
 training also starts with ``malloc_trim(0)``, which gives back every free page of the heap, not
 only its top. A threshold already given by those variables is the user's choice and is left alone. On other C libraries (macOS, Windows, musl)
 nothing is done. CUDA memory is torch's own caching allocator and is not affected.
+
+The fixed thresholds decide only where the heap *grows*: a block that a free chunk of the heap
+can hold is still cut from that chunk, whatever its size. What the stages before training
+left (the heap spans ~400 MiB at the start of the main job's healing, most of it free) is
+then refilled by the first micro-batch's activations, and once they are freed it stays
+resident (it is not the heap's top), ~300 MiB above the live tensors for the rest of the
+training (benchmarks/perf.md). So the loop also calls :func:`trim` after every micro-batch's
+backward pass and after every optimizer step: a walk over the free chunks that gives their
+pages back (milliseconds; the pages are faulted in again by the next micro-batch, as fresh
+mappings would be).
 """
 
 from __future__ import annotations
@@ -58,6 +68,13 @@ def _libc():
     except (OSError, AttributeError):
         return None
     return libc
+
+
+def trim() -> None:
+    """Give every free page of the C heap back to the system (``malloc_trim(0)``; glibc only)."""
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
 def return_freed_memory() -> dict[int, bool]:

@@ -14,6 +14,14 @@ logits of a few positions at a time, so here:
    logits instead of keeping them: at any moment one chunk's logits (and their gradient)
    exist, not the batch's.
 
+When every logit loss can give its gradient with respect to the logits directly
+(``Loss.position_sum_and_grad``: cross-entropy and the KLs) and the head itself is not trained,
+step 3 is replaced by taking each chunk's gradient in its forward pass: the head's logits, one
+loss's gradient buffer, and that gradient taken back through the head to the chunk's hidden
+states ([n, H], kept for backward). Backward then only scales the kept gradients; the chunk
+is not recomputed (one pass through the head per chunk fewer, and two [n, V] buffers at the
+peak instead of four or five).
+
 The loss is the same sum, only grouped by chunk; its value and gradients equal the
 full-logit path's up to float rounding (tests/test_lean_losses.py checks 1e-6).
 """
@@ -84,13 +92,59 @@ def run_for_hidden(model: nn.Module, head: OutputHead, input_ids: torch.Tensor) 
     return store["hidden"]
 
 
-def chunked_sums(hidden: torch.Tensor, head: OutputHead, terms, chunk: int) -> torch.Tensor:
+class _ChunkWithGrad(torch.autograd.Function):
+    """The per-loss sums of one chunk, their gradients with respect to the chunk's hidden states
+    taken in forward (``grads``: one [n, H] per loss); backward combines them by the incoming
+    weights of the sums."""
+
+    @staticmethod
+    def forward(ctx, h, values, grads):  # noqa: ARG004 - h only ties the output to the graph
+        ctx.save_for_backward(grads)
+        return values
+
+    @staticmethod
+    def backward(ctx, weights):
+        (grads,) = ctx.saved_tensors
+        return torch.einsum("l,lnh->nh", weights.to(grads.dtype), grads), None, None
+
+
+def _with_grad(head: OutputHead, h: torch.Tensor, start: int, end: int, terms_and_grads):
+    """One chunk by ``terms_and_grads`` (see :func:`chunked_sums`), or None if a loss has no
+    direct gradient."""
+    with torch.enable_grad():
+        x = h.detach().requires_grad_()
+        logits = head(x)
+    with torch.no_grad():
+        out = terms_and_grads(logits.detach(), start, end)
+    if out is None:
+        return None
+    values, grads = [], []
+    for i, (value, grad) in enumerate(out):
+        out[i] = None  # one loss's [n, V] gradient alive at a time
+        (g,) = torch.autograd.grad(logits, x, grad.to(logits.dtype), retain_graph=i + 1 < len(out))
+        del grad
+        values.append(value.float())
+        grads.append(g)
+    del logits, x
+    return _ChunkWithGrad.apply(h, torch.stack(values), torch.stack(grads))
+
+
+def _head_trains(head: OutputHead) -> bool:
+    return any(p.requires_grad for p in head.head.parameters())
+
+
+def chunked_sums(hidden: torch.Tensor, head: OutputHead, terms, chunk: int, terms_and_grads=None) -> torch.Tensor:
     """``sum over chunks of terms(logits_of_chunk, start, end)`` (a vector of per-loss sums) over
     the flattened positions of ``hidden`` [B, T, H], each chunk checkpointed (see the module
-    docstring). ``terms(logits [n, V], start, end)`` returns a vector; positions are b * T + t."""
+    docstring). ``terms(logits [n, V], start, end)`` returns a vector; positions are b * T + t.
+    ``terms_and_grads(logits, start, end)``, if given, returns [(sum, d sum / d logits)] per
+    loss, or None: then chunks take their gradients in forward instead of being recomputed
+    (when the head is not trained)."""
     flat = hidden.reshape(-1, hidden.shape[-1])
     n = flat.shape[0]
     step = head.chunk_tokens(chunk)
+    training = torch.is_grad_enabled() and flat.requires_grad
+    direct = terms_and_grads is not None and training and not _head_trains(head)
 
     def one(h, start, end):
         return terms(head(h), start, end)
@@ -98,8 +152,10 @@ def chunked_sums(hidden: torch.Tensor, head: OutputHead, terms, chunk: int) -> t
     total = None
     for start in range(0, n, step):
         end = min(n, start + step)
-        part = (checkpoint(one, flat[start:end], start, end, use_reentrant=False)
-                if torch.is_grad_enabled() and flat.requires_grad else one(flat[start:end], start, end))
+        part = _with_grad(head, flat[start:end], start, end, terms_and_grads) if direct else None
+        if part is None:
+            direct = False  # a loss without a direct gradient: every chunk by checkpointing
+            part = (checkpoint(one, flat[start:end], start, end, use_reentrant=False)
+                    if training else one(flat[start:end], start, end))
         total = part if total is None else total + part
     return total
-

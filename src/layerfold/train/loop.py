@@ -38,7 +38,7 @@ from ..errors import LayerfoldError, RuntimeFailure
 from ..models.loading import input_device
 from ..models.saving import _pid_alive
 from ..models.surgery import count_parameters
-from .allocator import return_freed_memory
+from .allocator import return_freed_memory, trim
 from .capture import layer_outputs, model_layers
 from .head import OutputHead, run_for_hidden
 from .losses import Loss, LossInputs, logit_terms
@@ -539,6 +539,7 @@ def _step(objective, rows: Callable[[int], list[int]], step: int, config: TrainC
         for name, value in parts.items():
             terms[name] = terms.get(name, 0.0) + value.item() / config.grad_accum
         del total, parts
+        trim()  # the micro-batch's freed activations leave memory (train.allocator)
     if procs is not None and procs.parallel:
         # FSDP has averaged the sharded layers' gradients already (in their backward)
         procs.average([p.grad for _, p in params if p.grad is not None and not sharding.is_sharded(p.grad)])
@@ -556,6 +557,7 @@ def _step(objective, rows: Callable[[int], list[int]], step: int, config: TrainC
     lr = optimizer.param_groups[0]["lr"]
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)  # no gradients held through validation and checkpoints
+    trim()
     scheduler.step()
     return {"event": "step", "step": step + 1, "loss": total_value, **{f"loss_{k}": v for k, v in terms.items()},
             "lr": lr, "grad_norm": grad_norm}

@@ -79,6 +79,13 @@ class Loss:
     def count(self, x: LossInputs) -> int:
         raise NotImplementedError  # pragma: no cover - logit losses only
 
+    def position_sum_and_grad(self, logits: torch.Tensor, x: LossInputs, start: int, end: int):
+        """``(position_sum, its gradient with respect to logits)`` computed without autograd (the
+        gradient [end - start, V] in one buffer, the chunk's logits not modified), or None when
+        this loss has no such form. With it the chunked path takes each chunk's gradient in its
+        forward pass and never recomputes the chunk (:func:`.head.chunked_sums`)."""
+        return None
+
     def __call__(self, x: LossInputs) -> torch.Tensor:
         if self.needs_logits:
             return logit_terms(x, [self])[self.name]
@@ -99,13 +106,17 @@ def logit_terms(x: LossInputs, losses: Sequence[Loss]) -> dict[str, torch.Tensor
     def terms(logits, start, end):
         return torch.stack([l.position_sum(logits, x, start, end) for l in losses])
 
+    def terms_and_grads(logits, start, end):
+        out = [l.position_sum_and_grad(logits, x, start, end) for l in losses]
+        return None if any(o is None for o in out) else out
+
     if x.logits is not None:
         b, t, v = x.logits.shape
         sums = terms(x.logits.reshape(b * t, v), 0, b * t)
     else:
         from .head import chunked_sums
 
-        sums = chunked_sums(x.final_hidden, x.head, terms, x.chunk)
+        sums = chunked_sums(x.final_hidden, x.head, terms, x.chunk, terms_and_grads)
     return {l.name: sums[i] / l.count(x) for i, l in enumerate(losses)}
 
 
@@ -126,14 +137,30 @@ class NextTokenLoss(Loss):
         b, t = x.input_ids.shape
         return b * (t - 1)
 
-    def position_sum(self, logits, x, start, end):
+    def _targets(self, logits, x, start, end):
         t = x.input_ids.shape[1]
         dev = logits.device  # under a device map the head may sit elsewhere
         pos = torch.arange(start, end, device=dev)
         ids = x.input_ids.reshape(-1).to(dev)
         targets = ids[(pos + 1).clamp_max(ids.numel() - 1)]
         targets = torch.where(pos % t == t - 1, torch.full_like(targets, -100), targets)  # a row's last token
-        return F.cross_entropy(logits.float(), targets, ignore_index=-100, reduction="sum")
+        return targets
+
+    def position_sum(self, logits, x, start, end):
+        return F.cross_entropy(logits.float(), self._targets(logits, x, start, end), ignore_index=-100, reduction="sum")
+
+    @torch.no_grad()
+    def position_sum_and_grad(self, logits, x, start, end):
+        targets = self._targets(logits, x, start, end)
+        z = logits.float()
+        value = F.cross_entropy(z, targets, ignore_index=-100, reduction="sum")
+        # d/dz of -log softmax(z)[target] = softmax(z) - one_hot(target); ignored positions: 0
+        grad = torch.softmax(z, dim=-1)
+        kept = targets != -100
+        grad.mul_(kept.unsqueeze(-1))
+        rows = torch.nonzero(kept).squeeze(-1)
+        grad.index_put_((rows, targets[rows]), torch.full_like(rows, -1, dtype=grad.dtype), accumulate=True)
+        return value, grad
 
 
 @dataclass
@@ -157,32 +184,81 @@ class LogitKL(Loss):
     def count(self, x: LossInputs) -> int:
         return x.input_ids.numel()
 
-    def position_sum(self, logits, x, start, end):
-        t = x.teacher
-        if t is None:
+    def _teacher(self, x):
+        if x.teacher is None:
             raise ValueError("LogitKL needs a teacher")
+        return x.teacher
+
+    def _teacher_logp(self, x, start, end, dev):
+        """The teacher's full log-probabilities [n, V] at the temperature (full logits or head)."""
+        t = x.teacher
+        if t.logits is not None:
+            t_logits = _flat(t.logits, start, end, dev)
+        else:
+            with torch.no_grad():
+                t_logits = t.head(_flat(t.final_hidden, start, end, t.final_hidden.device)).to(dev)
+        return torch.log_softmax(t_logits.float() / self.temperature, dim=-1)
+
+    def _topk(self, x, start, end, dev):
+        """The teacher's top-k log-probabilities [n, K] at the temperature and their token ids."""
+        t = x.teacher
+        if abs(t.temperature - self.temperature) > 1e-9:
+            raise ValueError(f"the teacher cache was built at temperature {t.temperature}, not {self.temperature}")
+        log_p_k = (_flat(t.topk_values, start, end, dev).float() / self.temperature
+                   - _flat(t.logsumexp, start, end, dev).float().unsqueeze(-1))
+        return log_p_k, _flat(t.topk_indices, start, end, dev).long()
+
+    def _topk_sum(self, log_p_k, log_q_k):
+        """The coarse-grained KL (the K tokens and "anything else"), summed over positions, x tau^2."""
+        p_k = log_p_k.exp()
+        kl = (p_k * (log_p_k - log_q_k)).sum(-1)
+        # the rest of the vocabulary as one outcome
+        p_rest = (1 - p_k.sum(-1)).clamp_min(1e-12)
+        q_rest = (1 - log_q_k.exp().sum(-1)).clamp_min(1e-12)
+        kl = kl + p_rest * (p_rest.log() - q_rest.log())
+        return kl.sum() * self.temperature * self.temperature
+
+    def position_sum(self, logits, x, start, end):
+        t = self._teacher(x)
         tau = self.temperature
         dev = logits.device
         if t.logits is not None or t.final_hidden is not None:
-            if t.logits is not None:
-                t_logits = _flat(t.logits, start, end, dev)
-            else:
-                with torch.no_grad():
-                    t_logits = t.head(_flat(t.final_hidden, start, end, t.final_hidden.device)).to(dev)
-            kl = kl_terms(logits.float() / tau, torch.log_softmax(t_logits.float() / tau, dim=-1))
-        else:
-            log_q = torch.log_softmax(logits.float() / tau, dim=-1)
-            if abs(t.temperature - tau) > 1e-9:
-                raise ValueError(f"the teacher cache was built at temperature {t.temperature}, not {tau}")
-            log_p_k = _flat(t.topk_values, start, end, dev).float() / tau - _flat(t.logsumexp, start, end, dev).float().unsqueeze(-1)
-            log_q_k = log_q.gather(-1, _flat(t.topk_indices, start, end, dev).long())
-            p_k = log_p_k.exp()
-            kl = (p_k * (log_p_k - log_q_k)).sum(-1)
-            # the rest of the vocabulary as one outcome
-            p_rest = (1 - p_k.sum(-1)).clamp_min(1e-12)
-            q_rest = (1 - log_q_k.exp().sum(-1)).clamp_min(1e-12)
-            kl = kl + p_rest * (p_rest.log() - q_rest.log())
-        return kl.sum() * tau * tau
+            kl = kl_terms(logits.float() / tau, self._teacher_logp(x, start, end, dev))
+            return kl.sum() * tau * tau
+        log_p_k, idx = self._topk(x, start, end, dev)
+        log_q = torch.log_softmax(logits.float() / tau, dim=-1)
+        return self._topk_sum(log_p_k, log_q.gather(-1, idx))
+
+    @torch.no_grad()
+    def position_sum_and_grad(self, logits, x, start, end):
+        t = self._teacher(x)
+        tau = self.temperature
+        dev = logits.device
+        z = logits.float()
+        s = z / tau if tau != 1 else z  # x / 1 == x exactly: the same values as position_sum's
+        if t.logits is not None or t.final_hidden is not None:
+            log_p = self._teacher_logp(x, start, end, dev)
+            log_q = torch.log_softmax(s, dim=-1)
+            value = (log_p.exp() * (log_p - log_q)).sum() * tau * tau
+            # d/ds of sum p (log p - log_softmax(s)) = q - p; ds/dz = 1 / tau; x tau^2
+            grad = log_q.exp_().sub_(log_p.exp_()).mul_(tau)
+            return value, grad
+        log_p_k, idx = self._topk(x, start, end, dev)
+        # log_softmax as position_sum takes it (the same values to the bit), then its buffer
+        # becomes the gradient's
+        log_q = torch.log_softmax(s, dim=-1)
+        del s
+        leaf = log_q.gather(-1, idx).requires_grad_()
+        # the [n, K] part by autograd, then through log_softmax + gather by hand:
+        # d log q_k / d s_j = [j == idx_k] - q_j
+        with torch.enable_grad():
+            value = self._topk_sum(log_p_k, leaf)
+            (g,) = torch.autograd.grad(value, leaf)
+        grad = log_q.exp_()  # q
+        grad.mul_(-g.sum(-1, keepdim=True)).scatter_add_(-1, idx, g)
+        if tau != 1:
+            grad.div_(tau)
+        return value.detach(), grad
 
     def describe(self) -> dict:
         return {"name": self.name, "weight": self.weight, "temperature": self.temperature}

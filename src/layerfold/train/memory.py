@@ -17,9 +17,11 @@ configs. The estimate adds up, per device:
   autograd's saved-tensor hooks, tests/test_heal_memory.py; and the final norm's input (H).
   With ``--heal-checkpointing`` each layer keeps only its input (H) and one layer's full set
   exists at a time, while backward recomputes it;
-- the logit loss: with chunked logits (the default) a chunk of 16 MiB of fp32 logits, about
-  four copies (logits, log-softmax, the teacher's, the gradient), plus the final hidden
-  states; without (``--heal-logit-chunk -1``) the batch's logits in about four copies;
+- the logit loss: with chunked logits (the default) a chunk of 16 MiB of fp32 logits in two
+  copies when the head is not trained (the logits and one buffer that holds the log-softmax,
+  then the gradient: the chunk's gradient is taken in its forward pass, train/head.py), about
+  four when it is (logits, log-softmax, the gradient, recomputed in backward), plus the final
+  hidden states; without (``--heal-logit-chunk -1``) the batch's logits in about four copies;
 - the runtime itself (Python, torch and its allocator: about 0.5 GiB on a CPU, as
   benchmarks/perf.md measures; a CUDA context is similar).
 
@@ -37,6 +39,7 @@ from torch import nn
 
 RUNTIME_BYTES = 512 * 2**20
 LOGIT_COPIES = 4
+LOGIT_COPIES_DIRECT = 2  # chunks whose gradient is taken in forward (a head that is not trained)
 #: the values a decoder layer keeps for backward, per token: 6 H + 2 KV + 4 I (module docstring)
 ACT_HIDDEN, ACT_KV, ACT_MLP = 6, 2, 4
 
@@ -136,12 +139,16 @@ def healing_needs(student: Shapes, teacher: Shapes | None, opts, *, seq_len: int
     full_act = tokens * (per_layer * student.layers + final_norm)
     ckpt_act = tokens * (student.hidden * act_b * student.layers + per_layer + final_norm)
 
+    head = opts.lm_head if opts.lm_head != "auto" else ("freeze" if tied else "train")
+    head_trains = head in ("train", "untie")
+
     def logit_bytes(chunked: bool) -> int:
         if chunked:
             from .head import AUTO_CHUNK_BYTES
 
             per_chunk = AUTO_CHUNK_BYTES if opts.logit_chunk <= 0 else opts.logit_chunk * student.vocab * 4
-            return LOGIT_COPIES * min(per_chunk, tokens * student.vocab * 4) + tokens * student.hidden * 4
+            copies = LOGIT_COPIES if head_trains else LOGIT_COPIES_DIRECT
+            return copies * min(per_chunk, tokens * student.vocab * 4) + tokens * student.hidden * 4
         return LOGIT_COPIES * tokens * student.vocab * 4
 
     logits = logit_bytes(opts.logit_chunk >= 0)

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..data.calibration import _model_fingerprint, cache_dir
+from ..data.calibration import _model_fingerprint, cache_dir, cache_lock
 from ..models.loading import input_device
 from .capture import layer_outputs, model_layers
 from .head import OutputHead, run_for_hidden
@@ -120,53 +120,57 @@ def build_teacher_cache(
     if (folder / "meta.json").is_file():
         return TeacherCache(folder)
 
-    tmp = folder.with_name(folder.name + f".tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        n, t = data.shape
-        hidden_size = model.config.hidden_size
-        mm = np.lib.format.open_memmap
-        values = mm(tmp / "values.npy", "w+", np.float16, (n, t, topk))
-        indices = mm(tmp / "indices.npy", "w+", np.int32, (n, t, topk))
-        lse = mm(tmp / "lse.npy", "w+", np.float32, (n, t))
-        hidden = {l: mm(tmp / f"hidden_{l}.npy", "w+", np.float16, (n, t, hidden_size)) for l in layers}
-        dev = input_device(model)
-        head = OutputHead(model, teacher.arch)
-        step = head.chunk_tokens(0)
-        for start in tqdm(range(0, n, batch_size), desc="teacher cache", unit="batch", disable=not progress):
-            ids = data[start : start + batch_size].to(dev)
-            with layer_outputs(layer_list, layers, detach=True) as hs:
-                final = run_for_hidden(model, head, ids)
-            end = start + ids.shape[0]
-            # the logits of a chunk of positions at a time (the batch's would be [b, t, vocab])
-            flat = final.reshape(-1, final.shape[-1])
-            top_v, top_i, sums = [], [], []
-            for s in range(0, flat.shape[0], step):
-                logits = head(flat[s : s + step]).float()
-                top = logits.topk(topk, dim=-1)
-                top_v.append(top.values.cpu())
-                top_i.append(top.indices.cpu())
-                sums.append(torch.logsumexp(logits / temperature, dim=-1).cpu())
-                del logits, top
-            shape = (ids.shape[0], ids.shape[1])
-            values[start:end] = torch.cat(top_v).reshape(*shape, topk).half().numpy()
-            indices[start:end] = torch.cat(top_i).reshape(*shape, topk).int().numpy()
-            lse[start:end] = torch.cat(sums).reshape(shape).numpy()
-            for l in layers:
-                hidden[l][start:end] = hs[l].float().cpu().half().numpy()
-        for a in [values, indices, lse, *hidden.values()]:
-            a.flush()
-        del values, indices, lse, hidden
-        meta = {"topk": topk, "temperature": temperature, "layers": layers, "num_layers": n_layers,
-                "rows": n, "seq_len": t, "teacher": teacher.source}
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-        if folder.exists():
-            shutil.rmtree(folder)
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp.rename(folder)
-    finally:
+    # two runs on one fresh cache (two benchmarks, or processes not launched together) write it once
+    with cache_lock(folder):
+        if (folder / "meta.json").is_file():
+            return TeacherCache(folder)
+        tmp = folder.with_name(folder.name + f".tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        try:
+            n, t = data.shape
+            hidden_size = model.config.hidden_size
+            mm = np.lib.format.open_memmap
+            values = mm(tmp / "values.npy", "w+", np.float16, (n, t, topk))
+            indices = mm(tmp / "indices.npy", "w+", np.int32, (n, t, topk))
+            lse = mm(tmp / "lse.npy", "w+", np.float32, (n, t))
+            hidden = {l: mm(tmp / f"hidden_{l}.npy", "w+", np.float16, (n, t, hidden_size)) for l in layers}
+            dev = input_device(model)
+            head = OutputHead(model, teacher.arch)
+            step = head.chunk_tokens(0)
+            for start in tqdm(range(0, n, batch_size), desc="teacher cache", unit="batch", disable=not progress):
+                ids = data[start : start + batch_size].to(dev)
+                with layer_outputs(layer_list, layers, detach=True) as hs:
+                    final = run_for_hidden(model, head, ids)
+                end = start + ids.shape[0]
+                # the logits of a chunk of positions at a time (the batch's would be [b, t, vocab])
+                flat = final.reshape(-1, final.shape[-1])
+                top_v, top_i, sums = [], [], []
+                for s in range(0, flat.shape[0], step):
+                    logits = head(flat[s : s + step]).float()
+                    top = logits.topk(topk, dim=-1)
+                    top_v.append(top.values.cpu())
+                    top_i.append(top.indices.cpu())
+                    sums.append(torch.logsumexp(logits / temperature, dim=-1).cpu())
+                    del logits, top
+                shape = (ids.shape[0], ids.shape[1])
+                values[start:end] = torch.cat(top_v).reshape(*shape, topk).half().numpy()
+                indices[start:end] = torch.cat(top_i).reshape(*shape, topk).int().numpy()
+                lse[start:end] = torch.cat(sums).reshape(shape).numpy()
+                for l in layers:
+                    hidden[l][start:end] = hs[l].float().cpu().half().numpy()
+            for a in [values, indices, lse, *hidden.values()]:
+                a.flush()
+            del values, indices, lse, hidden
+            meta = {"topk": topk, "temperature": temperature, "layers": layers, "num_layers": n_layers,
+                    "rows": n, "seq_len": t, "teacher": teacher.source}
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+            if folder.exists():
+                shutil.rmtree(folder)
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            tmp.rename(folder)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return TeacherCache(folder)
 
 
