@@ -177,16 +177,57 @@ def test_rows_split_into_equal_consecutive_parts():
     assert Processes().share(rows) == rows
 
 
-@pytest.mark.parametrize("extra, env, words", [
-    (["--device-map", "auto"], {}, "--device-map"),
-    ([], {"FSDP_OFFLOAD_PARAMS": "true"}, "offload"),
-])
-def test_fsdp_refuses_what_it_cannot_do_in_one_line(tiny_model_dir, tmp_path, extra, env, words):
-    env = dict(_env(tmp_path / "cache"), WORLD_SIZE="2", RANK="0", LOCAL_RANK="0", ACCELERATE_USE_FSDP="true", **env)
+def test_fsdp_with_a_device_map_is_refused_in_one_line(tiny_model_dir, tmp_path):
+    env = dict(_env(tmp_path / "cache"), WORLD_SIZE="2", RANK="0", LOCAL_RANK="0", ACCELERATE_USE_FSDP="true")
     r = subprocess.run([sys.executable, "-m", "layerfold", "heal", tiny_model_dir("llama"), "--teacher",
-                        tiny_model_dir("llama"), "--heal-tokens", "64", "-o", str(tmp_path / "out"), *extra],
-                       env=env, capture_output=True, text=True, timeout=300)
+                        tiny_model_dir("llama"), "--heal-tokens", "64", "-o", str(tmp_path / "out"),
+                        "--device-map", "auto"], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode != 0
     assert r.stderr.strip().splitlines() == [r.stderr.strip()]  # one line
-    assert "FSDP" in r.stderr and words in r.stderr
+    assert "FSDP" in r.stderr and "--device-map" in r.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_fsdp_parameter_offload_is_refused_before_joining(monkeypatch):
+    from layerfold.errors import LayerfoldError
+    from layerfold.train import parallel
+
+    for k, v in {"WORLD_SIZE": "2", "RANK": "0", "ACCELERATE_USE_FSDP": "true", "FSDP_OFFLOAD_PARAMS": "true"}.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(parallel, "_CURRENT", None)
+    with pytest.raises(LayerfoldError, match="offload"):
+        parallel.processes()  # before the process group: nothing waits for the other process
+    assert parallel._CURRENT is None
+
+
+def test_unshard_gives_back_the_plain_module(tiny_model_dir):
+    """In one process (a group of 1): sharding a decoder layer and taking FSDP off again leaves
+    the module as it was (its class, no hook, plain parameters of the same names and values),
+    and it computes what it computed before."""
+    import torch.distributed as dist
+
+    from layerfold.train import sharding
+    from layerfold.train.capture import model_layers
+
+    model = load_model(tiny_model_dir("llama"), dtype="fp32", device="cpu").model
+    layers = model_layers(model)
+    ids = torch.arange(2, 18).view(1, -1)
+    before_out = model(input_ids=ids).logits
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    cls = type(layers[0])
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        done = sharding.shard(layers)
+        assert type(layers[0]) is not cls and all(sharding.is_sharded(p) for p in layers[0].parameters())
+        sharded_out = model(input_ids=ids).logits
+        sharding.unshard(done)
+    finally:
+        dist.destroy_process_group()
+    assert type(layers[0]) is cls
+    assert not any(layers[0]._forward_pre_hooks) and not any(layers[0]._forward_hooks)
+    after = dict(model.named_parameters())
+    assert after.keys() == before.keys()
+    for n, p in after.items():
+        assert type(p) is torch.nn.Parameter and torch.equal(p.detach(), before[n]), n
+    assert torch.allclose(sharded_out, before_out, atol=1e-6)
+    assert torch.equal(model(input_ids=ids).logits, before_out)

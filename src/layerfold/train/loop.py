@@ -598,7 +598,7 @@ def fit(
     params = select_trainable(model, trainable)
     procs = processes()
     digest = model_digest(model) if config.checkpoint_dir else ""  # of the whole weights, before sharding
-    sharded = sharding.shard(layers, procs.reshard_after_forward) if procs.sharded and layers else None
+    sharded = sharding.shard(layers, procs.reshard_after_forward, model) if procs.sharded and layers else None
     if sharded is not None:  # the same names, now DTensors
         params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     optimizer = _optimizer(params, config)

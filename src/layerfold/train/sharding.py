@@ -40,6 +40,9 @@ _HOOK_TABLES = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forwar
 
 
 def is_sharded(t) -> bool:
+    """Whether ``t`` is a DTensor (an FSDP-sharded parameter, its gradient or AdamW moment)."""
+    if not torch.distributed.is_available():
+        return False
     from torch.distributed.tensor import DTensor
 
     return isinstance(t, DTensor)
@@ -79,9 +82,12 @@ def _check_not_shared(layers: Sequence[nn.Module]) -> None:
                                      "data-parallel (accelerate launch --multi_gpu ...)")
 
 
-def shard(layers: Sequence[nn.Module], reshard_after_forward: bool = True) -> Sharded:
+def shard(layers: Sequence[nn.Module], reshard_after_forward: bool = True, model: nn.Module | None = None) -> Sharded:
     """Shard every decoder layer over the process group (FSDP2's ``fully_shard``, in place).
-    The parameters become DTensors of the same names, ``requires_grad`` kept."""
+    The parameters become DTensors of the same names, ``requires_grad`` kept. ``model``: the
+    model the layers belong to; its other (whole) tensors in CPU memory are copied out of the
+    weight file's memory mapping, which then closes: otherwise the whole layers' file pages
+    stay resident beside their shards (benchmarks/perf.md, FSDP)."""
     from torch.distributed.fsdp import fully_shard
 
     _check_not_shared(layers)
@@ -94,6 +100,11 @@ def shard(layers: Sequence[nn.Module], reshard_after_forward: bool = True) -> Sh
         # explicit True: a layer is its own FSDP root (nothing above it is sharded), and a root
         # would otherwise keep its whole weights from the forward to the backward
         fully_shard(layer, reshard_after_forward=reshard_after_forward)
+    if model is not None:
+        with torch.no_grad():
+            for p in model.parameters():  # tied tensors once: the copy stays tied
+                if not is_sharded(p) and p.device.type == "cpu":
+                    p.data = p.data.clone()
     return Sharded(list(layers), before)
 
 
@@ -112,6 +123,8 @@ def unshard(sharded: Sharded, keep: bool = True) -> None:
                     whole = torch.empty_like(whole, device="meta")
                 # a plain attribute write: nn.Module.__setattr__ would go through FSDP's class
                 m._parameters[name] = nn.Parameter(whole, requires_grad=p.requires_grad)
+    # fully_shard's registry of the modules it manages: without this a second training of the
+    # same layers (another stage, another call) would be refused as sharding them twice
     from torch.distributed._composable_state import _module_state_mapping
 
     for b in sharded.before:
