@@ -428,12 +428,24 @@ def heal(
     elif has_lora(model):  # a shared model's adapters: each one added to its shared tensor once
         merge_lora(model)
     if opts.checkpointing:
-        model.gradient_checkpointing_disable()
+        _set_checkpointing(model, False)
     for p in model.parameters():
         p.requires_grad_(False)
     model.eval()
     student.model = model
     return HealResult(result, "; ".join(what), n_trainable, ids.shape[0], ids.shape[1], seconds, cache_size, head_mode)
+
+
+def _set_checkpointing(model: nn.Module, on: bool) -> None:
+    """Activation checkpointing on or off: transformers 5.x names it activation_checkpointing_*
+    (the gradient_checkpointing_* aliases warn), older releases only have the old names."""
+    new = hasattr(model, "activation_checkpointing_enable")
+    if not on:
+        (model.activation_checkpointing_disable if new else model.gradient_checkpointing_disable)()
+    elif new:  # non-reentrant: works with frozen embeddings (no input needs a gradient) and LoRA
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def _make_trainable(student: LoadedModel, opts: HealOptions) -> tuple[nn.Module, list[str], str]:
@@ -460,8 +472,7 @@ def _make_trainable(student: LoadedModel, opts: HealOptions) -> tuple[nn.Module,
     for p in model.parameters():
         p.requires_grad_(False)
     if opts.checkpointing:
-        # non-reentrant: works with frozen embeddings (no input needs a gradient) and LoRA
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        _set_checkpointing(model, True)
     trained_model: nn.Module = model
     what = []
     if opts.train in ("lora", "lora+layers"):
