@@ -67,6 +67,20 @@ def peak_mib() -> float:
     return float("nan")
 
 
+def stored_key(pairs_dir: Path) -> dict | None:
+    """The reuse key of the pairs in ``pairs_dir``: ``grid-key.json``, or, in a folder written
+    before that file existed (up to 6d68242), the key the grid wrote over PairStore's
+    ``done.json`` (a dict with "block"; PairStore's own progress there is {"rows": n})."""
+    for name in ("grid-key.json", "done.json"):
+        try:
+            key = json.loads((pairs_dir / name).read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(key, dict) and "block" in key:
+            return key
+    return None
+
+
 def figures(ev) -> dict:
     out = {}
     for name, task in ev.tasks.items():
@@ -161,7 +175,7 @@ def main() -> None:
         done = pairs_dir / "grid-key.json"  # not done.json: PairStore keeps its own progress there
         if not any(n.partition(":")[0] in PAIR_LOSSES and "+heal" not in n for n in names):  # a split has its own
             store = None
-        elif done.exists() and json.loads(done.read_text()) == key:
+        elif stored_key(pairs_dir) == key:
             store = PairStore.open(pairs_dir)
             # the key's sum could coincide; the stored token ids cannot (2 MB to read)
             if not torch.equal(store.read(range(store.samples))[2], text.ids):
