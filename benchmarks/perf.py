@@ -203,6 +203,8 @@ def rss(args) -> None:
     save(f"rss-{args.shapes.replace(',', '-')}", {"rows": rows})
 
 HEAL_VARIANTS = {  # name: the flags beside `layerfold -q compress --heal-tokens N --no-eval`
+    # no flag: each code's own defaults (with --src, the same command on older code)
+    "defaults (no flag)": [],
     # 8 rows per micro-batch, 1 micro-batch per step: healing's default until micro-batches of 1
     "chunked logits (8 x 1, the old default)": ["--heal-batch-size", "8"],
     "full logits (--heal-logit-chunk -1)": ["--heal-batch-size", "8", "--heal-logit-chunk", "-1"],
@@ -226,9 +228,12 @@ def _linear_shapes(config, layers: int) -> list[tuple[int, int]]:
     return per_layer * layers + [(h, config.vocab_size)]
 
 
-def gemm_flops_per_second(shapes: list[tuple[int, int]], tokens: int, repeats: int = 3) -> float:
+def gemm_flops_per_second(shapes: list[tuple[int, int]], tokens: int, repeats: int = 3,
+                          clock=time.perf_counter) -> float:
     """FLOP/s of X[tokens, in] @ W[in, out] over the model's distinct shapes, weighted as the model
-    uses them (best of ``repeats`` per shape), in this process with its torch threads."""
+    uses them (best of ``repeats`` per shape), in this process with its torch threads.
+    ``clock=time.process_time``: per CPU second instead of per wall second, which the other
+    jobs on shared cores slow far less (set beside healing's own CPU seconds per token)."""
     flops = seconds = 0.0
     counts: dict[tuple[int, int], int] = {}
     for s in shapes:
@@ -236,16 +241,18 @@ def gemm_flops_per_second(shapes: list[tuple[int, int]], tokens: int, repeats: i
     for (n_in, n_out), count in counts.items():
         x, w = torch.randn(tokens, n_in), torch.randn(n_in, n_out)
         x @ w
-        best = min(_timed(lambda: x @ w) for _ in range(repeats))
+        # a CPU clock ticks coarsely: repeat the product until each sample is long enough
+        reps = max(1, int(0.05 / max(_timed(lambda: x @ w), 1e-6)))
+        best = min(_timed(lambda: [x @ w for _ in range(reps)], clock) for _ in range(repeats)) / reps
         flops += count * 2 * tokens * n_in * n_out
         seconds += count * best
     return flops / seconds
 
 
-def _timed(f) -> float:
-    t = time.perf_counter()
+def _timed(f, clock=time.perf_counter) -> float:
+    t = clock()
     f()
-    return time.perf_counter() - t
+    return clock() - t
 
 
 def heal_flops_per_token(config, layers: int, seq_len: int, lora_rank: int, checkpointing: bool) -> dict:
@@ -293,7 +300,9 @@ def heal(args) -> None:
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads or 1))
     extra_env = dict(kv.split("=", 1) for kv in args.env.split(",") if kv)
     env.update(extra_env)
-    rows, gemm = [], []
+    if args.src:  # the code to measure (e.g. a git archive of an older commit), for the runs only
+        env["PYTHONPATH"] = str(Path(args.src).resolve())
+    rows, gemm, gemm_cpu = [], [], []
     names = list(HEAL_VARIANTS) if args.variants == "all" else [n for n in HEAL_VARIANTS
                                                                  if any(v in n for v in args.variants.split(","))]
     for r in range(args.repeats):
@@ -323,16 +332,20 @@ def heal(args) -> None:
             print(json.dumps(row), flush=True)
             # the machine's GEMM rate on the healed model's shapes, between the runs, same threads
             seq, batch = record["recipe"]["heal"]["data"]["seq_len"], record["recipe"]["heal"]["batch_size"]
-            gemm.append(gemm_flops_per_second(_linear_shapes(config, config.num_hidden_layers), batch * seq))
-            print(json.dumps({"gemm_flops_per_second": gemm[-1]}), flush=True)
+            shapes = _linear_shapes(config, config.num_hidden_layers)
+            gemm.append(gemm_flops_per_second(shapes, batch * seq))
+            gemm_cpu.append(gemm_flops_per_second(shapes, batch * seq, clock=time.process_time))
+            print(json.dumps({"gemm_flops_per_second": gemm[-1], "gemm_flops_per_cpu_second": gemm_cpu[-1]}),
+                  flush=True)
     original = model_skeleton(None, dtype="fp32", device="cpu").model
     weight_bytes = 4 * sum(p.numel() for p in original.parameters())  # fp32, the tied head once
     heal_cfg = record["recipe"]["heal"]
     flops = {ck: heal_flops_per_token(config, config.num_hidden_layers, heal_cfg["data"]["seq_len"],
                                       heal_cfg["lora_rank"], ck) for ck in (False, True)}
     label = args.label or ("" if args.variants == "all" else args.variants.replace(",", "-").replace(" ", ""))
-    save(f"heal-{args.heal_tokens}" + (f"-{label}" if label else ""), {"rows": rows, "gemm_flops_per_second": gemm, "flops_per_token": {
-        "plain": flops[False], "checkpointing": flops[True]}, "original_weight_bytes": weight_bytes})
+    save(f"heal-{args.heal_tokens}" + (f"-{label}" if label else ""), {
+        "rows": rows, "src": args.src, "gemm_flops_per_second": gemm, "gemm_flops_per_cpu_second": gemm_cpu,
+        "flops_per_token": {"plain": flops[False], "checkpointing": flops[True]}, "original_weight_bytes": weight_bytes})
 
 
 ALLOC_CHILD = r"""
@@ -509,6 +522,7 @@ def main() -> None:
     ap.add_argument("--variants", default="all", help="heal: all, or comma-separated parts of variant names")
     ap.add_argument("--env", default="", help="heal: KEY=VALUE,... added to the runs' environment")
     ap.add_argument("--label", default="", help="heal: result file name part (default: from --variants)")
+    ap.add_argument("--src", default="", help="heal: the runs' PYTHONPATH (the code measured), e.g. a git archive's src")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -139,6 +139,32 @@ def tiny_model_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def pruned_dir(tiny_model_dir, tmp_path_factory):
+    """The tiny Llama without its layers 2 and 3, saved: a student that healing has something to repair."""
+    from layerfold.models.loading import load_model
+    from layerfold.models.surgery import remove_layers
+
+    loaded = load_model(tiny_model_dir("llama"), dtype="fp32", device="cpu")
+    remove_layers(loaded.model, loaded.arch, [2, 3])
+    folder = tmp_path_factory.mktemp("pruned")
+    loaded.model.save_pretrained(folder, safe_serialization=True)
+    loaded.tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def saved_weights(folder) -> dict[str, torch.Tensor]:
+    """Every tensor of a saved model folder's safetensors files, by name."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+@pytest.fixture(scope="session")
 def text_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("data") / "calib.txt"
     paragraphs = [

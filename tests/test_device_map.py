@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
+from conftest import saved_weights
 from layerfold.cli import main
 from layerfold.data.calibration import CalibrationSpec
 from layerfold.errors import LayerfoldError
@@ -29,26 +29,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread
 
 def _placement(tmp_path) -> Placement:
     return Placement("auto", {"cpu": 2 * LAYER_BYTES}, str(tmp_path / "offload"))
-
-
-@pytest.fixture(scope="module")
-def pruned_dir(tiny_model_dir, tmp_path_factory):
-    """The tiny Llama without its layers 2 and 3: a student that healing has something to repair."""
-    from layerfold.models.surgery import remove_layers
-
-    loaded = load_model(tiny_model_dir("llama"), dtype="fp32", device="cpu")
-    remove_layers(loaded.model, loaded.arch, [2, 3])
-    folder = tmp_path_factory.mktemp("pruned")
-    loaded.model.save_pretrained(folder, safe_serialization=True)
-    loaded.tokenizer.save_pretrained(folder)
-    return str(folder)
-
-
-def _weights(folder) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        out.update(load_file(f))
-    return out
 
 
 def test_the_placement_offloads_most_of_the_tiny_model_to_disk(tiny_model_dir, tmp_path):
@@ -73,9 +53,9 @@ def test_lora_healing_with_disk_offload_equals_healing_in_memory(tiny_model_dir,
                                 teacher=tiny_model_dir("llama"), healing=heal_opts, output=OutputOptions(str(tmp_path / name)))
         r = heal_model(opts)
         assert r.heal["loss_last"] < r.heal["loss_first"]
-        outs[name] = _weights(r.output)
+        outs[name] = saved_weights(r.output)
     assert outs["memory"].keys() == outs["offload"].keys()
-    original = _weights(Path(pruned_dir))
+    original = saved_weights(Path(pruned_dir))
     key = "model.layers.3.mlp.down_proj.weight"  # an offloaded layer: its merged LoRA update was saved
     assert not torch.equal(outs["offload"][key], original[key])
     for k in outs["memory"]:

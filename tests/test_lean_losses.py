@@ -119,36 +119,30 @@ def test_chunked_values_equal_independent_formulas(tmp_path):
     assert terms["kl"] == pytest.approx(expected.item(), rel=1e-5)
 
 
-def test_the_head_never_sees_more_than_a_chunk(tmp_path):
-    teacher = build_tiny("llama", layers=4)
-    student = _student(teacher)
-    data = _data()
+def _head_positions(student, data, losses, teacher, chunk) -> list[int]:
+    """Positions the output head computed logits for, call by call, in one loss and backward."""
     sizes = []
     handle = student.get_output_embeddings().register_forward_hook(
         lambda m, a, out: sizes.append(out.shape[:-1].numel()))
     try:
-        _loss_and_grads(student, data, [NextTokenLoss(), LogitKL()], teacher, chunk=CHUNK)
+        _loss_and_grads(student, data, losses, teacher, chunk=chunk)
     finally:
         handle.remove()
-    # the model's own forward computes no logits (size 0); then 5 chunks, each recomputed in backward
+    return sizes
+
+
+def test_the_head_never_sees_more_than_a_chunk(tmp_path):
+    teacher = build_tiny("llama", layers=4)
+    student = _student(teacher)
+    data = _data()
     positions = ROWS * SEQ
+    # the model's own forward computes no logits (size 0); then 5 chunks, each recomputed in backward
+    sizes = _head_positions(student, data, [NextTokenLoss(), LogitKL()], teacher, CHUNK)
     assert max(sizes) == CHUNK and sum(sizes) == 2 * positions, sizes
-    sizes.clear()
     frozen = _student(teacher, head_trains=False)
-    handle = frozen.get_output_embeddings().register_forward_hook(
-        lambda m, a, out: sizes.append(out.shape[:-1].numel()))
-    try:
-        _loss_and_grads(frozen, data, [NextTokenLoss(), LogitKL()], teacher, chunk=CHUNK)
-    finally:
-        handle.remove()
+    sizes = _head_positions(frozen, data, [NextTokenLoss(), LogitKL()], teacher, CHUNK)
     assert max(sizes) == CHUNK and sum(sizes) == positions, sizes  # a frozen head: each chunk once
-    sizes.clear()
-    handle = student.get_output_embeddings().register_forward_hook(
-        lambda m, a, out: sizes.append(out.shape[:-1].numel()))
-    try:
-        _loss_and_grads(student, data, [NextTokenLoss()], None, chunk=-1)
-    finally:
-        handle.remove()
+    sizes = _head_positions(student, data, [NextTokenLoss()], None, -1)
     assert sizes == [positions]  # the old path: the whole batch at once
 
 

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
+from conftest import saved_weights
 from layerfold.models.loading import load_model
 from layerfold.train.parallel import Processes
 
@@ -25,25 +25,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 STEPS = 8  # optimizer steps of every run (4 rows of 32 tokens each)
 SRC = str(Path(__file__).resolve().parents[1] / "src")
-
-
-def _weights(folder) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in sorted(Path(folder).glob("*.safetensors")):
-        out.update(load_file(f))
-    return out
-
-
-@pytest.fixture(scope="module")
-def pruned_dir(tiny_model_dir, tmp_path_factory):
-    from layerfold.models.surgery import remove_layers
-
-    loaded = load_model(tiny_model_dir("llama"), dtype="fp32", device="cpu")
-    remove_layers(loaded.model, loaded.arch, [2, 3])
-    folder = tmp_path_factory.mktemp("pruned")
-    loaded.model.save_pretrained(folder, safe_serialization=True)
-    loaded.tokenizer.save_pretrained(folder)
-    return str(folder)
 
 
 def _env(cache: Path) -> dict:
@@ -64,6 +45,9 @@ def _heal_args(pruned, teacher, text, out, batch, extra=()):
 # the processes over gloo on the CPU. --use_fsdp: the same launcher, with ACCELERATE_USE_FSDP set
 DDP = ("--multi_gpu",)
 FSDP = ("--use_fsdp",)
+# accelerate's loading on the main process only: layerfold shards the layers itself, so it is a
+# no-op here (a one-line note), and must not change the weights
+FSDP_RAM_EFFICIENT = (*FSDP, "--fsdp_cpu_ram_efficient_loading", "true", "--fsdp_sync_module_states", "true")
 
 
 def _launch_cmd(args, processes=2, port=29500, launcher=DDP):
@@ -84,7 +68,7 @@ def one_process(tiny_model_dir, pruned_dir, text_file, tmp_path_factory):
     one = subprocess.run([sys.executable, *_heal_args(pruned_dir, tiny_model_dir("llama"), text_file, folder / "out", 4)],
                          env=_env(folder / "cache"), capture_output=True, text=True, timeout=600)
     assert one.returncode == 0, one.stderr[-3000:]
-    return _weights(folder / "out")
+    return saved_weights(folder / "out")
 
 
 def _equal(w1, w2, original, atol=1e-5, rtol=1e-4) -> None:
@@ -103,17 +87,21 @@ def _saved_once_cache_once(run, cache: Path) -> None:
     assert len(caches) == 1 and (caches[0] / "meta.json").is_file(), caches  # written once, no leftovers
 
 
-def _killed_and_resumed(launcher, pruned_dir, teacher, text_file, tmp_path, env, at_least: int = 1) -> dict:
-    """A 2-process run killed after a checkpoint (of step ``at_least`` or later), then resumed: its weights."""
+def _killed_and_resumed(launcher, pruned_dir, teacher, text_file, tmp_path, env, at_least: int = 1,
+                        resume_launcher=None) -> dict:
+    """A 2-process run killed after a checkpoint (of step ``at_least`` or later), then resumed
+    (with ``resume_launcher``'s options if given): its weights."""
     ck = tmp_path / "ck"
     extra = ["--checkpoint-dir", str(ck), "--checkpoint-every", "1"]
     step = _kill_after_a_checkpoint(_heal_args(pruned_dir, teacher, text_file, tmp_path / "killed", 2, extra), env, ck,
                                     launcher, at_least)
     assert at_least <= step < STEPS
     resumed = _launch(_heal_args(pruned_dir, teacher, text_file, tmp_path / "resumed", 2, [*extra, "--resume"]), env,
-                      launcher=launcher)
+                      launcher=resume_launcher or launcher)
     _saved_once_cache_once(resumed, tmp_path / "cache")
-    return _weights(tmp_path / "resumed")
+    if resume_launcher == FSDP_RAM_EFFICIENT:  # said once, by the main process
+        assert resumed.stderr.count("--fsdp_cpu_ram_efficient_loading has no effect") == 1, resumed.stderr[-2000:]
+    return saved_weights(tmp_path / "resumed")
 
 
 def test_two_processes_equal_one_with_the_same_global_batch_and_resume(one_process, tiny_model_dir, pruned_dir,
@@ -122,8 +110,8 @@ def test_two_processes_equal_one_with_the_same_global_batch_and_resume(one_proce
     env = _env(tmp_path / "cache")
     two = _launch(_heal_args(pruned_dir, teacher, text_file, tmp_path / "two", 2), env)
     _saved_once_cache_once(two, tmp_path / "cache")
-    w2 = _weights(tmp_path / "two")
-    _equal(one_process, w2, _weights(Path(pruned_dir)))
+    w2 = saved_weights(tmp_path / "two")
+    _equal(one_process, w2, saved_weights(Path(pruned_dir)))
     # resume: the killed and resumed run ends where the uninterrupted one did
     wr = _killed_and_resumed(DDP, pruned_dir, teacher, text_file, tmp_path, env)
     for k in w2:
@@ -136,10 +124,12 @@ def test_fsdp_equals_one_process_with_the_same_global_batch_and_resume(one_proce
     killed after a checkpoint and resumed (the checkpoint holds whole tensors, each process
     takes its shards back): the weights of the 1-process run. One run, not two, keeps it short;
     killed halfway, a wrong shard, moment or gradient average moves the weights by far more than
-    1e-5 (the AdamW moments zeroed on resuming at step 5: 1.4e-3; observed difference 5.4e-7)."""
+    1e-5 (the AdamW moments zeroed on resuming at step 5: 1.4e-3; observed difference 5.4e-7).
+    The resumed half runs with accelerate's --fsdp_cpu_ram_efficient_loading: its frozen
+    weights come from loading, so a process left with empty or wrong ones would show."""
     wr = _killed_and_resumed(FSDP, pruned_dir, tiny_model_dir("llama"), text_file, tmp_path, _env(tmp_path / "cache"),
-                             at_least=STEPS // 2)
-    _equal(one_process, wr, _weights(Path(pruned_dir)), rtol=0)
+                             at_least=STEPS // 2, resume_launcher=FSDP_RAM_EFFICIENT)
+    _equal(one_process, wr, saved_weights(Path(pruned_dir)), rtol=0)
 
 
 def _kill_after_a_checkpoint(args, env, ck: Path, launcher=DDP, at_least: int = 1) -> int:
@@ -198,6 +188,18 @@ def test_fsdp_parameter_offload_is_refused_before_joining(monkeypatch):
     with pytest.raises(LayerfoldError, match="offload"):
         parallel.processes()  # before the process group: nothing waits for the other process
     assert parallel._CURRENT is None
+
+
+def test_an_ignored_fsdp_setting_is_named(monkeypatch):
+    from layerfold.train import parallel
+
+    monkeypatch.setenv("FSDP_CPU_RAM_EFFICIENT_LOADING", "true")
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+    assert parallel.ignored_fsdp_settings_note() == ""  # DDP: accelerate's FSDP settings do not apply at all
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    assert "--fsdp_cpu_ram_efficient_loading has no effect" in parallel.ignored_fsdp_settings_note()
+    monkeypatch.setenv("FSDP_CPU_RAM_EFFICIENT_LOADING", "false")
+    assert parallel.ignored_fsdp_settings_note() == ""
 
 
 def test_unshard_gives_back_the_plain_module(tiny_model_dir):

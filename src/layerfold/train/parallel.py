@@ -132,7 +132,26 @@ def processes() -> Processes:
         return _CURRENT
     _CURRENT = Processes(state.num_processes, state.process_index, torch.device(state.device), fsdp_requested(),
                          _env_flag("FSDP_RESHARD_AFTER_FORWARD", True))
+    note = ignored_fsdp_settings_note()
+    if note and _CURRENT.main:
+        import sys
+
+        print(f"layerfold: note: {note}", file=sys.stderr)
     return _CURRENT
+
+
+def ignored_fsdp_settings_note() -> str:
+    """What layerfold's FSDP does not do of what the launcher asked, in one line ('' if nothing).
+
+    ``--fsdp_cpu_ram_efficient_loading true`` is accelerate's loading on the main process
+    only: the others build the model empty, and ``Accelerator.prepare`` shards it and sends
+    the main process's weights. layerfold shards the layers itself (:mod:`.sharding`), after
+    every process has loaded the whole model, so the setting saves nothing here (the weights
+    are still right: tests/test_parallel.py); saying so beats a silent no-op."""
+    if fsdp_requested() and _env_flag("FSDP_CPU_RAM_EFFICIENT_LOADING", False):
+        return ("--fsdp_cpu_ram_efficient_loading has no effect on layerfold's FSDP: every process loads the whole "
+                "model before its layers are sharded (README, FSDP)")
+    return ""
 
 
 def fsdp_requested() -> bool:
