@@ -150,7 +150,8 @@ class Bench:
             t = time.perf_counter()
             g = gate_ranking(self.loaded.model, self.loaded.arch, self.calib, self.args.remove, opts.foldgpt.gates,
                              heldout=self.heldout, progress=True,
-                             checkpoints=Checkpoints(str(self.work / f"{name}.ckpt"), 10, True))
+                             checkpoints=Checkpoints(str(Path(self.args.checkpoints or self.work) / f"{name}.ckpt"),
+                                                     10, True))
             # a resumed run's seconds are this process's only; the log's steps say where it resumed
             path.write_text(json.dumps(g.to_dict() | {"seconds": time.perf_counter() - t,
                                                       "load_average": os.getloadavg()[0]}, indent=1))
@@ -292,6 +293,7 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=200, help="examples of each task")
     ap.add_argument("--ppl-docs", type=int, default=100, help="LAMBADA documents for text perplexity")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--checkpoints", help="folder of the gate training's checkpoints (default: --work)")
     ap.add_argument("--work", default=str(Path(__file__).parent / "results" / "frontier"))
     args = ap.parse_intermixed_args()  # plans may come after the options
     torch.set_num_threads(args.threads)
