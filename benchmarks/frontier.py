@@ -1,8 +1,11 @@
 """The quality frontier on the embedded SmolLM2-135M: every selection x repair, unhealed.
 
-For each plan SELECTION+REPAIR[:FIELD=VALUE...] (fields of LinearRepairOptions or SearchOptions),
-remove ``--remove`` layers as ``layerfold compress --select SELECTION --repair REPAIR`` would
-(the same registry: make_plan / apply_plan), then measure, with no training:
+For each plan SELECTION+REPAIR[:FIELD=VALUE...] (fields of LinearRepairOptions or SearchOptions,
+or ``gate_FIELD`` for a GateOptions field), remove ``--remove`` layers as ``layerfold compress
+--select SELECTION --repair REPAIR`` would (the same registry: make_plan / apply_plan), then
+measure, with no training of the model's weights (``gates``, FoldGPT's selection, trains its
+layer gates once with the library's default GateOptions, as ``compress --select gates`` does;
+cached in ``--work`` and checkpointed every 10 steps, so a stopped run resumes):
 
 - held-out fit: KL to the original, top-1 agreement and perplexity on the held-out rows
   (8 x 256 self-written tokens, seed 2; ``layerfold.eval.heldout``), what ``--method auto`` ranks by;
@@ -17,6 +20,7 @@ resumed.
 
     python benchmarks/frontier.py run bi+none bi+linear sleb+none laco+merge ...
     python benchmarks/frontier.py run --tasks bi+none ...         # also the task suite
+    python benchmarks/frontier.py run gates+none gates+linear     # gate training first (tens of minutes)
     python benchmarks/frontier.py table > rows.md
 """
 
@@ -25,6 +29,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import platform
 import sys
 import time
@@ -37,6 +42,7 @@ from layerfold.data.calibration import CalibrationSpec, load_calibration
 from layerfold.eval import evaluate
 from layerfold.eval.heldout import compare_to_reference, heldout_ids, reference_log_probs
 from layerfold.importance import measure_similarity
+from layerfold.importance.gates import GateOptions, GateResult, gate_ranking
 from layerfold.methods.registry import SELECTIONS, Evidence, SelectionOptions, apply_plan, make_plan
 from layerfold.methods.replaceme import LinearRepairOptions
 from layerfold.methods.search import SearchOptions
@@ -48,21 +54,29 @@ TASKS = ["piqa", "arc_easy", "lambada_openai"]
 
 
 def parse_plan(spec: str, remove: int) -> CompressOptions:
-    """SELECTION+REPAIR[:FIELD=VALUE...], the fields of LinearRepairOptions or SearchOptions."""
+    """SELECTION+REPAIR[:FIELD=VALUE...], the fields of LinearRepairOptions or SearchOptions, or
+    gate_FIELD for a GateOptions field (the prefix keeps its steps/lr/seed apart from the others')."""
     head, *pairs = spec.split(":")
     selection, _, repair = head.partition("+")
-    groups = {"linear": LinearRepairOptions, "search": SearchOptions}
+    groups = {"linear": LinearRepairOptions, "search": SearchOptions, "gates": GateOptions}
     changes: dict[str, dict] = {g: {} for g in groups}
     for pair in pairs:
         key, _, value = pair.partition("=")
-        group = next((g for g, cls in groups.items() if key in {f.name for f in fields(cls)}), None)
+        if key.startswith("gate_"):
+            group, key = "gates", key[len("gate_"):]
+            if key not in {f.name for f in fields(GateOptions)}:
+                raise SystemExit(f"unknown GateOptions field {key!r}")
+        else:
+            group = next((g for g in ("linear", "search") if key in {f.name for f in fields(groups[g])}), None)
         if group is None:
             raise SystemExit(f"unknown LinearRepairOptions or SearchOptions field {key!r}")
         kind = {f.name: f.type for f in fields(groups[group])}[key]
         changes[group][key] = value if kind in ("str", str) else (int(value) if kind in ("int", int) else float(value))
-    return CompressOptions(selection=SelectionOptions(select=selection, repair=repair or "none", remove=remove),
+    opts = CompressOptions(selection=SelectionOptions(select=selection, repair=repair or "none", remove=remove),
                            linear=replace(LinearRepairOptions(), **changes["linear"]),
                            search=replace(SearchOptions(), **changes["search"]), progress=False)
+    opts.foldgpt.gates = replace(opts.foldgpt.gates, **changes["gates"])  # the gates compress --select gates trains
+    return opts
 
 
 def search_key(opts: CompressOptions) -> str:
@@ -70,6 +84,13 @@ def search_key(opts: CompressOptions) -> str:
     default = SearchOptions()
     return "".join(f":{f.name}={getattr(opts.search, f.name)}" for f in fields(SearchOptions)
                    if getattr(opts.search, f.name) != getattr(default, f.name))
+
+
+def gate_key(opts: CompressOptions) -> str:
+    """The gate options that differ from the defaults, for the gates' cache file name."""
+    default, gates = GateOptions(), opts.foldgpt.gates
+    return "".join(f":gate_{f.name}={getattr(gates, f.name)}" for f in fields(GateOptions)
+                   if getattr(gates, f.name) != getattr(default, f.name))
 
 
 class Bench:
@@ -114,7 +135,31 @@ class Bench:
                 path.write_text(json.dumps(found, indent=1))
             found = json.loads(path.read_text())
             return Evidence(search=found), found["seconds"]
+        if sel.needs == "gates":  # trained once per gate setting: every repair reuses the choice
+            return self.gates(opts)
         return Evidence(), 0.0
+
+    def gates(self, opts: CompressOptions) -> tuple[Evidence, float]:
+        """FoldGPT's gates as ``compress --select gates`` trains them (same calibration rows, the
+        same held-out rows for its check against Block Influence); the result is cached."""
+        name = f"gates{gate_key(opts)}-remove{self.args.remove}"
+        path = self.work / f"search-{name}.json"  # "search-" keeps it out of the table's rows
+        if not path.exists():
+            from layerfold.train.loop import Checkpoints
+
+            t = time.perf_counter()
+            g = gate_ranking(self.loaded.model, self.loaded.arch, self.calib, self.args.remove, opts.foldgpt.gates,
+                             heldout=self.heldout, progress=True,
+                             checkpoints=Checkpoints(str(Path(self.args.checkpoints or self.work) / f"{name}.ckpt"),
+                                                     10, True))
+            # a resumed run's seconds are this process's only; the log's steps say where it resumed
+            path.write_text(json.dumps(g.to_dict() | {"seconds": time.perf_counter() - t,
+                                                      "load_average": os.getloadavg()[0]}, indent=1))
+        d = json.loads(path.read_text())
+        nan = lambda xs: [float("nan") if x is None else x for x in xs]  # noqa: E731
+        gates = GateResult(nan(d["gates"]), list(d["removed"]), d["rounds"], d["options"], nan(d["scores"]),
+                           d["check"], d["swaps"])
+        return Evidence(gates=gates), d["seconds"]
 
     def original(self):
         path = self.work / f"original-limit{self.args.limit}.json"
@@ -228,13 +273,14 @@ def table(work: Path, remove: int) -> str:
         ratio = t.get("ppl/lambada_openai", float("nan")) / orig.get("ppl/lambada_openai", float("nan")) if orig else float("nan")
         cell = lambda k, f="{:.3f}": f.format(t[k]) if k in t else "-"  # noqa: E731
         stab = f"{cell('piqa/stability', '{:.2f}')}/{cell('arc_easy/stability', '{:.2f}')}"
+        tasks_s = f"{r['seconds']['tasks']:.0f}" if "tasks" in r["seconds"] else "-"
+        # one f-string per row: a conditional between implicitly joined strings used to drop the
+        # first eleven columns of every row without tasks
         lines.append(f"| {r['plan']} | {','.join(map(str, r['removed']))} | {h['kl']:.3f} | {h['top1']:.3f} "
                      f"| {h['ppl']:.1f} | {cell('piqa/acc')} | {cell('arc_easy/acc')} | {cell('lambada_openai/acc')} "
                      f"| {cell('lambada_openai/perplexity', '{:.1f}')} | {cell('ppl/lambada_openai', '{:.1f}')}{f' ({ratio:.2f})' if t else ''} "
                      f"| {stab} | {r['params']:,} | {r['seconds']['select']:.0f} | {r['seconds']['repair']:.0f} "
-                     f"| {r['seconds']['tasks']:.0f} | {recorded_peak(work, r)} |" if "tasks" in r["seconds"] else
-                     f"| {stab} | {r['params']:,} | {r['seconds']['select']:.0f} | {r['seconds']['repair']:.0f} "
-                     f"| - | {recorded_peak(work, r)} |")
+                     f"| {tasks_s} | {recorded_peak(work, r)} |")
     return "\n".join(lines)
 
 
@@ -247,6 +293,7 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=200, help="examples of each task")
     ap.add_argument("--ppl-docs", type=int, default=100, help="LAMBADA documents for text perplexity")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--checkpoints", help="folder of the gate training's checkpoints (default: --work)")
     ap.add_argument("--work", default=str(Path(__file__).parent / "results" / "frontier"))
     args = ap.parse_intermixed_args()  # plans may come after the options
     torch.set_num_threads(args.threads)
