@@ -14,6 +14,11 @@ the 64 openings of ``TOPIC_PROMPTS`` below instead of the library's 12 ``SELF_PR
 else changes (seed, temperature, length, rows). The prompt list is part of the text cache's
 key, so this text never collides with the library's.
 
+``--search-from FILE`` reuses a searching selection's saved choice (``search-sleb-remove8.json``
+of ``frontier.py``, same calibration text and search options) instead of searching again: SLEB's
+search costs ~2,000 s on shared cores, and the healed row needs only its result. The run's own
+"select s" is then ~0; the table shows the saved search's seconds, marked "(reused)".
+
 ``--cache DIR`` gives the run a private cache (``LAYERFOLD_CACHE``): every entry of the shared
 ``~/.cache/layerfold`` is linked into it (so cached calibration text and teacher logits are
 reused), and whatever the run writes lands in DIR only, so two runs that write the same text
@@ -164,7 +169,27 @@ def reuse_before(path: str) -> None:
     ev.evaluate = evaluate
 
 
+def reuse_search(path: str) -> dict:
+    """The selection's search returns the saved choice of ``path`` (checked: same selection and
+    number of layers) instead of running; nothing else of the run changes."""
+    import layerfold.methods.search as search
+
+    found = json.loads(Path(path).read_text())
+    name = found["selection"].replace("-", "_")
+
+    def saved(model, arch, ids, n, opts, progress=True):
+        if len(found["removed"]) != n:
+            raise SystemExit(f"{path}: {len(found['removed'])} layers removed, the run asks for {n}")
+        if opts != search.SearchOptions():
+            raise SystemExit(f"{path}: saved with the default search options; this run sets {opts}")
+        return dict(found)
+
+    setattr(search, name, saved)
+    return found
+
+
 def cmd_run(args) -> int:
+    reused = reuse_search(args.search_from) if args.search_from else None
     if args.before:
         reuse_before(args.before)
     if args.cache:
@@ -186,6 +211,9 @@ def cmd_run(args) -> int:
         "started_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(t)),
         "load_average_end": os.getloadavg(),
     }
+    if reused is not None:
+        record["search_from"] = args.search_from
+        record["search_seconds_saved"] = reused.get("seconds")
     print(json.dumps(record), file=sys.stderr)
     if args.record:
         Path(args.record).write_text(json.dumps(record, indent=1))
@@ -244,6 +272,7 @@ def cmd_table(args) -> int:
         m0 = (orig["piqa/acc"] + orig["arc_easy/acc"] + orig["lambada_openai/acc"]) / 3
         secs = d.get("seconds") or {}
         sel = secs.get("importance", 0) + secs.get("search", 0)
+        sel_text = f"{run['search_seconds_saved']:.0f} (reused)" if run.get("search_seconds_saved") else f"{sel:.0f}"
         rep = secs.get("linear_repair", 0) + secs.get("replacement", 0)
         for task in ("piqa", "arc_easy"):  # results written before `agreement` existed: from the examples
             if f"{task}/agreement" not in a and name in evals and orig_eval is not None:
@@ -256,7 +285,7 @@ def cmd_table(args) -> int:
               f"| {a['heldout/kl']:.3f} | {a['heldout/top1']*100:.1f}% "
               f"| {a.get('piqa/stability', float('nan')):.3f}/{a.get('arc_easy/stability', float('nan')):.3f} "
               f"| {a.get('piqa/agreement', float('nan')):.2f}/{a.get('arc_easy/agreement', float('nan')):.2f} "
-              f"| {a['cost/parameters']:,} | {sel:.0f} | {rep:.0f} | {secs.get('heal', 0):.0f} "
+              f"| {a['cost/parameters']:,} | {sel_text} | {rep:.0f} | {secs.get('heal', 0):.0f} "
               f"| {rec('cpu_seconds', '{:.0f}')} | {rec('wall_seconds', '{:.0f}')} | {gb} |")
     return 0
 
@@ -298,6 +327,8 @@ def main(argv=None) -> int:
     r.add_argument("--cache", help="private cache folder (shared entries linked in)")
     r.add_argument("--before", help="the original's EvalResult JSON (same limit and documents) instead of measuring it")
     r.add_argument("--record", help="write wall/CPU seconds and peak RSS here (JSON)")
+    r.add_argument("--search-from", help="a searching selection's saved choice (frontier.py's search-*.json) "
+                                         "instead of searching again")
     c = sub.add_parser("collect")
     c.add_argument("name")
     c.add_argument("folder")
