@@ -271,9 +271,13 @@ def cmd_table(args) -> int:
         m = (a["piqa/acc"] + a["arc_easy/acc"] + a["lambada_openai/acc"]) / 3
         m0 = (orig["piqa/acc"] + orig["arc_easy/acc"] + orig["lambada_openai/acc"]) / 3
         secs = d.get("seconds") or {}
-        sel = secs.get("importance", 0) + secs.get("search", 0)
+        # select: the calibration pass or search (FoldGPT: the gates); repair: the linear fit, or
+        # LLM-Streamline's replacement (its training text, pairs and training); heal: healing, or
+        # FoldGPT's cure, which takes healing's place
+        sel = secs.get("importance", 0) + secs.get("search", 0) + secs.get("gates", 0)
         sel_text = f"{run['search_seconds_saved']:.0f} (reused)" if run.get("search_seconds_saved") else f"{sel:.0f}"
-        rep = secs.get("linear_repair", 0) + secs.get("replacement", 0)
+        rep = sum(secs.get(k, 0) for k in ("linear_repair", "replacement", "train_data", "pairs", "linear_init", "train"))
+        heal = secs.get("heal", 0) + secs.get("cure", 0)
         for task in ("piqa", "arc_easy"):  # results written before `agreement` existed: from the examples
             if f"{task}/agreement" not in a and name in evals and orig_eval is not None:
                 from layerfold.eval.stability import agreement
@@ -285,7 +289,7 @@ def cmd_table(args) -> int:
               f"| {a['heldout/kl']:.3f} | {a['heldout/top1']*100:.1f}% "
               f"| {a.get('piqa/stability', float('nan')):.3f}/{a.get('arc_easy/stability', float('nan')):.3f} "
               f"| {a.get('piqa/agreement', float('nan')):.2f}/{a.get('arc_easy/agreement', float('nan')):.2f} "
-              f"| {a['cost/parameters']:,} | {sel_text} | {rep:.0f} | {secs.get('heal', 0):.0f} "
+              f"| {a['cost/parameters']:,} | {sel_text} | {rep:.0f} | {heal:.0f} "
               f"| {rec('cpu_seconds', '{:.0f}')} | {rec('wall_seconds', '{:.0f}')} | {gb} |")
     return 0
 
