@@ -117,10 +117,14 @@ def unhealed_rows(results: Path) -> tuple[list[dict], dict | None]:
 def healing_text(record: dict) -> str:
     recipe = record.get("recipe") or {}
     if record.get("cure") or recipe.get("cure"):
-        cure, opts = record.get("cure") or {}, recipe.get("cure") or {}
+        cure = record.get("cure") or {}
+        opts = cure.get("options") or recipe.get("cure") or {}
         steps = cure.get("steps", opts.get("steps"))
-        tokens = cure.get("tokens")
-        return f"FoldGPT cure, {steps} steps" + (f" ({tokens:,} tokens)" if tokens else "")
+        batch = (opts.get("batch_size") or 0) * (opts.get("grad_accum") or 1)
+        tokens = cure.get("tokens") or cure.get("tokens_seen")
+        lora = f", LoRA r{opts['lora_rank']}" if opts.get("lora_rank") else ""
+        return (f"FoldGPT cure{lora}, {steps} steps" + (f" x {batch} rows" if batch else "")
+                + (f" ({tokens:,} tokens)" if tokens else ""))
     heal, done = recipe.get("heal"), record.get("heal") or {}
     if not heal:
         return "none"
