@@ -32,6 +32,7 @@ import json
 import os
 import platform
 import sys
+import tempfile
 import time
 from dataclasses import fields, replace
 from pathlib import Path
@@ -46,9 +47,11 @@ from layerfold.importance.gates import GateOptions, GateResult, gate_ranking
 from layerfold.methods.registry import SELECTIONS, Evidence, SelectionOptions, apply_plan, make_plan
 from layerfold.methods.replaceme import LinearRepairOptions
 from layerfold.methods.search import SearchOptions
+from layerfold.methods.streamline import StreamlineOptions, training_text
 from layerfold.models.loading import load_model
 from layerfold.models.surgery import count_parameters
 from layerfold.recipe import CompressOptions
+from layerfold.report.record import streamline_record
 
 TASKS = ["piqa", "arc_easy", "lambada_openai"]
 
@@ -58,8 +61,11 @@ def parse_plan(spec: str, remove: int) -> CompressOptions:
     gate_FIELD for a GateOptions field (the prefix keeps its steps/lr/seed apart from the others')."""
     head, *pairs = spec.split(":")
     selection, _, repair = head.partition("+")
-    groups = {"linear": LinearRepairOptions, "search": SearchOptions, "gates": GateOptions}
+    groups = {"linear": LinearRepairOptions, "search": SearchOptions, "gates": GateOptions,
+              "repair": StreamlineOptions}
     changes: dict[str, dict] = {g: {} for g in groups}
+    # a replacement plan's fields are the repair group's first (its loss, lr, seed are its own)
+    order = ("repair", "linear", "search") if repair == "replacement" else ("linear", "search", "repair")
     for pair in pairs:
         key, _, value = pair.partition("=")
         if key.startswith("gate_"):
@@ -67,14 +73,17 @@ def parse_plan(spec: str, remove: int) -> CompressOptions:
             if key not in {f.name for f in fields(GateOptions)}:
                 raise SystemExit(f"unknown GateOptions field {key!r}")
         else:
-            group = next((g for g in ("linear", "search") if key in {f.name for f in fields(groups[g])}), None)
+            group = next((g for g in order if key in {f.name for f in fields(groups[g])}), None)
         if group is None:
-            raise SystemExit(f"unknown LinearRepairOptions or SearchOptions field {key!r}")
-        kind = {f.name: f.type for f in fields(groups[group])}[key]
-        changes[group][key] = value if kind in ("str", str) else (int(value) if kind in ("int", int) else float(value))
+            raise SystemExit(f"unknown LinearRepairOptions, SearchOptions or StreamlineOptions field {key!r}")
+        kind = str({f.name: f.type for f in fields(groups[group])}[key]).replace(" | None", "")
+        if kind not in ("str", "int", "float", "<class 'str'>", "<class 'int'>", "<class 'float'>"):
+            raise SystemExit(f"field {key!r} ({kind}) cannot be set in a plan")
+        changes[group][key] = value if "str" in kind else (int(value) if "int" in kind else float(value))
     opts = CompressOptions(selection=SelectionOptions(select=selection, repair=repair or "none", remove=remove),
                            linear=replace(LinearRepairOptions(), **changes["linear"]),
-                           search=replace(SearchOptions(), **changes["search"]), progress=False)
+                           search=replace(SearchOptions(), **changes["search"]),
+                           repair=replace(StreamlineOptions(), **changes["repair"]), progress=False)
     opts.foldgpt.gates = replace(opts.foldgpt.gates, **changes["gates"])  # the gates compress --select gates trains
     return opts
 
@@ -184,9 +193,17 @@ class Bench:
         selection = opts.selection.select
         evidence, select_seconds = self.evidence(selection, opts)
         plan = make_plan(opts, self.loaded.model, self.loaded.arch, evidence)
+        ids, data_seconds = self.calib, 0.0
+        if plan.repair == "replacement" and opts.repair.spec.trainable:
+            # its own training text, as compress writes it (written by the original; cached)
+            t = time.perf_counter()
+            ids = training_text(opts.repair, self.loaded, self.calib, progress=False)
+            data_seconds = time.perf_counter() - t
         work = replace(self.loaded, model=copy.deepcopy(self.loaded.model))
         t = time.perf_counter()
-        applied = apply_plan(plan, work, self.calib, opts, evidence=evidence, work_dir=self.work)
+        # the replacement's training pairs (~170 MB) go to a scratch folder, not the results
+        with tempfile.TemporaryDirectory(prefix="frontier-", dir=self.args.checkpoints) as scratch:
+            applied = apply_plan(plan, work, ids, opts, evidence=evidence, work_dir=Path(scratch))
         repair_seconds = time.perf_counter() - t
         t = time.perf_counter()
         if not fit:
@@ -194,10 +211,13 @@ class Bench:
         fit = compare_to_reference(work.model, self.heldout, self.reference)
         record = {"plan": spec, "selection": selection, "repair": plan.repair, "removed": plan.removed,
                   "params": count_parameters(work.model), "params_before": plan.params_before,
-                  "heldout": fit.to_dict(), "seconds": {"select": select_seconds, "repair": repair_seconds,
+                  "heldout": fit.to_dict(), "seconds": {"select": select_seconds, "train_data": data_seconds, "repair": repair_seconds,
                                                          "heldout": time.perf_counter() - t},
                   "linear": applied.linear.to_dict() if applied.linear is not None else None,
                   "merge": applied.merge, "machine": machine(),
+                  "streamline": None if applied.streamline is None else
+                  streamline_record(opts.repair, applied.streamline) | {"seconds": applied.streamline.seconds,
+                                                                        "train_data_seconds": data_seconds},
                   "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
         print(f"{spec}: KL {fit.kl:.3f} top1 {fit.top1:.3f} ppl {fit.ppl:.1f}", flush=True)
         return record, work.model
