@@ -27,6 +27,8 @@ import re
 import sys
 from pathlib import Path
 
+from layerfold.methods.replaceme import removed_runs
+
 RESULTS = Path(__file__).parent / "results"
 UNHEALED = ("frontier", "frontier-unhealed-*")
 HEALED = ("frontier/healed", "frontier-healed-*")
@@ -45,14 +47,7 @@ def folders(results: Path, patterns) -> list[Path]:
 
 def ranges(layers) -> str:
     """3,12,13,14 -> 3,12-14."""
-    layers, out, i = sorted(layers), [], 0
-    while i < len(layers):
-        j = i
-        while j + 1 < len(layers) and layers[j + 1] == layers[j] + 1:
-            j += 1
-        out.append(str(layers[i]) if i == j else f"{layers[i]}-{layers[j]}")
-        i = j + 1
-    return ",".join(out)
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in removed_runs(list(layers)))
 
 
 def time_file(path: Path) -> dict:
