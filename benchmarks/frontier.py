@@ -22,6 +22,16 @@ resumed.
     python benchmarks/frontier.py run --tasks bi+none ...         # also the task suite
     python benchmarks/frontier.py run gates+none gates+linear     # gate training first (tens of minutes)
     python benchmarks/frontier.py table > rows.md
+    python benchmarks/frontier.py run --gates-from SCORES.json gates+none:gate_steps=40   # gates reused
+
+``--gates-from FILE`` seeds the gates' cache from gates already trained by ``layerfold analyze
+--gates --remove N [--gate-... options] --json FILE`` (its ``gates_*`` fields) instead of
+training them again: only for a plan whose cache file does not exist yet, and only if the
+file's gate options are the plan's (a field the file lacks, added to GateOptions after it was
+written, must be at its default; it is named in the seeded file's ``reused.missing_options``)
+and it removes ``--remove`` layers of a model of the same depth. The seeded ``seconds`` are the
+original training's, from ``--gates-seconds`` or else the ``seconds`` of foldgpt.py's run record
+``gates.json`` beside FILE; the seeded file's ``reused`` says where they come from.
 """
 
 from __future__ import annotations
@@ -32,8 +42,9 @@ import json
 import os
 import platform
 import sys
+import tempfile
 import time
-from dataclasses import fields, replace
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 
 import torch
@@ -46,9 +57,11 @@ from layerfold.importance.gates import GateOptions, GateResult, gate_ranking
 from layerfold.methods.registry import SELECTIONS, Evidence, SelectionOptions, apply_plan, make_plan
 from layerfold.methods.replaceme import LinearRepairOptions
 from layerfold.methods.search import SearchOptions
+from layerfold.methods.streamline import StreamlineOptions, training_text
 from layerfold.models.loading import load_model
 from layerfold.models.surgery import count_parameters
 from layerfold.recipe import CompressOptions
+from layerfold.report.record import streamline_record
 
 TASKS = ["piqa", "arc_easy", "lambada_openai"]
 
@@ -58,8 +71,11 @@ def parse_plan(spec: str, remove: int) -> CompressOptions:
     gate_FIELD for a GateOptions field (the prefix keeps its steps/lr/seed apart from the others')."""
     head, *pairs = spec.split(":")
     selection, _, repair = head.partition("+")
-    groups = {"linear": LinearRepairOptions, "search": SearchOptions, "gates": GateOptions}
+    groups = {"linear": LinearRepairOptions, "search": SearchOptions, "gates": GateOptions,
+              "repair": StreamlineOptions}
     changes: dict[str, dict] = {g: {} for g in groups}
+    # a replacement plan's fields are the repair group's first (its loss, lr, seed are its own)
+    order = ("repair", "linear", "search") if repair == "replacement" else ("linear", "search", "repair")
     for pair in pairs:
         key, _, value = pair.partition("=")
         if key.startswith("gate_"):
@@ -67,14 +83,17 @@ def parse_plan(spec: str, remove: int) -> CompressOptions:
             if key not in {f.name for f in fields(GateOptions)}:
                 raise SystemExit(f"unknown GateOptions field {key!r}")
         else:
-            group = next((g for g in ("linear", "search") if key in {f.name for f in fields(groups[g])}), None)
+            group = next((g for g in order if key in {f.name for f in fields(groups[g])}), None)
         if group is None:
-            raise SystemExit(f"unknown LinearRepairOptions or SearchOptions field {key!r}")
-        kind = {f.name: f.type for f in fields(groups[group])}[key]
-        changes[group][key] = value if kind in ("str", str) else (int(value) if kind in ("int", int) else float(value))
+            raise SystemExit(f"unknown LinearRepairOptions, SearchOptions or StreamlineOptions field {key!r}")
+        kind = str({f.name: f.type for f in fields(groups[group])}[key]).replace(" | None", "")
+        if kind not in ("str", "int", "float", "<class 'str'>", "<class 'int'>", "<class 'float'>"):
+            raise SystemExit(f"field {key!r} ({kind}) cannot be set in a plan")
+        changes[group][key] = value if "str" in kind else (int(value) if "int" in kind else float(value))
     opts = CompressOptions(selection=SelectionOptions(select=selection, repair=repair or "none", remove=remove),
                            linear=replace(LinearRepairOptions(), **changes["linear"]),
-                           search=replace(SearchOptions(), **changes["search"]), progress=False)
+                           search=replace(SearchOptions(), **changes["search"]),
+                           repair=replace(StreamlineOptions(), **changes["repair"]), progress=False)
     opts.foldgpt.gates = replace(opts.foldgpt.gates, **changes["gates"])  # the gates compress --select gates trains
     return opts
 
@@ -91,6 +110,52 @@ def gate_key(opts: CompressOptions) -> str:
     default, gates = GateOptions(), opts.foldgpt.gates
     return "".join(f":gate_{f.name}={getattr(gates, f.name)}" for f in fields(GateOptions)
                    if getattr(gates, f.name) != getattr(default, f.name))
+
+
+def seed_gates(scores_path: Path, opts: GateOptions, remove: int, num_layers: int,
+               seconds: float | None = None) -> dict:
+    """The record ``Bench.gates`` caches, built from an ``analyze --gates --json`` scores file
+    (see the module docstring: ``--gates-from``). Refuses gates trained with other options,
+    for another budget or another depth."""
+    d = json.loads(Path(scores_path).read_text())
+    if "gates" not in d:
+        raise SystemExit(f"{scores_path}: no gates (write it with layerfold analyze --gates --json)")
+    saved, wanted = d.get("gates_options") or {}, asdict(opts)
+    differ = {k: (saved[k], wanted[k]) for k in saved if k in wanted and saved[k] != wanted[k]}
+    unknown = sorted(k for k in saved if k not in wanted)
+    missing = sorted(k for k in wanted if k not in saved)
+    default = asdict(GateOptions())
+    off_default = {k: wanted[k] for k in missing if wanted[k] != default[k]}
+    if differ or unknown or off_default:
+        raise SystemExit(f"{scores_path}: gates trained with other options: differ {differ}, unknown {unknown}, "
+                         f"not in the file and not at their defaults {off_default}")
+    if d["num_layers"] != num_layers or len(d["gates"]) != num_layers:
+        raise SystemExit(f"{scores_path}: gates of a {d['num_layers']}-layer model; this one has {num_layers}")
+    if len(d["gates_removed"]) != remove:
+        raise SystemExit(f"{scores_path}: the gates remove {len(d['gates_removed'])} layers, the run {remove}")
+    source = "--gates-seconds"
+    if seconds is None:
+        record = Path(scores_path).with_name("gates.json")  # foldgpt.py's record of the analyze run
+        if not record.exists():
+            raise SystemExit(f"{scores_path}: give --gates-seconds (no foldgpt.py record {record})")
+        seconds, source = float(json.loads(record.read_text())["seconds"]), str(record)
+    rounds: dict[int, list] = {}
+    for rec in d.get("gates_log") or []:
+        rounds.setdefault(rec["round"], []).append({k: v for k, v in rec.items() if k != "round"})
+    return {"gates": d["gates"], "removed": d["gates_removed"], "scores": d.get("gates_scores") or [],
+            "check": d.get("gates_check"), "swaps": d.get("gates_swaps"),
+            "rounds": [{"log": rounds[r]} for r in sorted(rounds)], "options": {**wanted, **saved},
+            "seconds": seconds,
+            "reused": {"from": str(scores_path), "seconds_from": source, "missing_options": missing,
+                       "note": "gates trained by another run, not here; seconds are that run's"}}
+
+
+def read_gates(path: Path) -> tuple[GateResult, float]:
+    """The cached gates (``Bench.gates``' file) and the seconds their training took."""
+    d = json.loads(Path(path).read_text())
+    nan = lambda xs: [float("nan") if x is None else x for x in xs]  # noqa: E731
+    return GateResult(nan(d["gates"]), list(d["removed"]), d["rounds"], d["options"], nan(d["scores"]),
+                      d["check"], d["swaps"]), d["seconds"]
 
 
 class Bench:
@@ -144,6 +209,15 @@ class Bench:
         same held-out rows for its check against Block Influence); the result is cached."""
         name = f"gates{gate_key(opts)}-remove{self.args.remove}"
         path = self.work / f"search-{name}.json"  # "search-" keeps it out of the table's rows
+        if not path.exists() and self.args.gates_from:
+            from layerfold.models.surgery import decoder_layers
+
+            n = len(decoder_layers(self.loaded.model, self.loaded.arch))
+            seeded = seed_gates(Path(self.args.gates_from), opts.foldgpt.gates, self.args.remove, n,
+                                self.args.gates_seconds)
+            path.write_text(json.dumps(seeded, indent=1))
+            print(f"{name}: gates reused from {self.args.gates_from} (removed {seeded['removed']}, "
+                  f"{seeded['seconds']:.0f} s of training, not run here)", flush=True)
         if not path.exists():
             from layerfold.train.loop import Checkpoints
 
@@ -155,11 +229,8 @@ class Bench:
             # a resumed run's seconds are this process's only; the log's steps say where it resumed
             path.write_text(json.dumps(g.to_dict() | {"seconds": time.perf_counter() - t,
                                                       "load_average": os.getloadavg()[0]}, indent=1))
-        d = json.loads(path.read_text())
-        nan = lambda xs: [float("nan") if x is None else x for x in xs]  # noqa: E731
-        gates = GateResult(nan(d["gates"]), list(d["removed"]), d["rounds"], d["options"], nan(d["scores"]),
-                           d["check"], d["swaps"])
-        return Evidence(gates=gates), d["seconds"]
+        gates, seconds = read_gates(path)
+        return Evidence(gates=gates), seconds
 
     def original(self):
         path = self.work / f"original-limit{self.args.limit}.json"
@@ -184,9 +255,17 @@ class Bench:
         selection = opts.selection.select
         evidence, select_seconds = self.evidence(selection, opts)
         plan = make_plan(opts, self.loaded.model, self.loaded.arch, evidence)
+        ids, data_seconds = self.calib, 0.0
+        if plan.repair == "replacement" and opts.repair.spec.trainable:
+            # its own training text, as compress writes it (written by the original; cached)
+            t = time.perf_counter()
+            ids = training_text(opts.repair, self.loaded, self.calib, progress=False)
+            data_seconds = time.perf_counter() - t
         work = replace(self.loaded, model=copy.deepcopy(self.loaded.model))
         t = time.perf_counter()
-        applied = apply_plan(plan, work, self.calib, opts, evidence=evidence, work_dir=self.work)
+        # the replacement's training pairs (~170 MB) go to a scratch folder, not the results
+        with tempfile.TemporaryDirectory(prefix="frontier-", dir=self.args.checkpoints) as scratch:
+            applied = apply_plan(plan, work, ids, opts, evidence=evidence, work_dir=Path(scratch))
         repair_seconds = time.perf_counter() - t
         t = time.perf_counter()
         if not fit:
@@ -194,10 +273,13 @@ class Bench:
         fit = compare_to_reference(work.model, self.heldout, self.reference)
         record = {"plan": spec, "selection": selection, "repair": plan.repair, "removed": plan.removed,
                   "params": count_parameters(work.model), "params_before": plan.params_before,
-                  "heldout": fit.to_dict(), "seconds": {"select": select_seconds, "repair": repair_seconds,
+                  "heldout": fit.to_dict(), "seconds": {"select": select_seconds, "train_data": data_seconds, "repair": repair_seconds,
                                                          "heldout": time.perf_counter() - t},
                   "linear": applied.linear.to_dict() if applied.linear is not None else None,
                   "merge": applied.merge, "machine": machine(),
+                  "streamline": None if applied.streamline is None else
+                  streamline_record(opts.repair, applied.streamline) | {"seconds": applied.streamline.seconds,
+                                                                        "train_data_seconds": data_seconds},
                   "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
         print(f"{spec}: KL {fit.kl:.3f} top1 {fit.top1:.3f} ppl {fit.ppl:.1f}", flush=True)
         return record, work.model
@@ -294,6 +376,10 @@ def main() -> None:
     ap.add_argument("--ppl-docs", type=int, default=100, help="LAMBADA documents for text perplexity")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--checkpoints", help="folder of the gate training's checkpoints (default: --work)")
+    ap.add_argument("--gates-from", metavar="SCORES_JSON",
+                    help="seed the gates' cache from analyze --gates --json's file instead of training them")
+    ap.add_argument("--gates-seconds", type=float,
+                    help="with --gates-from: the seconds that gate training took (default: foldgpt.py's gates.json)")
     ap.add_argument("--work", default=str(Path(__file__).parent / "results" / "frontier"))
     args = ap.parse_intermixed_args()  # plans may come after the options
     torch.set_num_threads(args.threads)
