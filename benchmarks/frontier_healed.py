@@ -188,25 +188,10 @@ def reuse_search(path: str) -> dict:
     return found
 
 
-def heldout_every(every: int) -> None:
-    """The held-out fit every ``every`` optimizer steps instead of the pipeline's ~4 times per run
-    (steps // 4): at 64 steps that would give points only every 32,768 tokens. The fit is a
-    no-grad forward of the 8 held-out rows between steps; the training itself is unchanged."""
-    import layerfold.healing as healing
-
-    original = healing.heal
-
-    def heal(*args, **kwargs):
-        if kwargs.get("eval_fn") is not None:
-            kwargs["eval_every"] = every
-        return original(*args, **kwargs)
-
-    healing.heal = heal
-
-
 def cmd_run(args) -> int:
-    if args.heldout_every:
-        heldout_every(args.heldout_every)
+    compress = list(args.compress)
+    if args.heldout_every:  # the library's option; kept here so that older commands still run
+        compress += ["--eval-heldout-every", str(args.heldout_every)]
     reused = reuse_search(args.search_from) if args.search_from else None
     if args.before:
         reuse_before(args.before)
@@ -219,7 +204,7 @@ def cmd_run(args) -> int:
     from layerfold.cli import main
 
     t, cpu = time.time(), os.times()
-    rc = main(["compress", *args.compress])
+    rc = main(["compress", *compress])
     end = os.times()
     record = {
         "name": args.name, "prompts": args.prompts, "argv": args.compress, "rc": rc,
@@ -353,7 +338,7 @@ def main(argv=None) -> int:
     r.add_argument("--search-from", help="a searching selection's saved choice (frontier.py's search-*.json) "
                                          "instead of searching again")
     r.add_argument("--heldout-every", type=int, default=0,
-                   help="held-out fit every N healing steps (0: the pipeline's steps // 4)")
+                   help="= compress --eval-heldout-every N: held-out fit every N healing steps (0: steps // 4)")
     c = sub.add_parser("collect")
     c.add_argument("name")
     c.add_argument("folder")

@@ -250,3 +250,21 @@ def test_the_default_micro_batch_is_one_row_of_an_eight_row_step():
     assert (recipe["batch_size"], recipe["grad_accum"]) == (1, 8)  # what ran, not the 0 that means default
     with pytest.raises(LayerfoldError, match="--heal-batch-size"):
         HealOptions(tokens=64, batch_size=-1).validate()
+
+
+def test_the_held_out_curve_is_fitted_every_n_steps_when_asked(capsys, tiny_model_dir, text_file, tmp_path):
+    """--eval-heldout-every N: the held-out fit before healing and after every N-th optimizer
+    step; the default is about four fits a run (every steps // 4)."""
+    def curve(out, *extra):
+        code = main(["-q", "compress", tiny_model_dir("llama"), "--remove", "2", "-o", str(out), "--calib", text_file,
+                     "--calib-samples", "4", "--seq-len", "32", "--heal-tokens", "2048", "--eval-ppl", "",
+                     "--eval-speed-rounds", "0", "--eval-heldout-rows", "2", *extra])
+        assert code == 0, capsys.readouterr()
+        record = json.loads((out / "layerfold.json").read_text())
+        assert record["heal"]["steps"] == 8  # 2,048 tokens in steps of 8 rows x 32
+        return [p["tokens"] for p in record["heal_curve"] if p.get("heldout") is not None]
+
+    step = 8 * 32
+    assert curve(tmp_path / "every2") == [0, 2 * step, 4 * step, 6 * step, 8 * step]  # 8 // 4
+    # every 3rd step, and the last step, which the training loop always validates
+    assert curve(tmp_path / "every3", "--eval-heldout-every", "3") == [0, 3 * step, 6 * step, 8 * step]

@@ -520,12 +520,12 @@ class _Compression:
         from .train import steps_for_tokens
 
         eval_fn, eval_every = None, 0
-        if self.heldout is not None:  # the held-out fit along the way: before healing, then ~4 times
+        if self.heldout is not None:  # the held-out fit along the way: before healing, then every N steps
             start = self.heldout_fit(loaded.model)
             self.heal_curve.append({"tokens": 0, "heldout": start})
             eval_fn = self.heldout_fit
             steps = steps_for_tokens(o.healing.tokens, global_batch(o.healing), o.healing.accumulation, healing.ids.shape[1])
-            eval_every = max(1, steps // 4)
+            eval_every = o.evaluation.heldout_every or max(1, steps // 4)
         result = heal(loaded, None, o.healing, ids=healing.ids, prepared_teacher=healing.teacher,
                       layer_map=applied.layer_map.kept, eval_fn=eval_fn, eval_every=eval_every)
         self.heal_curve += [{"tokens": r["tokens"], "loss": r.get("loss"), "heldout": r.get("eval")}

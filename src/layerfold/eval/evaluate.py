@@ -45,6 +45,9 @@ class EvalOptions:
     heldout_rows: int = field(default=8, metadata={
         "help": "held-out rows of calibration-style text (self-written with seed 2, or the rows after the calibration "
                 "rows of a file): KL to the original, top-1 agreement and perplexity, no data set needed; 0: none"})
+    heldout_every: int = field(default=0, metadata={
+        "help": "while healing, fit the held-out rows every N optimizer steps (the learning curve in "
+                "layerfold.json's heal_curve); 0: about four times a run (every steps // 4)"})
     speed_rounds: int = field(default=7, metadata={
         "help": "rounds of alternating speed runs, original then compressed (median and range of the ratio); "
                 "keeps a copy of the original in memory until then; 0: no speed measurement"})
@@ -54,8 +57,8 @@ class EvalOptions:
             raise LayerfoldError(f"--eval-limit must be at least 1 (got {self.limit})")
         if self.batch_size < 1:
             raise LayerfoldError(f"--eval-batch-size must be at least 1 (got {self.batch_size})")
-        if self.heldout_rows < 0 or self.speed_rounds < 0:
-            raise LayerfoldError("--eval-heldout-rows and --eval-speed-rounds must be 0 or more")
+        if self.heldout_rows < 0 or self.speed_rounds < 0 or self.heldout_every < 0:
+            raise LayerfoldError("--eval-heldout-rows, --eval-heldout-every and --eval-speed-rounds must be 0 or more")
 
     def evaluate_kwargs(self) -> dict | None:
         """Arguments for :func:`evaluate`, or None when nothing is to be measured."""
