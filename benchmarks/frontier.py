@@ -49,7 +49,9 @@ from pathlib import Path
 
 import torch
 
+from layerfold import schema
 from layerfold.data.calibration import CalibrationSpec, load_calibration
+from layerfold.errors import LayerfoldError
 from layerfold.eval import evaluate
 from layerfold.eval.heldout import compare_to_reference, heldout_ids, reference_log_probs
 from layerfold.importance import measure_similarity
@@ -68,14 +70,15 @@ TASKS = ["piqa", "arc_easy", "lambada_openai"]
 
 def parse_plan(spec: str, remove: int) -> CompressOptions:
     """SELECTION+REPAIR[:FIELD=VALUE...], the fields of LinearRepairOptions or SearchOptions, or
-    gate_FIELD for a GateOptions field (the prefix keeps its steps/lr/seed apart from the others')."""
+    gate_FIELD for a GateOptions field (the prefix keeps its steps/lr/seed apart from the others').
+    Each FIELD=VALUE is read as the recipe's ``--set GROUP.FIELD=VALUE`` is, by the options schema."""
     head, *pairs = spec.split(":")
     selection, _, repair = head.partition("+")
-    groups = {"linear": LinearRepairOptions, "search": SearchOptions, "gates": GateOptions,
-              "repair": StreamlineOptions}
-    changes: dict[str, dict] = {g: {} for g in groups}
+    groups = {"linear": LinearRepairOptions, "search": SearchOptions, "repair": StreamlineOptions}
+    where = {"linear": "linear", "search": "search", "repair": "repair", "gates": "foldgpt.gates"}  # recipe groups
     # a replacement plan's fields are the repair group's first (its loss, lr, seed are its own)
     order = ("repair", "linear", "search") if repair == "replacement" else ("linear", "search", "repair")
+    values = {}
     for pair in pairs:
         key, _, value = pair.partition("=")
         if key.startswith("gate_"):
@@ -86,16 +89,14 @@ def parse_plan(spec: str, remove: int) -> CompressOptions:
             group = next((g for g in order if key in {f.name for f in fields(groups[g])}), None)
         if group is None:
             raise SystemExit(f"unknown LinearRepairOptions, SearchOptions or StreamlineOptions field {key!r}")
-        kind = str({f.name: f.type for f in fields(groups[group])}[key]).replace(" | None", "")
-        if kind not in ("str", "int", "float", "<class 'str'>", "<class 'int'>", "<class 'float'>"):
-            raise SystemExit(f"field {key!r} ({kind}) cannot be set in a plan")
-        changes[group][key] = value if "str" in kind else (int(value) if "int" in kind else float(value))
+        try:
+            path, parsed = schema.parse_assignment(CompressOptions, f"{where[group]}.{key}={value}")
+        except LayerfoldError as e:
+            raise SystemExit(f"{spec}: {e}") from None
+        values[path] = parsed
     opts = CompressOptions(selection=SelectionOptions(select=selection, repair=repair or "none", remove=remove),
-                           linear=replace(LinearRepairOptions(), **changes["linear"]),
-                           search=replace(SearchOptions(), **changes["search"]),
-                           repair=replace(StreamlineOptions(), **changes["repair"]), progress=False)
-    opts.foldgpt.gates = replace(opts.foldgpt.gates, **changes["gates"])  # the gates compress --select gates trains
-    return opts
+                           progress=False)
+    return schema.with_values(opts, values)
 
 
 def search_key(opts: CompressOptions) -> str:

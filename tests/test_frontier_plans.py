@@ -58,3 +58,14 @@ def test_replacement_block_takes_one_more_layer_than_removed():
     assert ffn.selected == plan.selected
     h, w = model.config.hidden_size, model.config.intermediate_size  # RMSNorm, up and down with biases
     assert ffn.params_after == before - 4 * per_layer + h + (h * w + w) + (w * h + h)
+
+
+def test_plan_values_are_read_by_the_options_schema():
+    f = frontier()
+    gates = f.parse_plan("gates+linear:gate_steps=40:objective=cosine:ridge=1e-3", 8)
+    assert gates.foldgpt.gates.steps == 40 and isinstance(gates.foldgpt.gates.steps, int)
+    assert gates.linear.objective == "cosine" and gates.linear.ridge == 0.001
+    assert gates.selection.remove == 8 and gates.progress is False
+    for bad in ("bi+linear:ridge=abc", "gates+none:gate_steps=1.5", "bi+linear:objective=nope"):
+        with pytest.raises(SystemExit):
+            f.parse_plan(bad, 3)

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -134,8 +135,6 @@ def processes() -> Processes:
                          _env_flag("FSDP_RESHARD_AFTER_FORWARD", True))
     note = ignored_fsdp_settings_note()
     if note and _CURRENT.main:
-        import sys
-
         print(f"layerfold: note: {note}", file=sys.stderr)
     return _CURRENT
 
