@@ -12,6 +12,7 @@ from conftest import ARCH_CONFIGS, build_tiny, tiny_config
 
 from layerfold import CompressOptions, compress, load_model
 from layerfold.data.calibration import CalibrationSpec
+from layerfold.healing import HealOptions
 from layerfold.importance.layer_pass import final_hidden_states
 from layerfold.models.architectures import architecture_for, get_path
 from layerfold.models.compat import cache_kwargs, returned_cache
@@ -135,3 +136,35 @@ def test_compress_save_reload_generate(model_type, method, tiny_model_dir, text_
     # layerfold's own loader reads it back the same way
     again = load_model(str(out))
     assert len(get_path(again.model, again.arch.layers)) == 4
+
+
+@pytest.mark.parametrize("model_type", ARCHS)
+def test_default_method_per_architecture(model_type, tiny_model_dir, text_file, tmp_path):
+    """No --method: ReplaceMe (Block Influence + the folded linear map) where the architecture's MLP
+    output joins the residual stream directly, Block Influence alone where a norm sits in between
+    (the map cannot be folded: without the fallback these models refuse their own default); with
+    --repair X and no --method, Block Influence + X. The same layers go in every case."""
+    src = tiny_model_dir(model_type)
+    folds = architecture_for(tiny_config(model_type)).mlp_output is not None
+
+    def run(name, **selection):
+        out = tmp_path / name
+        r = compress(CompressOptions(model=ModelOptions(model=src),
+                                     data=CalibrationSpec(source=text_file, samples=4, seq_len=32),
+                                     selection=SelectionOptions(remove=2, **selection),
+                                     healing=HealOptions(tokens=0), output=OutputOptions(str(out)), progress=False))
+        return r, json.loads((out / "layerfold.json").read_text()), load_model(str(out), dtype="fp32")
+
+    default, record, model = run("default")
+    pruned, pruned_record, pruned_model = run("prune-only", repair="none")
+    record, pruned_record = record["recipe"], pruned_record["recipe"]
+    assert (record["method"], record["repair"]) == (("replaceme", "linear") if folds else ("bi", "none"))
+    assert (pruned_record["method"], pruned_record["repair"]) == ("bi", "none")
+    assert default.removed == pruned.removed
+    # the linear map lives in the down projection of the layer before each removed run (the layer
+    # kept at new index i-1 when original layer i went); elsewhere the weights are the original's
+    down = lambda m, i: dict(get_path(m.model, m.arch.layers)[i].named_parameters())[  # noqa: E731
+        m.arch.mlp_output + ".weight" if m.arch.mlp_output else "mlp.down_proj.weight"]
+    changed = [i for i in range(4) if not torch.equal(down(model, i), down(pruned_model, i))]
+    before_runs = sorted({default.layer_map.index(l - 1) for l in default.removed if l - 1 in default.layer_map})
+    assert changed == (before_runs if folds else [])

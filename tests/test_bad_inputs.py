@@ -337,9 +337,9 @@ def test_output_exists(capsys, request, model, tmp_path):
 
 def test_default_output_exists(capsys, request, model):
     """no -o, and the default output folder already exists"""
-    Path("model-bi-minus2").mkdir()
-    (Path("model-bi-minus2") / "x").write_text("x")
-    refused(capsys, request, ["-q", "compress", model, "--remove", "2"], "model-bi-minus2: folder exists")
+    Path("model-replaceme-minus2").mkdir()
+    (Path("model-replaceme-minus2") / "x").write_text("x")
+    refused(capsys, request, ["-q", "compress", model, "--remove", "2"], "model-replaceme-minus2: folder exists")
 
 
 def test_not_enough_disk_for_the_output(capsys, request, model, monkeypatch):

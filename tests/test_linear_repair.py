@@ -54,15 +54,33 @@ def test_runs_of_removed_layers():
 
 
 def test_the_ridge_solution_is_least_squares_on_the_augmented_system():
+    # |M T - D|^2 + alpha |T - I|^2 is ordinary least squares with sqrt(alpha) I appended to M
+    # and sqrt(alpha) I appended to D
     g = torch.Generator().manual_seed(0)
     m = torch.randn(200, 16, generator=g, dtype=torch.float64)
     d = torch.randn(200, 16, generator=g, dtype=torch.float64)
     mtm = m.T @ m
     alpha = 0.3 * float(mtm.diagonal().mean())
-    aug_m = torch.cat([m, alpha ** 0.5 * torch.eye(16, dtype=torch.float64)])
-    aug_d = torch.cat([d, torch.zeros(16, 16, dtype=torch.float64)])
+    eye = torch.eye(16, dtype=torch.float64)
+    aug_m = torch.cat([m, alpha ** 0.5 * eye])
+    aug_d = torch.cat([d, alpha ** 0.5 * eye])
     expected = torch.linalg.lstsq(aug_m, aug_d).solution
     torch.testing.assert_close(solve_lstsq(mtm, m.T @ d, 0.3), expected)
+
+
+def test_with_fewer_tokens_than_dimensions_unseen_directions_pass_through():
+    # 10 tokens in 32 dimensions: the data say nothing about the 22 directions orthogonal to
+    # the tokens, so the map must leave them as plain removal does (T v = v), not erase them
+    g = torch.Generator().manual_seed(1)
+    m = torch.randn(10, 32, generator=g, dtype=torch.float64)
+    d = torch.randn(10, 32, generator=g, dtype=torch.float64)
+    basis = torch.linalg.svd(m, full_matrices=True).Vh  # rows 10.. are orthogonal to every token
+    unseen = basis[10:].T
+    for ridge in (1e-4, 0.0):
+        t = solve_lstsq(m.T @ m, m.T @ d, ridge)
+        torch.testing.assert_close(unseen.T @ t, unseen.T, atol=1e-8, rtol=0)
+    # and with no ridge the seen tokens are fitted exactly (10 equations per column, 32 unknowns)
+    torch.testing.assert_close(m @ solve_lstsq(m.T @ m, m.T @ d, 0.0), d, atol=1e-8, rtol=0)
 
 
 @pytest.mark.parametrize("model_type", FOLDABLE)

@@ -7,6 +7,7 @@ above the runtime's share leaves room for one layer at a time but not for the wh
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -69,8 +70,12 @@ def test_weights_and_layers_come_from_the_skeleton(wide_model):
 def test_the_default_small_model_plan_changes_nothing(wide_model):
     opts = options(wide_model)
     plan = memory_plan.plan_memory(opts)
-    assert not plan.streamed and plan.changes == [] and plan.options is opts
-    assert [s.how for s in plan.stages] == ["in memory", "streamed", "in memory", "in memory", "in memory"]
+    # the only difference: the default method named (ReplaceMe: this Llama folds the linear map)
+    assert opts.selection.method is None and plan.options.selection.method == "replaceme"
+    assert not plan.streamed and plan.changes == [] and replace(plan.options, selection=opts.selection) == opts
+    assert [(s.name, s.how) for s in plan.stages] == [
+        ("calibration text", "in memory"), ("selection (bi)", "streamed"), ("repair", "streamed"),
+        ("healing", "in memory"), ("evaluation", "in memory"), ("saving", "in memory")]
     assert plan.describe().count("\n") == 0 and plan.describe().startswith("memory plan  in memory")
 
 
@@ -87,8 +92,8 @@ def test_a_small_budget_streams_with_the_bundled_corpus(wide_model, tmp_path, ca
     plan = record["memory_plan"]
     assert plan["streamed"] and plan["budget_bytes"] == RUNTIME_BYTES + 10 * 2**20
     assert {s["stage"]: s["how"] for s in plan["stages"]} == {
-        "calibration text": "no model", "selection (bi)": "streamed", "healing": "skipped", "evaluation": "skipped",
-        "saving": "streamed"}
+        "calibration text": "no model", "selection (bi)": "streamed", "repair": "streamed", "healing": "skipped",
+        "evaluation": "skipped", "saving": "streamed"}
     assert record["recipe"]["calibration"]["source"] == "bundled"
     assert record["heal"] is None and record["evaluation"] is None
     assert "--calib bundled" in record["command"] and "--no-eval" in record["command"]

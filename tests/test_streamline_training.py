@@ -282,7 +282,7 @@ def test_linear_init_is_the_least_squares_fit_of_the_down_projection(tmp_path, i
     store = PairStore(tmp_path / "pairs", 66, 16, model.config.hidden_size, "fp32")
     collect_pairs(model, LLAMA, text.ids, 1, 3, store, progress=False)
     # by hand: the source layer's MLP output M and the rest Y on the training rows' inputs,
-    # T = argmin |M T - (h_out - Y)|^2 + alpha |T|^2 (alpha: 1e-4 x the mean of diag M^T M), W <- T^T W
+    # T = argmin |M T - (h_out - Y)|^2 + alpha |T - I|^2 (alpha: 1e-4 x the mean of diag M^T M), W <- T^T W
     layer = decoder_layers(reference, LLAMA)[source]
     x, y, ids = store.read(list(range(64)))
     call = layer_arguments(reference, LLAMA, tuple(ids.shape), torch.device("cpu"), torch.float32)[1]
@@ -295,7 +295,7 @@ def test_linear_init_is_the_least_squares_fit_of_the_down_projection(tmp_path, i
     d = (y.double() - (out - seen[0]).double()).reshape(-1, 64)
     alpha = 1e-4 * float((m * m).sum(0).mean())
     t = torch.linalg.lstsq(torch.cat([m, alpha**0.5 * torch.eye(64, dtype=torch.float64)]),
-                           torch.cat([d, torch.zeros(64, 64, dtype=torch.float64)])).solution
+                           torch.cat([d, alpha**0.5 * torch.eye(64, dtype=torch.float64)])).solution
     expected = (t.T @ layer.mlp.down_proj.weight.double()).float()
 
     opts = StreamlineOptions(init=init, loss="cosine", lr=1e-12, min_lr=1e-12, batch=2, min_steps=1)

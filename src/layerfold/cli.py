@@ -78,7 +78,7 @@ COMMANDS = {
              "By default the original writes the healing text itself and its top-k logits are cached on disk.\n"
              "Healing never trains on evaluation data: a --heal-data file that is (or copies) an evaluation task\n"
              "file is refused.\n\n"
-             "example:  layerfold heal ./SmolLM2-135M-Instruct-bi-minus8 --heal-tokens 65536\n"
+             "example:  layerfold heal ./SmolLM2-135M-Instruct-replaceme-minus8 --heal-tokens 65536\n"
              "big model on several GPUs:  layerfold heal ./Llama-70B-minus20 --teacher meta-llama/Llama-3.1-70B \\\n"
              "            --device-map auto --device-memory 0=70GiB,1=70GiB,cpu=200GiB --offload-folder /scratch/offload"),
     "analyze": (AnalyzeOptions, "print per-layer and per-block importance by every criterion",
@@ -101,7 +101,7 @@ COMMANDS = {
                "  -o OUT            a standard Hugging Face folder\n"
                "A model whose layers share weights (layerfold compress --method foldgpt) is written out with every\n"
                "shared tensor materialised, since neither form can share them.\n\n"
-               "example:  layerfold export ./SmolLM2-135M-Instruct-bi-minus8 --gguf pruned-f16.gguf --outtype f16"),
+               "example:  layerfold export ./SmolLM2-135M-Instruct-replaceme-minus8 --gguf pruned-f16.gguf --outtype f16"),
 }
 
 

@@ -44,7 +44,7 @@ work starts and recorded in ``layerfold.json`` (``memory_plan``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from .data.calibration import BUNDLED
 from .errors import LayerfoldError
@@ -247,10 +247,13 @@ def plan_memory(opts, loaded=None) -> MemoryPlan:
 
     # the defaults of the options' own class (recipe imports this module: no import back)
     default = type(opts)()
-    method, selection, repair = opts.selection.parts()
     m = opts.model
     skeleton = loaded if loaded is not None else model_skeleton(m.model, dtype=m.dtype, device=m.device,
                                                                   trust_remote_code=m.trust_remote_code)
+    # no --method: the default for this architecture, named in the options the run uses and records
+    if opts.selection.method is None:
+        opts = replace(opts, selection=opts.selection.with_default_method(skeleton.arch))
+    method, selection, repair = opts.selection.parts()
     s = Sizes.of(skeleton)
     device = loaded.device if loaded is not None else resolve_device(m.device)
     if opts.memory.limit is not None:
@@ -382,7 +385,7 @@ class _Planner:
                 s.layers * s.kept_for_backward(rows, seq) if train else s.layer_work(rows, seq))
             if method.auto:
                 need += s.weight_bytes  # a candidate beside the original
-            what = f"--method {o.selection.method}" + (f" --select {o.selection.select}" if o.selection.select else "")
+            what = f"--method {o.selection.parts()[0].name}" + (f" --select {o.selection.select}" if o.selection.select else "")
             if not self.fits(need):
                 self.misfit = True
                 self.refuse(f"the selection ({what})", need, {("selection", "method"): "bi", ("selection", "select"): None,

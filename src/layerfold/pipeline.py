@@ -180,6 +180,7 @@ class _Compression:
         self._check(loaded)  # bad options first, then the memory plan (before any work)
         self.memory = memory or plan_memory(opts, loaded)
         self.opts = opts = self.memory.options  # what the plan fits: the options the run uses and records
+        self.method, self.selection, self.repair = opts.selection.parts()  # the default method, named
         self.plan_opts = opts  # with --method auto: the options with the search's choice, once made
         self.auto = None  # methods.auto.AutoResult
         self.seconds: dict[str, float] = {}

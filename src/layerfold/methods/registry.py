@@ -181,15 +181,30 @@ METHODS: dict[str, Method] = {m.name: m for m in [
     Method("foldgpt", "FoldGPT: learned gates choose the layers, adjacent retained layers share their linear "
                       "weights, then a cure", "gates", "none", share=True, cure=True),
 ]}
-DEFAULT_METHOD = "bi"  # best measured on the embedded model (benchmarks/healing.md)
+# The method of a run without --method: the best measured plan that keeps the main job near five
+# minutes on 2 cores (benchmarks/frontier.md, "Healed": bi+linear beat bi alone on held-out KL,
+# LAMBADA perplexity and mean accuracy at the same healing budget; SLEB's better selection costs
+# ~30 minutes of search). Where the linear map cannot be folded (the architecture's MLP output
+# passes through a norm), Block Influence alone; `--repair X` without --method is Block Influence + X.
+DEFAULT_METHOD = "replaceme"
+DEFAULT_METHOD_UNFOLDABLE = "bi"
+
+
+def default_method(arch: Architecture | None, repair: str | None = None) -> str:
+    """The method a run uses when --method is not given (see DEFAULT_METHOD)."""
+    if repair is not None or (arch is not None and arch.mlp_output is None):
+        return DEFAULT_METHOD_UNFOLDABLE
+    return DEFAULT_METHOD
 
 
 @dataclass
 class SelectionOptions:
     """Which layers go, what stands in for them, and how many."""
 
-    method: str = field(default=DEFAULT_METHOD, metadata={
-        "help": "how to choose the layers and what stands in for them (see the methods above)",
+    method: str | None = field(default=None, metadata={
+        "help": f"how to choose the layers and what stands in for them (see the methods above; default: "
+                f"{DEFAULT_METHOD}, or {DEFAULT_METHOD_UNFOLDABLE} where the model's MLP output is normed "
+                f"(Gemma 2/3, OLMo 2) or --repair is given)",
         "choices": tuple(METHODS), "flag": "--method"})
     select: str | None = field(default=None, metadata={
         "help": "choose the layers by this selection instead of the method's own", "choices": tuple(SELECTIONS),
@@ -208,9 +223,10 @@ class SelectionOptions:
 
     def parts(self) -> tuple[Method, Selection, Repair]:
         """The method, and the selection and repair it runs with (after --select / --repair)."""
-        if self.method not in METHODS:
-            raise LayerfoldError(f"unknown method {self.method!r}; choose from {', '.join(METHODS)}")
-        method = METHODS[self.method]
+        name = self.method or default_method(None, self.repair)  # resolved by with_default_method
+        if name not in METHODS:
+            raise LayerfoldError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
+        method = METHODS[name]
         if method.auto and (self.select or self.repair) and not getattr(self, "_chosen", False):
             raise LayerfoldError("--method auto chooses the selection and the repair itself; list the candidates "
                                  "with --auto-plans SELECTION+REPAIR,... instead of --select/--repair")
@@ -225,6 +241,12 @@ class SelectionOptions:
     def validate(self) -> None:
         self.parts()
         pruning.check_target(self.remove, self.sparsity)
+
+    def with_default_method(self, arch: Architecture) -> SelectionOptions:
+        """These options with the method named: the default for this architecture if none was given."""
+        from dataclasses import replace
+
+        return self if self.method else replace(self, method=default_method(arch, self.repair))
 
     def chosen(self, selection: str, repair: str) -> SelectionOptions:
         """These options with the plan search's choice (``--method auto``) filled in."""

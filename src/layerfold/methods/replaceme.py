@@ -58,7 +58,8 @@ class LinearRepairOptions:
                 "what earlier removals left); block: the block's output on the repaired model's own states",
         "choices": TARGETS})
     ridge: float = field(default=1e-4, metadata={
-        "help": "lstsq: ridge alpha, relative to the mean diagonal of M^T M"})
+        "help": "lstsq: ridge alpha, relative to the mean diagonal of M^T M; it pulls the map towards "
+                "the identity (plain removal)"})
     steps: int = field(default=300, metadata={"help": "cosine objectives: Adam steps"})
     lr: float = field(default=1e-3, metadata={"help": "cosine objectives: Adam learning rate"})
     batch_tokens: int = field(default=1024, metadata={"help": "cosine objectives: tokens per Adam step"})
@@ -130,14 +131,23 @@ class _Stats:
 
 
 def solve_lstsq(mtm: torch.Tensor, mtd: torch.Tensor, ridge: float) -> torch.Tensor:
-    """T = (M^T M + alpha I)^-1 M^T D in float64, alpha = ridge x the mean diagonal of M^T M."""
+    """T = argmin |M T - D|^2 + alpha |T - I|^2 in float64, alpha = ridge x the mean diagonal of M^T M.
+
+    The ridge pulls T towards the identity, plain removal, rather than towards zero: directions
+    of the MLP output that the calibration tokens never excite keep passing through unchanged.
+    With fewer tokens than the hidden size (a quick run), a pull towards zero would erase those
+    directions in the folded down projection, for every input the model later sees.
+    """
     d = mtm.shape[0]
     alpha = ridge * float(mtm.diagonal().mean())
-    a = mtm + alpha * torch.eye(d, dtype=torch.float64)
-    try:
-        return torch.linalg.solve(a, mtd)
-    except RuntimeError:  # singular without a ridge: the minimum-norm solution
-        return torch.linalg.lstsq(a, mtd, driver="gelsd").solution
+    eye = torch.eye(d, dtype=torch.float64)
+    a = mtm + alpha * eye
+    # solve for the change from the identity: (M^T M + alpha I)(T - I) = M^T D - M^T M
+    rhs = mtd - mtm
+    if alpha > 0:
+        return eye + torch.linalg.solve(a, rhs)
+    # no ridge: M^T M may be singular; gelsd gives the change of minimum norm
+    return eye + torch.linalg.lstsq(a, rhs, driver="gelsd").solution
 
 
 def fit_cosine(samples, objective: str, opts: LinearRepairOptions, progress: bool = True) -> torch.Tensor:
