@@ -55,10 +55,44 @@ def table(r: dict) -> str:
     return "\n".join(rows)
 
 
-def plot(r: dict, path: str) -> None:
+INIT_COLOURS = {"first": "C0", "last": "C1", "linear": "C2", "linear-last": "C3"}
+OTHER_COLOURS = ["C4", "C5", "C6", "C7", "C8", "C9"]
+BUDGET_STYLES = ["-", "--", ":", "-."]
+
+
+def layout(panels: int, cols: int = 3) -> tuple[int, int]:
+    """(rows, columns) of the plot's grid: at most ``cols`` panels a row."""
+    cols = max(1, min(cols, panels))
+    return -(-panels // cols), cols
+
+
+def line_style(name: str, budgets: list[str], others: list[str]) -> tuple[str, str]:
+    """(colour, line style) of a variant's curve: the colour says its init (the same in every
+    loss's panel; a name that is no plain LOSS:INIT, e.g. ``bi+heal`` or a budget split, gets
+    its own colour, ``others`` keeping their order), the line style its budget (the order of
+    ``budgets``, the `` @TOKENS`` suffixes of merged files of different budgets)."""
+    base, _, budget = name.partition(" @")
+    init = base.split(":", 1)[1] if ":" in base else base
+    if init in INIT_COLOURS:
+        colour = INIT_COLOURS[init]
+    else:
+        if init not in others:
+            others.append(init)
+        colour = OTHER_COLOURS[others.index(init) % len(OTHER_COLOURS)]
+    style = BUDGET_STYLES[budgets.index(budget) % len(BUDGET_STYLES)] if budget in budgets else "-"
+    return colour, style
+
+
+def _legend(ax) -> None:
+    """The legend under the panel, in two columns: inside it would hide curves that fill the panel."""
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, frameon=False)
+
+
+def plot(r: dict, path: str):
     """Validation loss against training tokens seen, one panel per loss, one line per variant
     (absolute values: a closed-form init starts lower, which a ratio to step 0 would hide); a
-    last panel for the healed rows' training KL."""
+    last panel for the healed rows' training KL. Panels in rows of three; one colour per init
+    in every panel, one line style per budget. Returns the figure."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -67,34 +101,45 @@ def plot(r: dict, path: str) -> None:
     trained = {n: v["training"] for n, v in r["variants"].items() if v.get("training")}
     healed = {n: v for n, v in r["variants"].items() if v.get("heal")}
     losses = sorted({n.split(":")[0] for n in trained})
+    budgets = sorted({n.partition(" @")[2] for n in r["variants"] if " @" in n},
+                     key=lambda b: int(b.replace(",", "")))
+    others: list[str] = []
     panels = len(losses) + bool(healed)
-    fig, axes = plt.subplots(1, panels, figsize=(4.5 * panels, 3.4), squeeze=False)
+    rows, cols = layout(panels)
+    fig, grid = plt.subplots(rows, cols, figsize=(4.5 * cols, 4.0 * rows), squeeze=False)
+    axes = [ax for row in grid for ax in row]
+    for ax in axes[panels:]:
+        ax.set_visible(False)
     if healed:
         # healing's training KL per step against the run's total training tokens: a budget split's
         # healing starts after the tokens its replacement trained on, so equal budgets end together
-        ax = axes[0][-1]
+        ax = axes[panels - 1]
         for name, v in healed.items():
             heal, tr = v["heal"], v.get("training") or {}
             offset, per_step = tr.get("tokens_seen", 0), heal["tokens"] / heal["steps"]
+            colour, style = line_style(name, budgets, others)
             ax.plot([offset + (i + 1) * per_step for i in range(len(heal["loss"]))], heal["loss"], marker="o",
-                    markersize=2, label=name)
+                    markersize=2, label=name, color=colour, linestyle=style)
         ax.set_title("healing (LoRA + KL): training KL")
         ax.set_xlabel("training tokens seen (replacement + healing)")
-        ax.legend(fontsize=8)
-    for ax, loss in zip(axes[0], losses):
+        _legend(ax)
+    for ax, loss in zip(axes, losses):
         for name, tr in trained.items():
             if name.split(":")[0] != loss:
                 continue
             # training tokens seen, not steps: budgets of different batch sizes share one axis
             seen = [x["step"] * tr["batch"] * tr["seq_len"] for x in tr["validation"]]
-            ax.plot(seen, [x["loss"] for x in tr["validation"]], marker="o", markersize=3, label=name)
+            colour, style = line_style(name, budgets, others)
+            ax.plot(seen, [x["loss"] for x in tr["validation"]], marker="o", markersize=3, label=name,
+                    color=colour, linestyle=style)
         ax.set_title(f"{loss}: validation loss")
         ax.set_xlabel("training tokens seen")
         if loss == "mse":
             ax.set_yscale("log")
-        ax.legend(fontsize=8)
+        _legend(ax)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    fig.savefig(path, dpi=110)
+    return fig
 
 
 def main() -> None:
