@@ -123,7 +123,8 @@ def test_streamed_streamline_equals_in_memory(replacement, tiny_model_dir, text_
     from layerfold.data.calibration import CalibrationSpec
     from layerfold.methods.streamline import StreamlineOptions
 
-    so = StreamlineOptions(replacement=replacement, ffn_width=16, train_tokens=64,
+    # a pair loss: the in-place ones (the default lm) run the whole model
+    so = StreamlineOptions(replacement=replacement, loss="cosine", init="last", ffn_width=16, train_tokens=64,
                            data=CalibrationSpec(source=text_file, seq_len=16, seed=1))
     outs, lazy = _compress_both_ways(tiny_model_dir("qwen2"), text_file, tmp_path, method="streamline", remove=2,
                                      repair=so)

@@ -189,3 +189,34 @@ def test_a_big_models_streamline_repair_trains_on_the_bundled_corpus(wide_model,
     record = json.loads((out / "layerfold.json").read_text())
     assert record["options"]["repair"]["data"]["source"] == "bundled" and record["memory_plan"]["streamed"]
     assert record["layers_before"] - len([x for x in record["layer_map"] if x is not None]) >= 2
+    # the default in-place loss trains through the whole model: a big one trains on pairs instead
+    assert (record["options"]["repair"]["loss"], record["options"]["repair"]["init"]) == ("cosine", "last")
+    assert "--loss cosine --train-init last" in record["command"]
+
+
+def test_the_streamline_default_trains_in_place_where_the_whole_model_fits(wide_model):
+    from layerfold.methods.streamline import DEFAULT_INIT, DEFAULT_LOSS
+
+    plan = memory_plan.plan_memory(options(wide_model, "--method", "streamline", "--remove", "2"))
+    assert (DEFAULT_LOSS, DEFAULT_INIT) == ("lm", "first") and plan.changes == []
+    assert (plan.options.repair.loss, plan.options.repair.init) == ("lm", "first")
+    repair = {s.name: s for s in plan.stages}["repair"]
+    assert repair.how == "in memory" and "trains through the whole model" in repair.note
+
+
+def test_over_the_budget_the_streamline_default_streams_and_an_asked_in_place_loss_is_refused(wide_model):
+    # a replacement layer trained on pairs needs three layers' bytes and their optimiser state: 16 MiB
+    limit = RUNTIME_BYTES + 16 * 2**20
+    small = [*SMALL, "--method", "streamline", "--remove", "2", "--train-tokens", "64", "--train-seq-len", "16",
+             "--memory-limit", format_size(limit)]
+    streamed = memory_plan.plan_memory(options(wide_model, *small))
+    assert (streamed.options.repair.loss, streamed.options.repair.init) == ("cosine", "last")
+    assert "--loss cosine --train-init last" in streamed.changes
+    repair = {s.name: s for s in streamed.stages}["repair"]
+    assert repair.how == "streamed" and "not --loss lm (needs the whole model" in repair.note
+    assert repair.need <= limit < repair.in_memory
+    with pytest.raises(Exception) as e:
+        memory_plan.plan_memory(options(wide_model, *small, "--loss", "kl"))
+    assert "the repair (--loss kl) needs ~" in str(e.value)
+    command = str(e.value).split("what fits: ")[1].split()
+    assert command[command.index("--loss") + 1] == "cosine" and command[command.index("--train-init") + 1] == "last"

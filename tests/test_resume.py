@@ -181,15 +181,17 @@ def _kill_and_resume(argv, tmp_path: Path, n_kills: int, must_see: set[str]):
     return points
 
 
-def test_streamline_and_healing_killed_eight_times(tiny_model_dir, tmp_path):
-    """Self-written calibration text, training pairs, the replacement's training, the teacher
-    cache and the healing, the final save."""
+@pytest.mark.parametrize("loss", ["cosine", "lm"])
+def test_streamline_and_healing_killed_eight_times(tiny_model_dir, tmp_path, loss):
+    """Self-written calibration text, training pairs (a pair loss; lm, the default, trains in
+    place without them), the replacement's training, the teacher cache and the healing, the final save."""
     argv = ["compress", tiny_model_dir("llama"), "--method", "streamline", "--remove", "2", "--calib", "self",
             "--calib-samples", "8", "--seq-len", "16", "--batch-size", "2",
-            "--train-tokens", "128", "--train-data", "calib", "--pair-dtype", "fp32",
+            "--train-tokens", "128", "--train-data", "calib", "--loss", loss, "--pair-dtype", "fp32",
             "--heal-tokens", "256", "--heal-seq-len", "16", "--heal-batch-size", "2", "--no-eval"]
-    points = _kill_and_resume(argv, tmp_path, 8, {"calibration batch", "pairs", "step", "torch.save", "save_file"})
-    assert {p[1] for p in points if p[0] == "step"} == {"training replacement (cosine)", "healing"}, points
+    expected = {"calibration batch", "step", "torch.save", "save_file"} | ({"pairs"} if loss == "cosine" else set())
+    points = _kill_and_resume(argv, tmp_path, 8, expected)
+    assert {p[1] for p in points if p[0] == "step"} == {f"training replacement ({loss})", "healing"}, points
 
 
 def test_foldgpt_killed_five_times(tiny_model_dir, text_file, tmp_path):

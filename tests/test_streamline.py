@@ -240,15 +240,16 @@ def test_cli_streamline_writes_log_and_record(tmp_path, tiny_model_dir, text_fil
                                         "gold": 0}) + "\n" for i in range(5)))
     code = main(["-q", "compress", tiny_model_dir("llama"), "--method", "streamline", "--remove", "2",
                  "--calib", text_file, "--calib-samples", "6", "--seq-len", "16", "--train-tokens", "64",
-                 "--train-data", text_file, "--train-seq-len", "16", "--pair-dtype", "fp32", "--no-heal",
+                 "--train-data", text_file, "--train-seq-len", "16", "--no-heal",
                  "--eval-tasks", str(task), "--eval-limit", "4", "-o", str(out)])
     stdout = capsys.readouterr().out
     assert code == 0
     assert "6 -> 4" in stdout and "training" in stdout
     record = json.loads((out / "layerfold.json").read_text())
     sl = record["recipe"]["streamline"]
-    assert sl["replacement"] == "layer" and sl["loss"] == StreamlineOptions().loss and sl["pair_dtype"] == "fp32"
-    assert "--train-tokens 64" in record["command"] and "--pair-dtype fp32" in record["command"]
+    # the default trains in place (lm): no pairs, so no pair storage recorded
+    assert sl["replacement"] == "layer" and sl["loss"] == "lm" and sl["init"] == "first" and sl["pair_dtype"] is None
+    assert "--train-tokens 64" in record["command"]
     # 64 tokens of 16: 4 rows, one a step (4 // 32 steps rounds up to a batch of 1), 32 validation rows
     t = sl["training"]
     assert (t["train_rows"], t["val_rows"], t["batch"], t["steps"], t["tokens_seen"]) == (4, 32, 1, 4, 64)
@@ -266,7 +267,7 @@ def test_cli_streamline_writes_log_and_record(tmp_path, tiny_model_dir, text_fil
 
 def test_cli_rejects_training_nothing(tmp_path, tiny_model_dir, text_file, capsys):
     code = main(["-q", "compress", tiny_model_dir("llama"), "--method", "streamline", "--replacement", "none",
-                 "--loss", "lm", "--calib", text_file, "-o", str(tmp_path / "o")])
+                 "--loss", "kl", "--calib", text_file, "-o", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("layerfold: error:") and "--replacement none" in err
     assert not (tmp_path / "o").exists()

@@ -400,18 +400,28 @@ class _Planner:
         rows, seq = min(o.layer_pass.batch_size, o.data.samples), o.data.seq_len
         pass_need, _ = self.pass_need(rows, seq)
         if repair.name == "replacement" and o.repair.spec.trainable:
-            from .methods.streamline import PAIR_LOSSES
+            from .methods.streamline import PAIR_LOSSES, STREAMED_INIT, STREAMED_LOSS
 
             mb, tseq = o.repair.batch_size, o.repair.data.seq_len
+            streamed = self.base + 3 * s.layer_bytes + s.kept_for_backward(mb, tseq) + s.layer_work(mb, tseq)
+            streamed = max(pass_need, streamed)
             if o.repair.loss in PAIR_LOSSES:
-                train = self.base + 3 * s.layer_bytes + s.kept_for_backward(mb, tseq) + s.layer_work(mb, tseq)
-                self.add("repair", "streamed", max(pass_need, train),
-                         note=f"pairs on disk, one layer trained ({o.repair.replacement})")
+                self.add("repair", "streamed", streamed, note=f"pairs on disk, one layer trained ({o.repair.replacement})")
                 return
             need = self.whole + 3 * s.layer_bytes + s.layers * s.kept_for_backward(mb, tseq) + s.logits(mb * tseq)
+            explicit = [f for f in _given(o, self.default, ("repair",)) if f in ("--loss", "--train-init")]
+            if not explicit and not self.whole_model_ok(need):
+                # the default in-place loss, on a model it cannot train whole: the best pair loss instead
+                self.set({("repair", "loss"): STREAMED_LOSS, ("repair", "init"): STREAMED_INIT},
+                         f"--loss {STREAMED_LOSS} --train-init {STREAMED_INIT}")
+                self.add("repair", "streamed", streamed, need,
+                         f"pairs on disk, one layer trained ({o.repair.replacement}); not --loss {o.repair.loss} "
+                         f"({self.why_not(need)})")
+                return
             if not self.fits(need):
                 self.misfit = True
-                self.refuse(f"the repair (--loss {o.repair.loss})", need, {("repair", "loss"): "cosine"})
+                self.refuse(f"the repair (--loss {o.repair.loss})", need,
+                            {("repair", "loss"): STREAMED_LOSS, ("repair", "init"): STREAMED_INIT})
             self.add("repair", "in memory", need, need, f"--loss {o.repair.loss} trains through the whole model")
             return
         self.add("repair", "streamed", pass_need + 2 * s.hidden * s.hidden * 8, note=repair.name)

@@ -51,10 +51,14 @@ TRAIN_SEED = 1  # self-written training text: calibration is seed 0, held-out ro
 FROM_CALIBRATION = "calib"  # --train-data calib: the calibration text itself (the paper's code)
 OFFICIAL_BATCH = 128  # sequences per optimiser step in the official code
 # the defaults are the best measured on SmolLM2-135M (benchmarks/streamline.md), not the paper's
-# (mse from the first layer): at 16,384 training tokens mse from the first layer made the model
-# worse than dropping the block untrained
-DEFAULT_LOSS = "cosine"
-DEFAULT_INIT = "last"
+# mse (at 16,384 training tokens mse from the first layer made the model worse than dropping the
+# block untrained): the next-token loss with the replacement in the pruned model, starting as the
+# block's first layer (the official init). It needs the whole model; where the memory plan cannot
+# give it that, the replacement trains on streamed pairs with the best pair loss measured instead
+DEFAULT_LOSS = "lm"
+DEFAULT_INIT = "first"
+STREAMED_LOSS = "cosine"
+STREAMED_INIT = "last"
 
 
 def _training_text() -> CalibrationSpec:
@@ -74,10 +78,12 @@ class StreamlineOptions:
     loss: str = field(default=DEFAULT_LOSS, metadata={
         "help": "mse: match the block's output on cached pairs (the paper); mse-normed: the same after "
                 "RMS-normalising each token's vector; cosine: 1 - cos(output, target) per token (direction only); "
-                "lm: next-token loss with the replacement in the pruned model; kl: KL to the original model's "
-                "logits", "choices": LOSSES, "flag": "--loss"})
+                "lm (default): next-token loss with the replacement in the pruned model; kl: KL to the original "
+                "model's logits. lm and kl train through the whole model; where the memory plan cannot hold it "
+                f"(or on a CPU above 500 M parameters) the default becomes {STREAMED_LOSS} from the {STREAMED_INIT} "
+                "layer, on pairs streamed from disk", "choices": LOSSES, "flag": "--loss"})
     init: str = field(default=DEFAULT_INIT, metadata={
-        "help": "first: the replacement layer starts as the block's first layer (the official code); last: as its "
+        "help": "first (default): the replacement layer starts as the block's first layer (the official code); last: as its "
                 "last (of the slot's attention type); linear / linear-last: first / last with its MLP output "
                 "projection refitted in closed form so that the layer maps the block's inputs to its outputs on the "
                 "training pairs (ReplaceMe's least squares; pair losses only); for layer and swiglu replacements "
@@ -148,7 +154,7 @@ class StreamlineOptions:
             raise LayerfoldError(f"--train-warmup must be a fraction in [0, 1) (got {self.warmup:g})")
         if self.init in LINEAR_INITS and self.replacement in ("layer", "swiglu") and self.loss not in PAIR_LOSSES:
             raise LayerfoldError(f"--train-init {self.init} fits on the cached pairs of a pair loss "
-                                 f"({', '.join(PAIR_LOSSES)}); --loss {self.loss} trains in place without them")
+                                 f"({', '.join(PAIR_LOSSES)}); --loss {self.loss} trains in place without them (add --loss cosine)")
         if self.loss != DEFAULT_LOSS and self.replacement == "none":
             raise LayerfoldError("--replacement none trains nothing; drop --loss or choose a replacement")
         if self.data.source != FROM_CALIBRATION:
@@ -649,6 +655,6 @@ def replace_and_train(
     )
 
 
-__all__ = ["LOSSES", "PAIR_LOSSES", "INITS", "REPLACEMENTS", "StreamlineOptions", "StreamlineResult", "TrainingText",
+__all__ = ["LOSSES", "PAIR_LOSSES", "INITS", "DEFAULT_LOSS", "DEFAULT_INIT", "STREAMED_LOSS", "STREAMED_INIT", "REPLACEMENTS", "StreamlineOptions", "StreamlineResult", "TrainingText",
            "training_text", "streamline", "replace_and_train", "block_window", "choose_block", "check_block",
            "init_layer", "linear_init", "collect_pairs", "train_pairs", "train_in_place", "PairRegression"]
